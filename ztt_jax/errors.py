@@ -1,0 +1,13 @@
+"""User-facing errors. Each message names what was wrong and how to fix it."""
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; raised before anything is compiled."""
+
+
+class DataError(ValueError):
+  """A data file or directory cannot be used as configured."""
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint could be restored."""
