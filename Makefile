@@ -1,0 +1,32 @@
+# `make train` and `make test` each bootstrap .venv from the pinned requirements on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/default
+CONFIG ?= configs/default.py
+export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
+
+.PHONY: train test bench clean-venv
+
+$(VENV)/.train-deps: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.train-deps requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+train: $(VENV)/.train-deps
+	$(PY) -m ztt_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+test: $(VENV)/.test-deps
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: $(VENV)/.test-deps
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

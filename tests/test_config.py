@@ -1,0 +1,87 @@
+"""Config schema: one source of truth, overrides, and clear errors before anything compiles."""
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+from ztt_jax import config as config_lib
+from ztt_jax import partitioning, trainer
+from ztt_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_contract_fields_exist_in_default_config():
+  cfg = load_config("default")
+  for dotted in ["model.variant", "model.num_cycles", "model.exit_threshold", "data.kind", "data.path",
+                 "data.seq_len", "train.steps", "train.global_batch_size", "train.seed",
+                 "train.learning_rate", "mesh.shape", "checkpoint.every_steps",
+                 "checkpoint.max_to_keep", "log.every_steps", "eval.every_steps"]:
+    section, field = dotted.split(".")
+    assert field in cfg[section], dotted
+  parsed = config_lib.parse(cfg)
+  assert parsed.model.variant == "ztt" and parsed.data.kind == "multihop"
+
+
+def test_configdict_round_trip_keeps_every_value():
+  cfg = load_config("text", "htc")
+  cfg.data.path = "/tmp/corpus.txt"
+  parsed = config_lib.parse(cfg)
+  again = config_lib.parse(config_lib.to_dict(parsed))
+  assert again == parsed
+  assert parsed.model.num_cycles == 3 and parsed.data.path == "/tmp/corpus.txt"
+
+
+def test_text_presets_match_unique_layers():
+  layers = set()
+  for preset in ["vanilla", "bc", "htc", "ztt"]:
+    m = config_lib.parse(load_config("text", preset)).model
+    layers.add(m.n_head_layers + m.n_middle_layers + m.n_tail_layers)
+  assert layers == {4}
+  with pytest.raises(ValueError, match="choose one of"):
+    load_config("text", "nope")
+
+
+@pytest.mark.parametrize("section,field,value,match", [
+    ("model", "d_model", 130, "num_heads"),
+    ("model", "variant", "loopy", "variant"),
+    ("data", "seq_len", 4096, "max_seq_len"),
+    ("train", "nonfinite", "ignore", "nonfinite"),
+    ("mesh", "shape", (2, -1, -1), "-1"),
+])
+def test_bad_config_values_raise_clear_errors(section, field, value, match):
+  cfg = load_config("default")
+  cfg[section][field] = value
+  with pytest.raises(ConfigError, match=match):
+    config_lib.parse(cfg)
+
+
+def test_unknown_field_names_valid_fields():
+  raw = config_lib.to_dict(config_lib.parse(load_config("default")))
+  raw["train"]["learning_rat"] = 1.0
+  with pytest.raises(ConfigError, match="learning_rat"):
+    config_lib.parse(raw)
+
+
+def test_mesh_that_does_not_fit_devices():
+  assert partitioning.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  with pytest.raises(ConfigError, match="8 are available"):
+    partitioning.resolve_mesh_shape((2, 2, 1), 8)
+  with pytest.raises(ConfigError, match="not divisible"):
+    partitioning.resolve_mesh_shape((-1, 3, 1), 8)
+
+
+def test_batch_not_divisible_by_data_parallel_degree():
+  cfg = load_config("default")
+  cfg.mesh.shape = (8, 1, 1)
+  cfg.train.global_batch_size = 12
+  with pytest.raises(ConfigError, match="data-parallel degree 8"):
+    trainer.build(config_lib.parse(cfg), jax.devices())

@@ -1,0 +1,251 @@
+"""The experiment schema: one frozen dataclass per config section.
+
+The dataclasses are the single source of truth. `base_config()` turns their defaults into the
+ml_collections `ConfigDict` that config files start from and `--config.a.b=v` flags override;
+`parse()` turns a (possibly overridden) `ConfigDict` back into dataclasses and validates it, before
+anything is compiled. Field comments are the reference documentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from ztt_jax.data.config import DataConfig
+from ztt_jax.errors import ConfigError
+from ztt_jax.model.config import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP shards params over `fsdp`, tensor parallelism splits heads/mlp/vocab over `tensor`, and the
+# batch is split over both data-parallel axes. Flax assigns a mesh axis at most once per array, so
+# activations constrained to (batch, length, embed) keep `embed` unsharded.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("cycles", None),
+    ("length", None),
+)
+
+
+def _section_from_any(cls, value, section: str):
+  if isinstance(value, cls):
+    return value
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  value = dict(value or {})
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(value) - names)
+  if unknown:
+    raise ConfigError(
+        f"Unknown field(s) {', '.join(section + '.' + k for k in unknown)}. "
+        f"Valid fields of `{section}`: {', '.join(sorted(names))}.")
+  hints = typing.get_type_hints(cls)
+  for name, val in list(value.items()):
+    if isinstance(val, list) and "tuple" in str(hints.get(name, "")).lower():
+      value[name] = _deep_tuple(val)
+  return cls(**value)
+
+
+def _deep_tuple(x):
+  return tuple(_deep_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 300
+  """Number of optimizer steps."""
+  global_batch_size: int = 32
+  """Sequences per optimizer step, summed over all processes and microbatches."""
+  microbatches: int = 1
+  """Gradient accumulation: the global batch is split into this many sequential microbatches."""
+  seed: int = 0
+  """Seeds parameter init and (with `data.seed`) nothing else: data order has its own seed."""
+  learning_rate: float = 3e-3
+  """Peak learning rate of the warmup + cosine schedule."""
+  warmup_steps: int = 30
+  """Linear warmup from 0 to `learning_rate`."""
+  min_lr_ratio: float = 0.1
+  """The cosine decays to `learning_rate * min_lr_ratio` at `steps`."""
+  weight_decay: float = 0.1
+  """AdamW decoupled weight decay; never applied to norms, biases or the zero-key pool."""
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip_norm: float = 1.0
+  """Global-norm gradient clipping; 0 disables it."""
+  nonfinite: str = "raise"
+  """On a non-finite loss or gradient: `raise` stops naming the step (the bad update is never
+  applied, so no non-finite params are saved); `skip` drops the update and counts
+  `train/skipped_steps`."""
+  peak_flops_per_device: Optional[float] = None
+  """Peak FLOP/s of one device for MFU. None: measured float32 matmul peak on CPU, table value for
+  known accelerators."""
+
+  def validate(self):
+    if self.steps < 1:
+      raise ConfigError(f"train.steps={self.steps}: set it to at least 1.")
+    if self.global_batch_size < 1:
+      raise ConfigError(f"train.global_batch_size={self.global_batch_size}: must be positive.")
+    if self.microbatches < 1 or self.global_batch_size % self.microbatches:
+      raise ConfigError(
+          f"train.global_batch_size={self.global_batch_size} is not divisible by "
+          f"train.microbatches={self.microbatches}; pick a divisor of the batch.")
+    if self.nonfinite not in ("raise", "skip"):
+      raise ConfigError(f"train.nonfinite={self.nonfinite!r}: use 'raise' or 'skip'.")
+    if self.learning_rate <= 0:
+      raise ConfigError(f"train.learning_rate={self.learning_rate}: must be positive.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  shape: tuple = (-1, 1, 1)
+  """Device mesh over the axes (data, fsdp, tensor). One entry may be -1: the rest of the devices."""
+  logical_axis_rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
+  """(logical axis, mesh axes) pairs mapping the model's logical names to mesh axes."""
+
+  def validate(self):
+    if len(self.shape) != len(MESH_AXES):
+      raise ConfigError(
+          f"mesh.shape={self.shape} must have {len(MESH_AXES)} entries for the axes {MESH_AXES}, "
+          "e.g. --config.mesh.shape='(-1,1,1)'.")
+    if sum(1 for s in self.shape if s == -1) > 1:
+      raise ConfigError(f"mesh.shape={self.shape}: at most one entry may be -1.")
+    if any(s == 0 or s < -1 for s in self.shape):
+      raise ConfigError(f"mesh.shape={self.shape}: entries must be positive, or -1 for the rest.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 100
+  """Save every this many steps, and always at the end."""
+  max_to_keep: int = 3
+  """Older checkpoints are deleted once this many exist."""
+  async_save: bool = True
+  """Write checkpoints in a background thread while training continues."""
+  allow_fresh_start: bool = False
+  """If checkpoints exist but none can be restored, start from scratch instead of stopping."""
+
+  def validate(self):
+    if self.every_steps < 1 or self.max_to_keep < 1:
+      raise ConfigError("checkpoint.every_steps and checkpoint.max_to_keep must be at least 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every_steps: int = 10
+  """Print a progress line and write metrics.jsonl / TensorBoard every this many steps."""
+  tensorboard: bool = True
+  """Also write TensorBoard event files under WORKDIR/tensorboard."""
+
+  def validate(self):
+    if self.every_steps < 1:
+      raise ConfigError(f"log.every_steps={self.every_steps}: must be at least 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every_steps: int = 100
+  """Evaluate on held-out data every this many steps, and at the end."""
+  max_batches: int = 8
+  """Upper bound on eval batches per evaluation (text data can have many windows)."""
+  batch_size: Optional[int] = None
+  """Global eval batch size; None uses train.global_batch_size."""
+
+  def validate(self):
+    if self.every_steps < 1 or self.max_batches < 1:
+      raise ConfigError("eval.every_steps and eval.max_batches must be at least 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  log: LogConfig = LogConfig()
+  eval: EvalConfig = EvalConfig()
+  init_from: Optional[str] = None
+  """Directory of an exported params-only checkpoint (e.g. a converted GPT-2) to start from."""
+
+  def validate(self):
+    for f in dataclasses.fields(self):
+      section = getattr(self, f.name)
+      if hasattr(section, "validate"):
+        section.validate()
+    if self.data.seq_len > self.model.max_seq_len:
+      raise ConfigError(
+          f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
+          "(the position limit); lower data.seq_len or raise model.max_seq_len.")
+    return self
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_to_configdict(section) -> ml_collections.ConfigDict:
+  cd = ml_collections.ConfigDict()
+  hints = typing.get_type_hints(type(section))
+  for f in dataclasses.fields(section):
+    value = getattr(section, f.name)
+    if value is None:
+      cd[f.name] = config_dict.placeholder(_optional_inner(hints[f.name]))
+    else:
+      cd[f.name] = value
+  return cd
+
+
+def _optional_inner(tp) -> type:
+  args = [a for a in typing.get_args(tp) if a is not type(None)]
+  return args[0] if args else object
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults; config files start here and change what they need."""
+  cfg = ml_collections.ConfigDict()
+  default = Config()
+  for f in dataclasses.fields(Config):
+    value = getattr(default, f.name)
+    if dataclasses.is_dataclass(value):
+      cfg[f.name] = _section_to_configdict(value)
+    else:
+      cfg[f.name] = config_dict.placeholder(str) if value is None else value
+  return cfg
+
+
+def parse(cfg: Any) -> Config:
+  """ConfigDict (or dict or Config) -> validated `Config`; raises ConfigError naming the fix."""
+  if isinstance(cfg, Config):
+    return cfg.validate()
+  raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  unknown = sorted(set(raw) - set(_SECTIONS))
+  if unknown:
+    raise ConfigError(f"Unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)}.")
+  kwargs = {}
+  for f in dataclasses.fields(Config):
+    if f.name not in raw:
+      continue
+    if f.name == "model":
+      kwargs[f.name] = ModelConfig.from_any(raw[f.name])
+    elif f.name == "data":
+      kwargs[f.name] = DataConfig.from_any(raw[f.name])
+    elif f.name in ("train", "mesh", "checkpoint", "log", "eval"):
+      kwargs[f.name] = _section_from_any(
+          {"train": TrainConfig, "mesh": MeshConfig, "checkpoint": CheckpointConfig,
+           "log": LogConfig, "eval": EvalConfig}[f.name], raw[f.name], f.name)
+    else:
+      kwargs[f.name] = raw[f.name]
+  return Config(**kwargs).validate()
+
+
+def to_dict(cfg: Config) -> dict:
+  """JSON-ready dict, stored in every checkpoint's metadata."""
+  return dataclasses.asdict(cfg)

@@ -1,0 +1,153 @@
+"""`DataConfig`: the `data` section of the experiment config.
+
+The docstring under each field is its documentation; `ztt_jax/config.py` turns the defaults into
+the ml_collections schema, so field types stay simple (int/float/str/bool/Optional).
+"""
+import dataclasses
+import typing
+from typing import Any, Optional
+
+from ztt_jax.errors import ConfigError
+
+KINDS = ('multihop', 'text', 'tokens', 'array_record')
+TOKEN_DTYPES = ('uint16', 'uint32')
+# Variable names are single lowercase letters, so one example can define at most this many.
+MAX_VARIABLES = 26
+
+
+def multihop_min_seq_len(max_hops: int, num_distractors: int) -> int:
+  """Shortest seq_len that fits the longest multi-hop example.
+
+  Worst case: the queried chain and every distractor chain have `max_hops` statements of 4 bytes
+  (`x=y;`), plus BOS, the query `?x=`, the answer digit and EOS; inputs are one shorter.
+  """
+  statements = (1 + num_distractors) * max_hops
+  return 4 * statements + 5
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where training and eval batches come from."""
+
+  kind: str = 'multihop'
+  """One of 'multihop' (embedded synthetic task, no file needed), 'text' (UTF-8 file or folder),
+  'tokens' (pre-tokenized .bin/.npy, uint16 or uint32) or 'array_record' (one token sequence per
+  record, see `ztt_jax.data.sources.write_array_record`)."""
+
+  path: Optional[str] = None
+  """Input file or folder. Required unless kind='multihop'. Never written to: caches go to
+  `cache_dir`, so it may live on a read-only filesystem."""
+
+  seq_len: int = 64
+  """Tokens per training row (inputs and targets each have this length)."""
+
+  seed: int = 0
+  """Seed of the data order: multi-hop examples, text window starts, ArrayRecord epoch shuffles."""
+
+  max_hops: int = 4
+  """Multi-hop: the number of lookups an answer needs is uniform over 1..max_hops."""
+
+  num_distractors: int = 2
+  """Multi-hop: distractor chains (each 1..max_hops statements) mixed into every example."""
+
+  eval_examples: int = 512
+  """Multi-hop: size of the held-out eval set (drawn from a separate seed stream)."""
+
+  eval_fraction: float = 0.1
+  """text/tokens/array_record: fraction held out at the end of the corpus (tokens for text and
+  tokens, records for array_record) for eval. 0 disables eval."""
+
+  tokenizer: str = 'bytes'
+  """kind='text' only: 'bytes' (ids 0..255 are bytes, then PAD, BOS, EOS) or the path of a
+  Hugging Face `tokenizers` JSON file."""
+
+  cache_dir: Optional[str] = None
+  """Where tokenized text is cached. None means $XDG_CACHE_HOME/ztt_jax or ~/.cache/ztt_jax."""
+
+  token_dtype: str = 'uint16'
+  """kind='tokens' with a raw .bin file: 'uint16' or 'uint32' (.npy files carry their dtype)."""
+
+  read_threads: int = 1
+  """Background threads that build batches (Grain ReadOptions.num_threads); 0 builds inline."""
+
+  prefetch_batches: int = 2
+  """Batches built ahead of the training step (Grain ReadOptions.prefetch_buffer_size)."""
+
+  @classmethod
+  def from_any(cls, x: Any) -> 'DataConfig':
+    """Builds a validated DataConfig from a DataConfig, a dict or an ml_collections ConfigDict."""
+    if isinstance(x, cls):
+      x.validate()
+      return x
+    if hasattr(x, 'to_dict'):
+      x = x.to_dict()
+    if not isinstance(x, typing.Mapping):
+      raise ConfigError(f'data config must be a DataConfig, dict or ConfigDict, got {type(x).__name__}.')
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in x:
+      if key not in valid:
+        raise ConfigError(f'Unknown field data.{key}. Valid fields: {", ".join(valid)}.')
+    values = dict(x)
+    for f in dataclasses.fields(cls):
+      # ml_collections may hand over an int for a float field; accept it rather than fail.
+      if f.type is float and isinstance(values.get(f.name), int) and not isinstance(values[f.name], bool):
+        values[f.name] = float(values[f.name])
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    """Raises ConfigError naming the first bad field and how to fix it. Touches no files."""
+    self._check_types()
+    if self.kind not in KINDS:
+      raise ConfigError(f'data.kind={self.kind!r} is not one of {KINDS}. Set --config.data.kind to one of them.')
+    if self.kind == 'multihop':
+      if self.path is not None:
+        raise ConfigError(
+            f"data.path={self.path!r} is set but data.kind='multihop' uses the embedded task and "
+            "ignores it. Set data.kind to 'text', 'tokens' or 'array_record', or unset data.path.")
+      if self.tokenizer != 'bytes':
+        raise ConfigError("data.tokenizer must be 'bytes' for data.kind='multihop' (its tokens are bytes).")
+    elif not self.path:
+      raise ConfigError(f"data.kind={self.kind!r} needs data.path. Set --config.data.path=FILE_OR_FOLDER.")
+    if self.kind != 'text' and self.tokenizer != 'bytes':
+      raise ConfigError(f"data.tokenizer only applies to data.kind='text'; leave it 'bytes' for {self.kind!r}.")
+    if self.seq_len < 1:
+      raise ConfigError(f'data.seq_len={self.seq_len} must be >= 1.')
+    if self.max_hops < 1:
+      raise ConfigError(f'data.max_hops={self.max_hops} must be >= 1.')
+    if self.num_distractors < 0:
+      raise ConfigError(f'data.num_distractors={self.num_distractors} must be >= 0.')
+    if self.kind == 'multihop':
+      variables = (1 + self.num_distractors) * self.max_hops
+      if variables > MAX_VARIABLES:
+        raise ConfigError(
+            f'data.max_hops={self.max_hops} with data.num_distractors={self.num_distractors} needs '
+            f'{variables} variables, but only {MAX_VARIABLES} (a-z) exist. Lower one of them so that '
+            f'(1 + num_distractors) * max_hops <= {MAX_VARIABLES}.')
+      need = multihop_min_seq_len(self.max_hops, self.num_distractors)
+      if self.seq_len < need:
+        raise ConfigError(
+            f'data.seq_len={self.seq_len} is too short for the multi-hop task with max_hops={self.max_hops} '
+            f'and num_distractors={self.num_distractors}: the minimum seq_len is {need}. Raise data.seq_len '
+            'or lower data.max_hops / data.num_distractors.')
+    if self.eval_examples < 0:
+      raise ConfigError(f'data.eval_examples={self.eval_examples} must be >= 0.')
+    if not 0.0 <= self.eval_fraction < 1.0:
+      raise ConfigError(f'data.eval_fraction={self.eval_fraction} must be in [0, 1).')
+    if self.token_dtype not in TOKEN_DTYPES:
+      raise ConfigError(f'data.token_dtype={self.token_dtype!r} must be one of {TOKEN_DTYPES}.')
+    if self.read_threads < 0 or self.prefetch_batches < 0:
+      raise ConfigError('data.read_threads and data.prefetch_batches must be >= 0.')
+
+  def _check_types(self) -> None:
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      allowed = typing.get_args(f.type) or (f.type,)
+      allowed = tuple(type(None) if a is None else a for a in allowed)
+      if float in allowed:
+        allowed += (int,)
+      ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+      if not ok:
+        names = ' or '.join(a.__name__ for a in allowed)
+        raise ConfigError(f'data.{f.name}={value!r} has type {type(value).__name__}; expected {names}.')

@@ -1,0 +1,63 @@
+"""Pre-norm transformer block and a stack of distinct blocks scanned over a 'layers' axis."""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ztt_jax.model.attention import Attention
+from ztt_jax.model.config import ModelConfig
+from ztt_jax.model.layers import Mlp, Norm, constrain, logical_param
+
+Array = jax.Array
+
+
+class Block(nn.Module):
+  """x + attn(norm(x)), then + mlp(norm(x)). Scan body: returns (x, a0 mean over heads [B,T])."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, zero_xs, mask_zero_slot: Optional[Array]):
+    zero_key_HxK, zero_bias_H = zero_xs
+    h_BxTxD, a0_BxHxT = Attention(self.cfg, name="attn")(
+        Norm(self.cfg, name="attn_norm")(x_BxTxD), zero_key_HxK, zero_bias_H, mask_zero_slot)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxTxD))
+    return constrain(x_BxTxD), jnp.mean(a0_BxHxT, axis=1)
+
+
+def zero_key_init(cfg: ModelConfig):
+  if cfg.zero_key_init == "zeros":
+    return nn.initializers.zeros
+  if cfg.zero_key_init == "truncated_normal":
+    return nn.initializers.truncated_normal(cfg.zero_key_init_std)
+  return nn.initializers.normal(cfg.zero_key_init_std)
+
+
+class LayerStack(nn.Module):
+  """`n_layers` distinct blocks, params stacked on a leading 'layers' axis (one nn.scan, so the HLO
+  holds one block whatever the depth). With `own_zero_key` the stack owns one zero key per layer
+  ('zero_key' [n, heads, kv]); otherwise zero keys, if any, come in from the caller (the pool)."""
+  cfg: ModelConfig
+  n_layers: int
+  own_zero_key: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, zero_keys_LxHxK: Optional[Array] = None,
+               zero_bias_LxH: Optional[Array] = None, mask_zero_slot: Optional[Array] = None):
+    cfg = self.cfg
+    L, H, K = self.n_layers, cfg.num_heads, cfg.head_dim
+    if self.own_zero_key:
+      zero_keys_LxHxK = logical_param(self, "zero_key", zero_key_init(cfg), (L, H, K), ("layers", "heads", "kv"))
+      if cfg.zero_bias:
+        zero_bias_LxH = logical_param(self, "zero_bias", nn.initializers.constant(cfg.zero_bias_init), (L, H),
+                                      ("layers", "heads"))
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast), length=L, metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxTxD, a0_LxBxT = scanned(cfg, name="layers")(x_BxTxD, (zero_keys_LxHxK, zero_bias_LxH), mask_zero_slot)
+    return x_BxTxD, a0_LxBxT

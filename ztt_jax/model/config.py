@@ -1,0 +1,241 @@
+"""`ModelConfig`: the `model` section of the experiment config.
+
+Every field has simple type so the dataclass maps one-to-one onto an ml_collections ConfigDict; the
+docstring under each field is its documentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+from ztt_jax.errors import ConfigError
+
+# Variant presets. `cycled=False` means one pass over the stack whatever `num_cycles` says.
+VARIANT_PRESETS: dict[str, dict[str, bool]] = {
+    "vanilla": dict(cycled=False, share_head_tail=False, zero_token=False),
+    "basic_cycling": dict(cycled=True, share_head_tail=True, zero_token=False),
+    "head_tail_cycling": dict(cycled=True, share_head_tail=False, zero_token=False),
+    "ztt": dict(cycled=True, share_head_tail=False, zero_token=True),
+}
+VARIANT_ALIASES = {"bc": "basic_cycling", "htc": "head_tail_cycling"}
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+MLPS = ("swiglu", "gelu")
+REMAT_POLICIES = ("none", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+EXIT_GRANULARITIES = ("token", "sequence")
+ZERO_TOKEN_LAYERS = ("middle", "all")
+ZERO_KEY_INITS = ("normal", "truncated_normal", "zeros")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only ZTT language model (see `ztt_jax.model.lm`)."""
+
+  vocab_size: int = 264
+  """Number of token ids; the embedding and the LM head have this many rows."""
+  d_model: int = 128
+  """Width of the residual stream."""
+  num_heads: int = 4
+  """Attention heads per layer; `d_model` must be divisible by it (head_dim = d_model // num_heads)."""
+  mlp_dim: int = 512
+  """Hidden width of the MLP."""
+
+  n_head_layers: int = 1
+  """Unique layers before the cycled middle stack (0 allowed)."""
+  n_middle_layers: int = 2
+  """k: distinct layers in the middle stack, which is applied `num_cycles` times with the same params."""
+  n_tail_layers: int = 1
+  """Unique layers after the cycled middle stack (0 allowed)."""
+  num_cycles: int = 4
+  """C: how many times the middle stack runs (ignored by `vanilla`, which always runs one pass). Also
+  the number of rows of the zero-key pool. `apply(..., num_cycles=n)` can run more or fewer cycles;
+  cycles beyond the pool reuse its last row."""
+
+  variant: str = "ztt"
+  """Preset layout: vanilla | basic_cycling (alias bc) | head_tail_cycling (alias htc) | ztt.
+  vanilla: every layer unique, one pass. basic_cycling: head, middle and tail form one shared stack
+  cycled num_cycles times. head_tail_cycling: unique head and tail, cycled middle. ztt:
+  head_tail_cycling plus the zero token."""
+  zero_token: Optional[bool] = None
+  """Add the zero-attention slot to the cycled layers. None takes the variant preset's value."""
+  share_head_tail: Optional[bool] = None
+  """Fold head and tail layers into the cycled stack (basic_cycling). None takes the preset's value."""
+  zero_token_layers: str = "middle"
+  """middle: only cycled layers get the zero slot (keys from the pool). all: head and tail layers also
+  get their own trainable zero key."""
+  zero_key_init: str = "normal"
+  """Init of the zero keys: normal | truncated_normal | zeros."""
+  zero_key_init_std: float = 0.02
+  """Standard deviation of the zero-key init."""
+  zero_bias: bool = False
+  """Add a learned scalar to the zero slot's logit per (cycle, layer, head). Lets converted pretrained
+  weights start with a0 ~ 0 (set zero_bias_init to e.g. -10)."""
+  zero_bias_init: float = 0.0
+  """Initial value of the zero-slot bias (used only when zero_bias is True)."""
+
+  max_seq_len: int = 512
+  """Longest sequence; sizes the learned position table (position=learned)."""
+  norm: str = "rmsnorm"
+  """rmsnorm | layernorm (layernorm has a bias; GPT-2 form)."""
+  norm_eps: float = 1e-5
+  """Epsilon inside the norm's rsqrt."""
+  position: str = "rope"
+  """rope (rotary on q and k) | learned (absolute table added to the embedding; GPT-2 form)."""
+  rope_theta: float = 10000.0
+  """RoPE base frequency."""
+  mlp: str = "swiglu"
+  """swiglu | gelu (tanh-approximate gelu, as GPT-2)."""
+  use_bias: bool = False
+  """Biases on the q/k/v/out and MLP projections (GPT-2 form: True)."""
+  tie_embeddings: bool = True
+  """Use the token embedding as the LM head."""
+  dtype: str = "float32"
+  """Compute dtype: float32 | bfloat16. Softmax, exit signals and logits stay float32."""
+  param_dtype: str = "float32"
+  """Storage dtype of the params."""
+  remat_policy: str = "dots_with_no_batch_dims_saveable"
+  """Rematerialisation of each scanned layer: none | dots_with_no_batch_dims_saveable | nothing_saveable."""
+
+  exit_threshold: Optional[float] = None
+  """Default tau for evaluation/generation. The model itself exits only when apply() is given an
+  `exit_threshold`; callers pass this value explicitly (None = no exit)."""
+  min_cycles: int = 1
+  """A token may exit only after at least this many cycles."""
+  exit_granularity: str = "token"
+  """token: each token exits on its own signal. sequence: a whole sequence exits once the mean of the
+  signal over its tokens reaches the threshold."""
+  cycle_loss_weight: float = 0.0
+  """Weight of the per-cycle (deep supervision) loss; > 0 makes apply() return aux['cycle_logits']."""
+
+  # ---------------------------------------------------------------- construction
+
+  @classmethod
+  def field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @classmethod
+  def from_any(cls, x: Any) -> "ModelConfig":
+    """Build (and validate) from a ModelConfig, a dict or an ml_collections (Frozen)ConfigDict."""
+    if isinstance(x, cls):
+      x.validate()
+      return x
+    if hasattr(x, "to_dict"):
+      x = x.to_dict()
+    if not isinstance(x, Mapping):
+      raise ConfigError(f"model config must be a ModelConfig, dict or ConfigDict, got {type(x).__name__}")
+    valid = cls.field_names()
+    unknown = sorted(k for k in x if k not in valid)
+    if unknown:
+      raise ConfigError(f"unknown model config key(s) {unknown}; valid keys: {', '.join(valid)}")
+    cfg = cls(**dict(x))
+    cfg.validate()
+    return cfg
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  # ---------------------------------------------------------------- derived layout
+
+  @property
+  def canonical_variant(self) -> str:
+    return VARIANT_ALIASES.get(self.variant, self.variant)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def use_zero_token(self) -> bool:
+    if self.zero_token is not None:
+      return bool(self.zero_token)
+    return VARIANT_PRESETS[self.canonical_variant]["zero_token"]
+
+  @property
+  def shares_head_tail(self) -> bool:
+    if self.share_head_tail is not None:
+      return bool(self.share_head_tail)
+    return VARIANT_PRESETS[self.canonical_variant]["share_head_tail"]
+
+  @property
+  def cycles(self) -> int:
+    """Cycles run by default (and rows of the zero-key pool)."""
+    return self.num_cycles if VARIANT_PRESETS[self.canonical_variant]["cycled"] else 1
+
+  @property
+  def stack_layers(self) -> int:
+    """Distinct layers in the cycled stack: k, or head+k+tail when head and tail are shared."""
+    if self.shares_head_tail:
+      return self.n_head_layers + self.n_middle_layers + self.n_tail_layers
+    return self.n_middle_layers
+
+  @property
+  def unique_head_layers(self) -> int:
+    return 0 if self.shares_head_tail else self.n_head_layers
+
+  @property
+  def unique_tail_layers(self) -> int:
+    return 0 if self.shares_head_tail else self.n_tail_layers
+
+  @property
+  def effective_depth(self) -> int:
+    """Layers applied per token on a full pass: head + C*k + tail (C*(head+k+tail) when shared)."""
+    return self.unique_head_layers + self.cycles * self.stack_layers + self.unique_tail_layers
+
+  def effective_depth_at(self, num_cycles: int) -> int:
+    return self.unique_head_layers + num_cycles * self.stack_layers + self.unique_tail_layers
+
+  # ---------------------------------------------------------------- validation
+
+  def validate(self) -> "ModelConfig":
+    def fail(field, msg):
+      raise ConfigError(f"model.{field}={getattr(self, field)!r}: {msg}")
+
+    def choice(field, options):
+      if getattr(self, field) not in options:
+        fail(field, f"unknown value; use one of {', '.join(options)}")
+
+    for field in ("vocab_size", "d_model", "num_heads", "mlp_dim", "n_middle_layers", "num_cycles",
+                  "max_seq_len", "min_cycles"):
+      v = getattr(self, field)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        fail(field, "must be a positive integer")
+    for field in ("n_head_layers", "n_tail_layers"):
+      v = getattr(self, field)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        fail(field, "must be an integer >= 0")
+    if self.variant not in VARIANT_PRESETS and self.variant not in VARIANT_ALIASES:
+      fail("variant", f"unknown variant; use one of {', '.join([*VARIANT_PRESETS, *VARIANT_ALIASES])}")
+    if self.d_model % self.num_heads:
+      fail("d_model", f"must be divisible by num_heads={self.num_heads}; change d_model or num_heads")
+    if self.position == "rope" and self.head_dim % 2:
+      fail("num_heads", f"rope needs an even head_dim, got d_model/num_heads={self.head_dim}")
+    choice("norm", NORMS)
+    choice("position", POSITIONS)
+    choice("mlp", MLPS)
+    choice("remat_policy", REMAT_POLICIES)
+    choice("exit_granularity", EXIT_GRANULARITIES)
+    choice("zero_token_layers", ZERO_TOKEN_LAYERS)
+    choice("zero_key_init", ZERO_KEY_INITS)
+    choice("dtype", DTYPES)
+    choice("param_dtype", DTYPES)
+    for field in ("zero_token", "share_head_tail"):
+      if getattr(self, field) not in (None, True, False):
+        fail(field, "must be None (take the variant preset), True or False")
+    if self.min_cycles > self.cycles:
+      fail("min_cycles", f"must be <= the cycles run ({self.cycles}); lower min_cycles or raise num_cycles")
+    if not self.norm_eps > 0:
+      fail("norm_eps", "must be > 0")
+    if not self.rope_theta > 0:
+      fail("rope_theta", "must be > 0")
+    if not self.zero_key_init_std >= 0:
+      fail("zero_key_init_std", "must be >= 0")
+    if not self.cycle_loss_weight >= 0:
+      fail("cycle_loss_weight", "must be >= 0 (0 turns deep supervision off)")
+    if self.exit_threshold is not None and not isinstance(self.exit_threshold, (int, float)):
+      fail("exit_threshold", "must be a number or None (no exit)")
+    return self

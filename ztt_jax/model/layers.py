@@ -1,0 +1,127 @@
+"""Building blocks: norms, RoPE, MLP, token/position embedding.
+
+Every param is created with `self.param` under `nn.with_logical_partitioning`, and projections are
+plain `jnp.einsum` (Flax 0.12.8's DenseGeneral breaks under `jax.set_mesh` with partitioned kernels).
+Params are stored in `cfg.param_dtype` and cast to the compute dtype at use.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ztt_jax.model.config import ModelConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def logical_param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None]):
+  cfg: ModelConfig = module.cfg
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+                      dtype_of(cfg.param_dtype))
+
+
+def fan_in_init(in_axis, out_axis):
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+def constrain(x_BxTxD: Array) -> Array:
+  return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm over the last axis; statistics in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array) -> Array:
+    cfg = self.cfg
+    x = x_BxTxD.astype(jnp.float32)
+    scale_D = logical_param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",))
+    if cfg.norm == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    y = x * scale_D.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      y = y + logical_param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",)).astype(jnp.float32)
+    return y.astype(dtype_of(cfg.dtype))
+
+
+def apply_rope(x_BxTxHxK: Array, positions_T: Array, theta: float) -> Array:
+  """Rotary embedding, rotate-half convention, computed in float32."""
+  half = x_BxTxHxK.shape[-1] // 2
+  freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  ang_TxK2 = positions_T.astype(jnp.float32)[:, None] * freq_K2[None, :]
+  sin, cos = jnp.sin(ang_TxK2)[None, :, None, :], jnp.cos(ang_TxK2)[None, :, None, :]
+  x = x_BxTxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+class Mlp(nn.Module):
+  """swiglu: wo(silu(x wg) * (x wi)); gelu: wo(gelu_tanh(x wi + bi)) + bo."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array) -> Array:
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    D, F = cfg.d_model, cfg.mlp_dim
+    wi_DxF = logical_param(self, "wi_kernel", fan_in_init(0, 1), (D, F), ("embed", "mlp"))
+    h_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, wi_DxF.astype(dt))
+    if cfg.use_bias:
+      h_BxTxF = h_BxTxF + logical_param(self, "wi_bias", nn.initializers.zeros, (F,), ("mlp",)).astype(dt)
+    if cfg.mlp == "swiglu":
+      wg_DxF = logical_param(self, "wg_kernel", fan_in_init(0, 1), (D, F), ("embed", "mlp"))
+      g_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, wg_DxF.astype(dt))
+      if cfg.use_bias:
+        g_BxTxF = g_BxTxF + logical_param(self, "wg_bias", nn.initializers.zeros, (F,), ("mlp",)).astype(dt)
+      h_BxTxF = jax.nn.silu(g_BxTxF) * h_BxTxF
+    else:
+      h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)
+    wo_FxD = logical_param(self, "wo_kernel", fan_in_init(0, 1), (F, D), ("mlp", "embed"))
+    y_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, wo_FxD.astype(dt))
+    if cfg.use_bias:
+      y_BxTxD = y_BxTxD + logical_param(self, "wo_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
+    return y_BxTxD
+
+
+class Embedder(nn.Module):
+  """Token embedding (+ learned positions) and the LM head (tied or untied)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = logical_param(self, "embedding", nn.initializers.normal(0.02),
+                                   (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    if cfg.position == "learned":
+      self.pos_embedding = logical_param(self, "pos_embedding", nn.initializers.normal(0.01),
+                                         (cfg.max_seq_len, cfg.d_model), ("length", "embed"))
+    if not cfg.tie_embeddings:
+      self.lm_head = logical_param(self, "lm_head", fan_in_init(0, 1), (cfg.d_model, cfg.vocab_size),
+                                   ("embed", "vocab"))
+
+  def encode(self, tokens_BxT: Array) -> Array:
+    cfg = self.cfg
+    T = tokens_BxT.shape[1]
+    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0)
+    if cfg.position == "learned":
+      if T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
+      x_BxTxD = x_BxTxD + self.pos_embedding[None, :T]
+    return constrain(x_BxTxD.astype(dtype_of(cfg.dtype)))
+
+  def decode(self, x_BxTxD: Array) -> Array:
+    """Logits in float32 (the matmul accumulates in float32 whatever the compute dtype)."""
+    dt = dtype_of(self.cfg.dtype)
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(dt), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head.astype(dt), preferred_element_type=jnp.float32)

@@ -1,0 +1,75 @@
+"""Device mesh, logical-to-mesh axis rules, and the shardings of params, optimizer state and batches."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from ztt_jax.config import MESH_AXES, MeshConfig
+from ztt_jax.errors import ConfigError
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills the single -1 entry with the remaining devices; checks the product."""
+  shape = tuple(int(s) for s in shape)
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ConfigError(
+          f"mesh.shape={shape} cannot fill {num_devices} devices: {num_devices} is not divisible by "
+          f"{known}. Use a shape whose fixed entries divide the device count.")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ConfigError(
+        f"mesh.shape={shape} (axes {MESH_AXES}) has {math.prod(shape)} devices but "
+        f"{num_devices} are available. Make the product equal {num_devices}, or put -1 in one entry, "
+        "e.g. --config.mesh.shape='(-1,1,1)'.")
+  return shape
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
+  # Auto axes: Flax linen code is GSPMD-style; Explicit axes (the make_mesh default) break nn.Embed.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def rules(mesh_cfg: MeshConfig) -> tuple:
+  return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
+               for name, ax in mesh_cfg.logical_axis_rules)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_shardings(abstract_boxed_params, mesh, axis_rules):
+  """Shardings for the unboxed params, from the logical names on the boxed abstract params."""
+  specs = nn.get_partition_spec(abstract_boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_shardings, mesh):
+  """Optimizer moments follow their param's sharding; scalars (counts) are replicated.
+
+  Without this, `jit(tx.init)` would leave the moments on one device.
+  """
+  return optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
+      transform_non_params=lambda _: replicated(mesh))

@@ -1,0 +1,33 @@
+"""Train a ZTT: `python -m ztt_jax.train --config=configs/default.py --workdir=DIR [--config.a.b=v]`.
+
+Re-running the same command resumes from the newest checkpoint in DIR.
+"""
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.",
+                               required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  from ztt_jax import distributed
+  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from ztt_jax import config as config_lib, errors, trainer  # after jax.distributed, which comes first
+  try:
+    cfg = config_lib.parse(_CONFIG.value)
+    trainer.train(cfg, _WORKDIR.value)
+  except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)

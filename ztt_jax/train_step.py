@@ -1,0 +1,132 @@
+"""The loss, the sharded train step (with gradient accumulation), and the eval step."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ztt_jax.config import Config
+from ztt_jax.partitioning import BATCH_AXES
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  skipped_steps: jax.Array
+
+
+def token_cross_entropy(logits_BxTxV, targets_BxT):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+
+
+def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float):
+  """Sums (not means) over weighted tokens, so microbatches add up exactly to the full batch.
+
+  Returns (loss_sum, stats) where loss_sum includes the deep-supervision term
+  `cycle_loss_weight * mean_c(loss_c)` and stats holds per-cycle zero-attention sums.
+  """
+  logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"])
+  w_BxT = batch["weights"]
+  ce_sum = jnp.sum(token_cross_entropy(logits_BxTxV, batch["targets"]) * w_BxT)
+  loss_sum = ce_sum
+  if cycle_loss_weight > 0:
+    cycle_ce_CxBxT = jax.vmap(token_cross_entropy, in_axes=(0, None))(
+        aux["cycle_logits"], batch["targets"])
+    loss_sum = loss_sum + cycle_loss_weight * jnp.mean(jnp.sum(cycle_ce_CxBxT * w_BxT, axis=(1, 2)))
+  stats = {
+      "ce_sum": ce_sum,
+      "zero_attention_sum_C": jnp.sum(aux["zero_attention"].astype(jnp.float32) * w_BxT, axis=(1, 2)),
+  }
+  return loss_sum, stats
+
+
+def _split_microbatches(batch, num_micro: int, mesh):
+  """[B, ...] -> [M, B/M, ...], striding rows so every microbatch stays spread over all devices."""
+  def split(x):
+    x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+    spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh,
+                    lr_fn: Callable[[jax.Array], jax.Array]):
+  """Unjitted step(state, batch) -> (state, metrics); the trainer jits it with shardings."""
+  num_micro = cfg.train.microbatches
+  cycle_loss_weight = cfg.model.cycle_loss_weight
+
+  def step(state: TrainState, batch):
+    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def micro_grads(params, micro):
+      def loss_fn(p):
+        loss_sum, stats = weighted_loss_sums(model, p, micro, cycle_loss_weight)
+        return loss_sum / weight_total, stats
+      return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    if num_micro == 1:
+      (loss, stats), grads = micro_grads(state.params, batch)
+    else:
+      micro_batches = _split_microbatches(batch, num_micro, mesh)
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+      def accumulate(carry, micro):
+        loss_acc, stats_acc, grads_acc = carry
+        (loss, stats), grads = micro_grads(state.params, micro)
+        return (loss_acc + loss, jax.tree.map(jnp.add, stats_acc, stats),
+                jax.tree.map(jnp.add, grads_acc, grads)), None
+
+      first = jax.tree.map(lambda x: x[0], micro_batches)
+      stats_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: weighted_loss_sums(model, state.params, first, cycle_loss_weight)[1]))
+      (loss, stats, grads), _ = jax.lax.scan(
+          accumulate, (jnp.zeros((), jnp.float32), stats_zero, zeros), micro_batches)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A non-finite step is never applied, so non-finite params can never be saved.
+    keep_new = lambda new, old: jnp.where(finite, new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=jax.tree.map(keep_new, new_params, state.params),
+        opt_state=jax.tree.map(keep_new, new_opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    metrics = {
+        "loss": stats["ce_sum"] / weight_total,
+        "objective": loss,
+        "grad_norm": grad_norm,
+        "lr": lr_fn(state.step),
+        "finite": finite,
+        "skipped_steps": new_state.skipped_steps,
+        "zero_attention_C": stats["zero_attention_sum_C"] / weight_total,
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model: nn.Module, exit_threshold):
+  """Per-example sums so the host can aggregate over batches and by hop count."""
+
+  def eval_step(params, batch):
+    logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], exit_threshold=exit_threshold)
+    w_BxT = batch["weights"]
+    ce_BxT = token_cross_entropy(logits_BxTxV, batch["targets"])
+    hit_BxT = (jnp.argmax(logits_BxTxV, -1) == batch["targets"]) | (w_BxT == 0)
+    return {
+        "ce_sum_B": jnp.sum(ce_BxT * w_BxT, axis=1),
+        "weight_B": jnp.sum(w_BxT, axis=1),
+        "correct_B": jnp.all(hit_BxT, axis=1) & (jnp.sum(w_BxT, axis=1) > 0),
+        "cycles_sum_B": jnp.sum(aux["cycles_used"].astype(jnp.float32) * w_BxT, axis=1),
+    }
+
+  return eval_step

@@ -1,0 +1,322 @@
+"""The training loop: set up (or resume) a sharded run, train, log, evaluate, checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ztt_jax import data as data_lib
+from ztt_jax import partitioning
+from ztt_jax.checkpointing import Checkpointer
+from ztt_jax.config import Config, to_dict
+from ztt_jax.errors import ConfigError
+from ztt_jax.flops import peak_flops, train_flops_per_token
+from ztt_jax.metrics import MetricsWriter
+from ztt_jax.model import ZTTModel
+from ztt_jax.optimizer import lr_schedule, make_optimizer
+from ztt_jax.train_step import TrainState, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first step; shared by train, evaluate and export."""
+  cfg: Config
+  mesh: Any
+  axis_rules: tuple
+  model: ZTTModel
+  tx: Any
+  state_shardings: TrainState
+  abstract_state: TrainState
+  init_state: Any
+
+  @property
+  def param_shardings(self):
+    return self.state_shardings.params
+
+
+def validate_batch(cfg: Config, mesh) -> None:
+  dp = partitioning.data_parallel_size(mesh)
+  micro = cfg.train.global_batch_size // cfg.train.microbatches
+  if micro % dp:
+    raise ConfigError(
+        f"train.global_batch_size={cfg.train.global_batch_size} / train.microbatches="
+        f"{cfg.train.microbatches} = {micro} sequences per microbatch is not divisible by the "
+        f"data-parallel degree {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}). "
+        f"Use a global batch that is a multiple of {dp * cfg.train.microbatches}.")
+  if cfg.train.global_batch_size % jax.process_count():
+    raise ConfigError(
+        f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+        f"{jax.process_count()} processes.")
+
+
+def build(cfg: Config, devices=None) -> Run:
+  """Mesh, model, optimizer and the shardings of the train state; compiles nothing."""
+  mesh = partitioning.make_mesh(cfg.mesh, devices)
+  validate_batch(cfg, mesh)
+  axis_rules = partitioning.rules(cfg.mesh)
+  model = ZTTModel(cfg.model)
+  tx = make_optimizer(cfg.train)
+  dummy_BxT = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+
+  def init_boxed(rng):
+    return model.init(rng, dummy_BxT)["params"]
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    p_shardings = partitioning.param_shardings(boxed, mesh, axis_rules)
+    abstract_params = nn.unbox(boxed)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    o_shardings = partitioning.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
+  repl = partitioning.replicated(mesh)
+  state_shardings = TrainState(step=repl, params=p_shardings, opt_state=o_shardings, skipped_steps=repl)
+
+  def init_state(rng):
+    params = nn.unbox(init_boxed(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      skipped_steps=jnp.zeros((), jnp.int32))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+  init = jax.jit(init_state, out_shardings=state_shardings)
+  return Run(cfg, mesh, axis_rules, model, tx, state_shardings, abstract_state, init)
+
+
+def to_global(batch: dict, mesh) -> dict:
+  sharding = partitioning.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def layout_metadata(run: Run) -> dict:
+  m = run.cfg.model
+  return {
+      "config": to_dict(run.cfg),
+      "layout": {
+          "variant": m.variant,
+          "num_cycles": m.num_cycles,
+          "effective_depth": m.effective_depth,
+          "scan_axes": {"cycles": "broadcast (shared params)", "middle layers": "params axis 0 ('layers')"},
+      },
+      "mesh": {"axes": list(run.mesh.axis_names), "shape": [int(s) for s in run.mesh.devices.shape]},
+      "process_count": jax.process_count(),
+      "jax_version": jax.__version__,
+  }
+
+
+class Evaluator:
+  """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count."""
+
+  def __init__(self, run: Run, batches: list):
+    self.run = run
+    self.batches = batches
+    step = make_eval_step(run.model, run.cfg.model.exit_threshold)
+    repl = partitioning.replicated(run.mesh)
+    self._fn = jax.jit(lambda p, b: (step(p, b), b.get("hops")),
+                       in_shardings=(run.param_shardings, None), out_shardings=repl)
+
+  def __call__(self, params) -> dict:
+    sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
+    per_hop: dict[int, list] = {}
+    with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
+      for local in self.batches:
+        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh)))
+        valid = out["weight_B"] > 0
+        sums["ce"] += float(out["ce_sum_B"].sum())
+        sums["w"] += float(out["weight_B"].sum())
+        sums["cycles"] += float(out["cycles_sum_B"].sum())
+        if hops is not None:
+          for h, ok, cyc, w in zip(hops[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
+                                   out["weight_B"][valid]):
+            per_hop.setdefault(int(h), []).append((float(ok), float(cyc / w)))
+    result = {"eval/loss": sums["ce"] / max(sums["w"], 1.0),
+              "eval/mean_cycles": sums["cycles"] / max(sums["w"], 1.0)}
+    if per_hop:
+      all_ok = [ok for rows in per_hop.values() for ok, _ in rows]
+      result["eval/accuracy"] = float(np.mean(all_ok))
+      for h in sorted(per_hop):
+        result[f"eval/accuracy_hops_{h}"] = float(np.mean([ok for ok, _ in per_hop[h]]))
+        result[f"eval/mean_cycles_hops_{h}"] = float(np.mean([c for _, c in per_hop[h]]))
+    return result
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; checked between steps so the checkpoint holds a consistent state."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    stop = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    if jax.process_count() > 1:
+      # Every process must agree, or the ones that stop would leave the others hanging in a collective.
+      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+    return stop
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(cfg: Config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final eval metrics.
+
+  `devices` defaults to all devices of all processes.
+  """
+  cfg.validate()
+  run = build(cfg, devices)
+  pid, nproc = jax.process_index(), jax.process_count()
+  train_iter = data_lib.make_train_iterator(
+      cfg.data, global_batch_size=cfg.train.global_batch_size, vocab_size=cfg.model.vocab_size,
+      process_index=pid, process_count=nproc)
+  eval_batches = list(data_lib.make_eval_batches(
+      cfg.data, global_batch_size=cfg.eval.batch_size or cfg.train.global_batch_size,
+      vocab_size=cfg.model.vocab_size, process_index=pid, process_count=nproc,
+      max_batches=cfg.eval.max_batches))
+
+  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint)
+  restored = checkpointer.restore(run.abstract_state, train_iter)
+  if restored is not None:
+    state, start_step = restored.state, restored.step
+    log.info("Resumed from checkpoint step %d in %s", start_step, workdir)
+  else:
+    state, start_step = run.init(jax.random.key(cfg.train.seed)), 0
+    if cfg.init_from:
+      state = state.replace(params=load_init_params(cfg.init_from, run))
+      log.info("Initialised params from %s", cfg.init_from)
+
+  writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
+  metadata = layout_metadata(run)
+  step_fn = jax.jit(
+      make_train_step(run.model, run.tx, cfg, run.mesh, lr_schedule(cfg.train)),
+      in_shardings=(run.state_shardings, None),
+      out_shardings=(run.state_shardings, partitioning.replicated(run.mesh)),
+      donate_argnums=0)
+  evaluator = Evaluator(run, eval_batches)
+  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+  flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+  peak = peak_flops(cfg.train.peak_flops_per_device) * nproc
+  preemption = _PreemptionFlag()
+  eval_metrics: dict = {}
+  pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch async
+  t_last, step_last = time.perf_counter(), start_step
+  step = start_step
+
+  def check_finite(step_done, metrics):
+    if cfg.train.nonfinite == "raise" and not bool(metrics["finite"]):
+      raise NonFiniteLossError(
+          f"Non-finite loss or gradient at step {step_done} (loss={float(metrics['loss'])}); the update "
+          "was not applied and nothing non-finite was saved. Lower train.learning_rate, check the data, "
+          "or set --config.train.nonfinite=skip to drop such steps.")
+
+  try:
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
+      for step in range(start_step + 1, cfg.train.steps + 1):
+        batch = to_global(next(train_iter), run.mesh)
+        state, metrics = step_fn(state, batch)
+        if pending is not None:
+          check_finite(*pending)
+        pending = (step, metrics)
+        is_last = step == cfg.train.steps
+
+        if step % cfg.log.every_steps == 0 or is_last:
+          check_finite(*pending)
+          m = jax.device_get(metrics)
+          now = time.perf_counter()
+          tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          scalars = {
+              "train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
+              "train/tokens_per_sec": tok_s,
+              "train/mfu": flops_per_step / tokens_per_step * tok_s / peak,
+              "train/skipped_steps": m["skipped_steps"],
+          }
+          if cfg.model.zero_token:
+            for c, v in enumerate(np.asarray(m["zero_attention_C"])):
+              scalars[f"train/zero_attention_cycle_{c}"] = v
+          if step % cfg.eval.every_steps == 0 or is_last:
+            eval_metrics = evaluator(state.params)
+            scalars.update(eval_metrics)
+          writer.write(step, scalars)
+          if pid == 0:
+            eta = (cfg.train.steps - step) * tokens_per_step / max(tok_s, 1e-9)
+            print(f"step {step}/{cfg.train.steps} | loss {m['loss']:.4f} | {tok_s:,.0f} tok/s | "
+                  f"MFU {100 * scalars['train/mfu']:.2f}% | ETA {_format_eta(eta)}"
+                  + (f" | eval loss {eval_metrics['eval/loss']:.4f}" if "eval/loss" in scalars else ""),
+                  flush=True)
+        elif step % cfg.eval.every_steps == 0:
+          eval_metrics = evaluator(state.params)
+          writer.write(step, eval_metrics)
+
+        if step % cfg.checkpoint.every_steps == 0 or is_last:
+          checkpointer.save(step, state, train_iter, metadata, force=is_last)
+        if not is_last and preemption.should_stop(step):
+          check_finite(*pending)
+          checkpointer.save(step, state, train_iter, metadata, force=True)
+          checkpointer.wait()
+          log.warning("Preempted: saved checkpoint at step %d; exiting.", step)
+          print(f"Preempted at step {step}: checkpoint saved, exiting cleanly.", flush=True)
+          return {"preempted_at": step, **eval_metrics}
+  finally:
+    checkpointer.close()
+    writer.close()
+    preemption.restore()
+
+  if not eval_metrics and start_step >= cfg.train.steps:
+    eval_metrics = evaluator(state.params)
+  if pid == 0:
+    print(summary(eval_metrics), flush=True)
+  return eval_metrics
+
+
+def summary(eval_metrics: dict) -> str:
+  lines = [f"final eval: loss {eval_metrics.get('eval/loss', float('nan')):.4f}, "
+           f"mean cycles used {eval_metrics.get('eval/mean_cycles', float('nan')):.2f}"]
+  if "eval/accuracy" in eval_metrics:
+    lines.append(f"  accuracy (all hops): {eval_metrics['eval/accuracy']:.3f}")
+    hops = sorted(int(k.rsplit("_", 1)[1]) for k in eval_metrics if k.startswith("eval/accuracy_hops_"))
+    for h in hops:
+      lines.append(f"  hops={h}: accuracy {eval_metrics[f'eval/accuracy_hops_{h}']:.3f}, "
+                   f"mean cycles {eval_metrics.get(f'eval/mean_cycles_hops_{h}', float('nan')):.2f}")
+  return "\n".join(lines)
+
+
+def load_init_params(path: str, run: Run):
+  """Params of an exported checkpoint (see ztt_jax.export), placed with this run's shardings."""
+  from ztt_jax.export import load  # export depends on the model only; imported lazily
+  _, params = load(path)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), run.abstract_state.params)
+  got = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), params)
+  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+    raise ConfigError(
+        f"init_from={path}: its params do not match model config {run.cfg.model}. Set the model "
+        "section to the exported model's config (stored in the export's config.json).")
+  return jax.device_put(params, run.param_shardings)
