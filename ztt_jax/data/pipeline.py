@@ -43,7 +43,8 @@ def open_source(cfg: DataConfig) -> Source:
                                 name=f'text data.path {cfg.path!r}', **common)
   if cfg.kind == 'tokens':
     tokens = sources.load_token_file(cfg.path, cfg.token_dtype)
-    return sources.WindowSource(tokens, pad_id=0, name=f'token file data.path {cfg.path!r}', **common)
+    return sources.WindowSource(tokens, pad_id=0, max_id=sources.token_file_max_id(cfg.path, cfg.token_dtype),
+                                name=f'token file data.path {cfg.path!r}', **common)
   if cfg.kind == 'array_record':
     return sources.ArrayRecordSource(cfg.path, **common)
   raise DataError(f'Unknown data.kind {cfg.kind!r}.')  # DataConfig.validate rejects this earlier.

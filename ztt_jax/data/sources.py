@@ -63,7 +63,21 @@ def load_token_file(path: str, token_dtype: str) -> np.ndarray:
 
 def max_token_id(tokens: np.ndarray) -> int:
   # Chunked so a multi-GB memmap is scanned without loading it whole.
-  return max(int(tokens[i:i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK))
+  return max((int(tokens[i:i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK)), default=-1)
+
+
+def _file_signature(files: Iterable[str]) -> tuple:
+  return tuple((os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+
+
+@functools.lru_cache(maxsize=16)
+def _token_file_max_id(signature: tuple, token_dtype: str) -> int:
+  # Train and eval both open the source; the signature makes the second open skip the scan.
+  return max_token_id(load_token_file(signature[0][0], token_dtype))
+
+
+def token_file_max_id(path: str, token_dtype: str) -> int:
+  return _token_file_max_id(_file_signature([path]), token_dtype)
 
 
 class WindowSource:
@@ -149,6 +163,30 @@ def array_record_files(path: str) -> list[str]:
   return files
 
 
+def decode_record(raw: bytes, index: int, name: str) -> np.ndarray:
+  if len(raw) % 4:
+    raise DataError(f'{name}: record {index} has {len(raw)} bytes, not a multiple of 4, so it is not a '
+                    'little-endian uint32 token sequence. Write records with ztt_jax.data.write_array_record.')
+  return np.frombuffer(raw, '<u4')
+
+
+@functools.lru_cache(maxsize=4)
+def _scan_records(signature: tuple) -> tuple[int, tuple]:
+  """(max id, record lengths): one pass at startup finds out-of-vocab ids before any compile.
+  Cached on the files' (path, size, mtime) so that train and eval share one pass."""
+  import grain
+
+  reader = grain.sources.ArrayRecordDataSource([s[0] for s in signature])
+  max_id, lengths = -1, []
+  name = f'ArrayRecord file(s) {[s[0] for s in signature]}'
+  for i in range(len(reader)):
+    seq = decode_record(reader[i], i, name)
+    lengths.append(len(seq))
+    if len(seq):
+      max_id = max(max_id, int(seq.max()))
+  return max_id, tuple(lengths)
+
+
 class ArrayRecordSource:
   """Train: the head records in a fresh permutation every epoch, randomly cropped to seq_len+1.
   Eval: the tail records (eval_fraction of them), each cut into stride-seq_len windows."""
@@ -174,28 +212,14 @@ class ArrayRecordSource:
                       'training. Add records or set data.eval_fraction=0.')
     self.seq_len, self.seed, self.pad_id = seq_len, seed, pad_id
     self.num_train_records = n - num_heldout
-    self.max_token_id, lengths = self._scan(n)
+    self.max_token_id, lengths = _scan_records(_file_signature(files))
     # (record, offset) of every eval window; records too short to predict anything are skipped.
     self._eval_windows = [(r, off) for r in range(self.num_train_records, n)
                           for off in range(0, max(lengths[r] - 1, 0), seq_len)]
     self.num_eval = len(self._eval_windows)
 
-  def _scan(self, n: int) -> tuple[int, list[int]]:
-    # One pass at startup finds out-of-vocab ids before anything is compiled.
-    max_id, lengths = -1, []
-    for i in range(n):
-      seq = self._record(i)
-      lengths.append(len(seq))
-      if len(seq):
-        max_id = max(max_id, int(seq.max()))
-    return max_id, lengths
-
   def _record(self, i: int) -> np.ndarray:
-    raw = self._reader[i]
-    if len(raw) % 4:
-      raise DataError(f'{self.name}: record {i} has {len(raw)} bytes, not a multiple of 4, so it is not a '
-                      'little-endian uint32 token sequence. Write records with ztt_jax.data.write_array_record.')
-    return np.frombuffer(raw, '<u4')
+    return decode_record(self._reader[i], i, self.name)
 
   @functools.lru_cache(maxsize=2)
   def _permutation(self, epoch: int) -> np.ndarray:
