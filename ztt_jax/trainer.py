@@ -110,7 +110,7 @@ def layout_metadata(run: Run) -> dict:
       "config": to_dict(run.cfg),
       "layout": {
           "variant": m.variant,
-          "num_cycles": m.num_cycles,
+          "num_cycles": m.cycles,
           "effective_depth": m.effective_depth,
           "scan_axes": {"cycles": "broadcast (shared params)", "middle layers": "params axis 0 ('layers')"},
       },
@@ -192,7 +192,6 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   `devices` defaults to all devices of all processes.
   """
   cfg.validate()
-  run = build(cfg, devices)
   pid, nproc = jax.process_index(), jax.process_count()
   train_iter = data_lib.make_train_iterator(
       cfg.data, global_batch_size=cfg.train.global_batch_size, vocab_size=cfg.model.vocab_size,
@@ -201,6 +200,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
       cfg.data, global_batch_size=cfg.eval.batch_size or cfg.train.global_batch_size,
       vocab_size=cfg.model.vocab_size, process_index=pid, process_count=nproc,
       max_batches=cfg.eval.max_batches))
+  run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
 
   checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint)
   restored = checkpointer.restore(run.abstract_state, train_iter)
@@ -259,7 +259,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
               "train/mfu": flops_per_step / tokens_per_step * tok_s / peak,
               "train/skipped_steps": m["skipped_steps"],
           }
-          if cfg.model.zero_token:
+          if cfg.model.use_zero_token:
             for c, v in enumerate(np.asarray(m["zero_attention_C"])):
               scalars[f"train/zero_attention_cycle_{c}"] = v
           if step % cfg.eval.every_steps == 0 or is_last:

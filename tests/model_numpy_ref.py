@@ -1,0 +1,158 @@
+"""An independent float64 numpy implementation of the ZTT forward pass, written as plain loops.
+
+It reads the documented param tree (ztt_jax/model/lm.py) and shares no code with the model.
+"""
+import math
+
+import flax.linen as nn
+import numpy as np
+
+
+def to_np(params):
+  import jax
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(params))
+
+
+def layer(stack, j):
+  """Params of layer j of a stacked ('layers' leading axis) subtree."""
+  if isinstance(stack, dict):
+    return {k: layer(v, j) for k, v in stack.items()}
+  return stack[j]
+
+
+def norm(p, x, cfg):
+  if cfg.norm == "layernorm":
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + cfg.norm_eps) * p["scale"] + p["bias"]
+  return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * p["scale"]
+
+
+def rope(x, theta):
+  """x [T, H, K]."""
+  T, _, K = x.shape
+  half = K // 2
+  out = np.empty_like(x)
+  for t in range(T):
+    for i in range(half):
+      ang = t * theta ** (-i / half)
+      c, s = math.cos(ang), math.sin(ang)
+      out[t, :, i] = x[t, :, i] * c - x[t, :, i + half] * s
+      out[t, :, i + half] = x[t, :, i + half] * c + x[t, :, i] * s
+  return out
+
+
+def attention(q, k, v, zero_key=None, zero_bias=None, mask_zero=False):
+  """One sequence. q,k,v [T,H,K]; zero_key [H,K]. Softmax over [zero slot, keys 0..t] with a
+  zero-value column. Returns out [T,H,K], a0 [H,T]."""
+  T, H, K = q.shape
+  out = np.zeros((T, H, K))
+  a0 = np.zeros((H, T))
+  for h in range(H):
+    for t in range(T):
+      logits = [q[t, h] @ k[s, h] / math.sqrt(K) for s in range(t + 1)]
+      values = [v[s, h] for s in range(t + 1)]
+      if zero_key is not None:
+        z = q[t, h] @ zero_key[h] / math.sqrt(K) + (0.0 if zero_bias is None else zero_bias[h])
+        logits = [-np.inf if mask_zero else z] + logits
+        values = [np.zeros(K)] + values
+      logits = np.array(logits)
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      out[t, h] = sum(pi * vi for pi, vi in zip(p, values))
+      if zero_key is not None:
+        a0[h, t] = p[0]
+  return out, a0
+
+
+def block(p, x, cfg, zero_key=None, zero_bias=None, mask_zero=False):
+  """x [B,T,D] -> (x, a0 mean over heads [B,T])."""
+  out = np.zeros_like(x)
+  a0_bt = np.zeros(x.shape[:2])
+  for b in range(x.shape[0]):
+    h = norm(p["attn_norm"], x[b], cfg)
+    a = p["attn"]
+    q, k, v = (np.einsum("td,dhk->thk", h, a[f"{n}_kernel"]) + (a[f"{n}_bias"] if cfg.use_bias else 0)
+               for n in "qkv")
+    if cfg.position == "rope":
+      q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+    o, a0 = attention(q, k, v, zero_key, zero_bias, mask_zero)
+    y = x[b] + np.einsum("thk,hkd->td", o, a["o_kernel"]) + (a["o_bias"] if cfg.use_bias else 0)
+    m = p["mlp"]
+    h = norm(p["mlp_norm"], y, cfg)
+    bias = (lambda n: m[n]) if cfg.use_bias else (lambda n: 0)
+    u = h @ m["wi_kernel"] + bias("wi_bias")
+    if cfg.mlp == "swiglu":
+      g = h @ m["wg_kernel"] + bias("wg_bias")
+      u = g / (1 + np.exp(-g)) * u
+    else:
+      u = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+    out[b] = y + u @ m["wo_kernel"] + bias("wo_bias")
+    a0_bt[b] = a0.mean(0)
+  return out, a0_bt
+
+
+def stack(sp, x, cfg, n, zero_keys=None, zero_bias=None, mask_zero=False):
+  """n distinct layers; zero keys from the caller or owned ('zero_key'). Returns x, a0 [n,B,T]."""
+  if zero_keys is None and "zero_key" in sp:
+    zero_keys, zero_bias = sp["zero_key"], sp.get("zero_bias")
+  a0s = []
+  for j in range(n):
+    x, a0 = block(layer(sp["layers"], j), x, cfg,
+                  None if zero_keys is None else zero_keys[j],
+                  None if zero_bias is None else zero_bias[j], mask_zero)
+    a0s.append(a0)
+  return x, np.stack(a0s)
+
+
+def readout(p, x, cfg, mask_zero=False):
+  if cfg.unique_tail_layers:
+    x, _ = stack(p["tail"], x, cfg, cfg.unique_tail_layers, mask_zero=mask_zero)
+  x = norm(p["final_norm"], x, cfg)
+  w = p["embed"]["embedding"].T if cfg.tie_embeddings else p["embed"]["lm_head"]
+  return x @ w
+
+
+def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granularity="token",
+            mask_zero=False):
+  """Returns logits [B,T,V], signals [C,B,T] (0 where a token did not run the cycle),
+  cycles_used [B,T], states [C,B,T,D] (state after each cycle)."""
+  C = cfg.cycles if num_cycles is None else num_cycles
+  min_cycles = cfg.min_cycles if min_cycles is None else min_cycles
+  B, T = tokens.shape
+  x = p["embed"]["embedding"][tokens]
+  if cfg.position == "learned":
+    x = x + p["embed"]["pos_embedding"][:T]
+  if cfg.unique_head_layers:
+    x, _ = stack(p["head"], x, cfg, cfg.unique_head_layers, mask_zero=mask_zero)
+  exited = np.zeros((B, T), bool)
+  used = np.zeros((B, T), np.int32)
+  signals, states = [], []
+  for c in range(C):
+    row = min(c, cfg.cycles - 1)
+    keys = p["zero_key_pool"][row] if cfg.use_zero_token else None
+    bias = p["zero_bias_pool"][row] if cfg.use_zero_token and cfg.zero_bias else None
+    new_x, a0 = stack(p["middle"], x, cfg, cfg.stack_layers, keys, bias, mask_zero)
+    s = a0.mean(0)
+    ran = ~exited
+    x = np.where(exited[..., None], x, new_x)
+    used += ran
+    if tau is not None and c + 1 >= min_cycles:
+      if granularity == "sequence":
+        hit = np.repeat(s.mean(1, keepdims=True) >= tau, T, axis=1)
+      else:
+        hit = s >= tau
+      exited = exited | hit
+    signals.append(np.where(ran, s, 0.0))
+    states.append(x.copy())
+  return readout(p, x, cfg, mask_zero), np.stack(signals), used, np.stack(states)
+
+
+def gap_threshold(values, exclude_extremes=True):
+  """A threshold in the middle of the widest gap among the central values, so that float32 vs
+  float64 rounding cannot flip an exit decision."""
+  v = np.unique(np.round(np.asarray(values).ravel(), 12))
+  lo, hi = (len(v) // 4, 3 * len(v) // 4) if exclude_extremes else (0, len(v) - 1)
+  seg = v[lo:hi + 1]
+  i = int(np.argmax(np.diff(seg)))
+  return float((seg[i] + seg[i + 1]) / 2)

@@ -1,0 +1,122 @@
+"""Cycled forward vs plain loops; param sharing; gradients of shared params; HLO size."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model_numpy_ref as ref
+from model_testutil import apply, init_params, tiny_cfg, tokens
+from ztt_jax.model import ZTTModel, count_params
+from ztt_jax.model.block import Block
+from ztt_jax.model.layers import Norm
+
+
+@pytest.mark.parametrize("variant, extra, num_cycles", [
+    ("ztt", {}, None),
+    ("htc", {}, None),
+    ("bc", {}, None),
+    ("vanilla", {}, None),
+    # more cycles than the pool holds: rows beyond it reuse the last row
+    ("ztt", dict(zero_token_layers="all", zero_bias=True, zero_bias_init=-0.5, tie_embeddings=False), 5),
+])
+def test_scan_matches_python_loop_reference(variant, extra, num_cycles):
+  cfg = tiny_cfg(variant=variant, **extra)
+  model, params = init_params(cfg)
+  toks = tokens(cfg)
+  logits, aux = apply(model, params, toks, num_cycles=num_cycles)
+  want, sig, used, _ = ref.forward(ref.to_np(params), np.asarray(toks), cfg, num_cycles=num_cycles)
+  C = num_cycles or cfg.cycles
+  assert logits.dtype == jnp.float32 and aux["zero_attention"].shape == (C, 2, 6)
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(aux["zero_attention"]), sig, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(aux["cycles_used"]), used)
+  if cfg.use_zero_token:
+    assert float(np.std(sig)) > 1e-3  # the signal is not a constant
+  else:
+    assert not np.any(np.asarray(aux["zero_attention"]))
+
+
+def test_param_count_does_not_depend_on_cycles_pool_aside():
+  counts = {}
+  for C in (2, 5):
+    cfg = tiny_cfg(num_cycles=C)
+    p = ZTTModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    counts[C] = (count_params(p, include_pool=False), count_params(p))
+  assert counts[2][0] == counts[5][0]
+  cfg = tiny_cfg()
+  assert counts[5][1] - counts[2][1] == 3 * cfg.stack_layers * cfg.num_heads * cfg.head_dim
+
+
+def test_bc_htc_ztt_same_count_differing_only_by_pool():
+  n = {}
+  for v in ("vanilla", "bc", "htc", "ztt"):
+    cfg = tiny_cfg(variant=v)
+    n[v] = ZTTModel.unique_params(ZTTModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  cfg = tiny_cfg()
+  pool = cfg.cycles * cfg.n_middle_layers * cfg.num_heads * cfg.head_dim
+  assert n["bc"] == n["htc"] == n["vanilla"] == n["ztt"] - pool
+  assert tiny_cfg(variant="bc").effective_depth == 3 * 4 and tiny_cfg(variant="ztt").effective_depth == 1 + 6 + 1
+
+
+def _unrolled_logits(cfg, p, middle_copies, pool_rows, toks):
+  """Python loop over cycles and layers; cycle c uses its own copy of the middle params and pool row."""
+  blk, norm = Block(cfg), Norm(cfg)
+
+  def run_stack(sp, x, n, keys=None):
+    for j in range(n):
+      lp = jax.tree.map(lambda a: a[j], sp["layers"])
+      x, _ = blk.apply({"params": lp}, x, (None if keys is None else keys[j], None), None)
+    return x
+
+  x = p["embed"]["embedding"][toks]
+  x = run_stack(p["head"], x, cfg.n_head_layers)
+  for c in range(cfg.cycles):
+    x = run_stack(middle_copies[c], x, cfg.n_middle_layers, pool_rows[c])
+  x = run_stack(p["tail"], x, cfg.n_tail_layers)
+  x = norm.apply({"params": p["final_norm"]}, x)
+  return x @ p["embed"]["embedding"].T
+
+
+def test_shared_kernel_grad_is_sum_of_per_cycle_grads():
+  cfg = tiny_cfg()
+  model, p = init_params(cfg)
+  toks = tokens(cfg)
+  w = jax.random.normal(jax.random.key(7), (2, 6, cfg.vocab_size))
+
+  def loss_model(p):
+    return jnp.sum(model.apply({"params": p}, toks)[0] * w)
+
+  def loss_unrolled(copies, rows):
+    return jnp.sum(_unrolled_logits(cfg, p, copies, rows, toks) * w)
+
+  copies = [p["middle"]] * cfg.cycles
+  rows = [p["zero_key_pool"][c] for c in range(cfg.cycles)]
+  np.testing.assert_allclose(loss_model(p), loss_unrolled(copies, rows), rtol=1e-5)
+  g = jax.jit(jax.grad(loss_model))(p)
+  g_copies, g_rows = jax.jit(jax.grad(loss_unrolled, argnums=(0, 1)))(copies, rows)
+  summed = jax.tree.map(lambda *gs: sum(gs), *g_copies)
+  for path, got in jax.tree_util.tree_leaves_with_path(g["middle"]):
+    want = summed
+    for k in path:
+      want = want[k.key]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  # each cycle's contribution is distinct, so a missing cycle could not pass unnoticed
+  q = [gc["layers"]["attn"]["q_kernel"] for gc in g_copies]
+  assert float(jnp.abs(q[0] - q[-1]).max()) > 1e-3 * float(jnp.abs(q[0]).max())
+  for c in range(cfg.cycles):  # the pool gradient reaches each row separately
+    np.testing.assert_allclose(g["zero_key_pool"][c], g_rows[c], rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(g_rows[c]).max()) > 0
+
+
+def _hlo_chars(cfg):
+  model = ZTTModel(cfg)
+  toks = jnp.zeros((2, 8), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), toks)["params"]))
+  return len(jax.jit(lambda p, t: model.apply({"params": p}, t, exit_threshold=0.5)).lower(params, toks).as_text())
+
+
+def test_hlo_does_not_grow_with_cycles_or_layers():
+  base = _hlo_chars(tiny_cfg(num_cycles=2, n_middle_layers=1))
+  assert _hlo_chars(tiny_cfg(num_cycles=32, n_middle_layers=1)) < 1.05 * base
+  assert _hlo_chars(tiny_cfg(num_cycles=2, n_middle_layers=8)) < 1.05 * base
