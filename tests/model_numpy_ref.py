@@ -114,8 +114,9 @@ def readout(p, x, cfg, mask_zero=False):
 
 
 def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granularity="token",
-            mask_zero=False):
-  """Returns logits [B,T,V], signals [C,B,T] (0 where a token did not run the cycle),
+            mask_zero=False, signal="zero_attention"):
+  """Returns logits [B,T,V], signals [C,B,T] (0 where a token did not run the cycle; mean a0 over
+  heads and layers, or with signal='confidence' the max softmax prob of the cycle's read-out),
   cycles_used [B,T], states [C,B,T,D] (state after each cycle)."""
   C = cfg.cycles if num_cycles is None else num_cycles
   min_cycles = cfg.min_cycles if min_cycles is None else min_cycles
@@ -134,6 +135,10 @@ def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granular
     bias = p["zero_bias_pool"][row] if cfg.use_zero_token and cfg.zero_bias else None
     new_x, a0 = stack(p["middle"], x, cfg, cfg.stack_layers, keys, bias, mask_zero)
     s = a0.mean(0)
+    if signal == "confidence":
+      logits = readout(p, new_x, cfg, mask_zero)
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      s = (e / e.sum(-1, keepdims=True)).max(-1)
     ran = ~exited
     x = np.where(exited[..., None], x, new_x)
     used += ran
@@ -148,11 +153,10 @@ def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granular
   return readout(p, x, cfg, mask_zero), np.stack(signals), used, np.stack(states)
 
 
-def gap_threshold(values, exclude_extremes=True):
-  """A threshold in the middle of the widest gap among the central values, so that float32 vs
-  float64 rounding cannot flip an exit decision."""
-  v = np.unique(np.round(np.asarray(values).ravel(), 12))
-  lo, hi = (len(v) // 4, 3 * len(v) // 4) if exclude_extremes else (0, len(v) - 1)
-  seg = v[lo:hi + 1]
-  i = int(np.argmax(np.diff(seg)))
-  return float((seg[i] + seg[i + 1]) / 2)
+def gap_thresholds(values):
+  """Candidate thresholds in the middle of gaps among the central values, widest gap first, so that
+  float32 vs float64 rounding cannot flip an exit decision."""
+  v = np.unique(np.asarray(values).ravel())
+  seg = v[len(v) // 4: 3 * len(v) // 4 + 1]
+  gaps = np.diff(seg)
+  return [float((seg[i] + seg[i + 1]) / 2) for i in np.argsort(-gaps)]

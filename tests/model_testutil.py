@@ -16,14 +16,32 @@ def tiny_cfg(**kw) -> ModelConfig:
   return ModelConfig(**{**TINY, **kw}).validate()
 
 
-def init_params(cfg, B=2, T=6, seed=0, noise=0.1):
-  """Unboxed params; norms, biases and all kernels get noise so no term is trivially 1 or 0."""
+def init_params(cfg, B=2, T=6, seed=0):
+  """Random unboxed params with the model's tree, drawn in numpy.
+
+  jit(model.init) costs seconds of threefry compilation on CPU; the tests only need the tree
+  (jax.eval_shape) and values in which no term is trivially 1 or 0.
+  """
   model = ZTTModel(cfg)
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((B, T), jnp.int32))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [x + noise * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  return model, jax.tree.unflatten(tree, leaves)
+  abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((B, T), jnp.int32))["params"]))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = path[-1].key
+    noise = rng.normal(size=a.shape)
+    if name == "scale":
+      x = 1.0 + 0.1 * noise
+    elif "zero_key" in name:
+      x = 1.0 * noise
+    elif name.endswith("bias"):
+      x = 0.1 * noise
+    elif name in ("embedding", "pos_embedding"):
+      x = 0.5 * noise
+    else:
+      x = 0.25 * noise
+    return jnp.asarray(x, a.dtype)
+
+  return model, jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def tokens(cfg, B=2, T=6, seed=0):

@@ -43,7 +43,9 @@ def test_configdict_round_trip_keeps_every_value():
 def test_text_presets_match_unique_layers():
   layers = set()
   for preset in ["vanilla", "bc", "htc", "ztt"]:
-    m = config_lib.parse(load_config("text", preset)).model
+    cfg = load_config("text", preset)
+    cfg.data.path = "corpus.txt"
+    m = config_lib.parse(cfg).model
     layers.add(m.n_head_layers + m.n_middle_layers + m.n_tail_layers)
   assert layers == {4}
   with pytest.raises(ValueError, match="choose one of"):

@@ -37,11 +37,15 @@ def test_scan_matches_python_loop_reference(variant, extra, num_cycles):
     assert not np.any(np.asarray(aux["zero_attention"]))
 
 
+def _abstract_params(cfg):
+  return jax.eval_shape(ZTTModel(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
 def test_param_count_does_not_depend_on_cycles_pool_aside():
   counts = {}
   for C in (2, 5):
     cfg = tiny_cfg(num_cycles=C)
-    p = ZTTModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    p = _abstract_params(cfg)
     counts[C] = (count_params(p, include_pool=False), count_params(p))
   assert counts[2][0] == counts[5][0]
   cfg = tiny_cfg()
@@ -52,7 +56,7 @@ def test_bc_htc_ztt_same_count_differing_only_by_pool():
   n = {}
   for v in ("vanilla", "bc", "htc", "ztt"):
     cfg = tiny_cfg(variant=v)
-    n[v] = ZTTModel.unique_params(ZTTModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    n[v] = ZTTModel.unique_params(_abstract_params(cfg))
   cfg = tiny_cfg()
   pool = cfg.cycles * cfg.n_middle_layers * cfg.num_heads * cfg.head_dim
   assert n["bc"] == n["htc"] == n["vanilla"] == n["ztt"] - pool
@@ -62,24 +66,17 @@ def test_bc_htc_ztt_same_count_differing_only_by_pool():
 def _unrolled_logits(cfg, p, middle_copies, pool_rows, toks):
   """Python loop over cycles and layers; cycle c uses its own copy of the middle params and pool row."""
   blk, norm = Block(cfg), Norm(cfg)
-
-  def run_stack(sp, x, n, keys=None):
-    for j in range(n):
-      lp = jax.tree.map(lambda a: a[j], sp["layers"])
-      x, _ = blk.apply({"params": lp}, x, (None if keys is None else keys[j], None), None)
-    return x
-
   x = p["embed"]["embedding"][toks]
-  x = run_stack(p["head"], x, cfg.n_head_layers)
   for c in range(cfg.cycles):
-    x = run_stack(middle_copies[c], x, cfg.n_middle_layers, pool_rows[c])
-  x = run_stack(p["tail"], x, cfg.n_tail_layers)
+    for j in range(cfg.n_middle_layers):
+      lp = jax.tree.map(lambda a: a[j], middle_copies[c]["layers"])
+      x, _ = blk.apply({"params": lp}, x, (pool_rows[c][j], None), None)
   x = norm.apply({"params": p["final_norm"]}, x)
   return x @ p["embed"]["embedding"].T
 
 
 def test_shared_kernel_grad_is_sum_of_per_cycle_grads():
-  cfg = tiny_cfg()
+  cfg = tiny_cfg(n_head_layers=0, n_tail_layers=0, num_cycles=2)
   model, p = init_params(cfg)
   toks = tokens(cfg)
   w = jax.random.normal(jax.random.key(7), (2, 6, cfg.vocab_size))
@@ -92,20 +89,21 @@ def test_shared_kernel_grad_is_sum_of_per_cycle_grads():
 
   copies = [p["middle"]] * cfg.cycles
   rows = [p["zero_key_pool"][c] for c in range(cfg.cycles)]
-  np.testing.assert_allclose(loss_model(p), loss_unrolled(copies, rows), rtol=1e-5)
-  g = jax.jit(jax.grad(loss_model))(p)
-  g_copies, g_rows = jax.jit(jax.grad(loss_unrolled, argnums=(0, 1)))(copies, rows)
+  l, g = jax.jit(jax.value_and_grad(loss_model))(p)
+  l_ref, (g_copies, g_rows) = jax.jit(jax.value_and_grad(loss_unrolled, argnums=(0, 1)))(copies, rows)
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
   summed = jax.tree.map(lambda *gs: sum(gs), *g_copies)
   for path, got in jax.tree_util.tree_leaves_with_path(g["middle"]):
     want = summed
     for k in path:
       want = want[k.key]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()), err_msg=str(path))
   # each cycle's contribution is distinct, so a missing cycle could not pass unnoticed
   q = [gc["layers"]["attn"]["q_kernel"] for gc in g_copies]
-  assert float(jnp.abs(q[0] - q[-1]).max()) > 1e-3 * float(jnp.abs(q[0]).max())
+  assert float(jnp.abs(q[0] - q[-1]).max()) > 1e-2 * float(jnp.abs(q[0]).max())
   for c in range(cfg.cycles):  # the pool gradient reaches each row separately
-    np.testing.assert_allclose(g["zero_key_pool"][c], g_rows[c], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(g["zero_key_pool"][c], g_rows[c], rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(g_rows[c]).max()))
     assert float(jnp.abs(g_rows[c]).max()) > 0
 
 

@@ -89,7 +89,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
       (loss, stats, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros((), jnp.float32), stats_zero, zeros), micro_batches)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

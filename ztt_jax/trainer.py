@@ -43,7 +43,7 @@ class Run:
   tx: Any
   state_shardings: TrainState
   abstract_state: TrainState
-  init_state: Any
+  init: Any
 
   @property
   def param_shardings(self):
@@ -80,7 +80,7 @@ def build(cfg: Config, devices=None) -> Run:
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     p_shardings = partitioning.param_shardings(boxed, mesh, axis_rules)
-    abstract_params = nn.unbox(boxed)
+    abstract_params = jax.eval_shape(lambda r: nn.unbox(init_boxed(r)), jax.random.key(0))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     o_shardings = partitioning.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
   repl = partitioning.replicated(mesh)
@@ -266,6 +266,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
             eval_metrics = evaluator(state.params)
             scalars.update(eval_metrics)
           writer.write(step, scalars)
+          t_last = time.perf_counter()  # eval time is not training throughput
           if pid == 0:
             eta = (cfg.train.steps - step) * tokens_per_step / max(tok_s, 1e-9)
             print(f"step {step}/{cfg.train.steps} | loss {m['loss']:.4f} | {tok_s:,.0f} tok/s | "

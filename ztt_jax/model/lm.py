@@ -33,6 +33,7 @@ last row. Zero keys get no RoPE and their value is zero (see attention.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -49,11 +50,12 @@ Array = jax.Array
 
 
 def count_params(params: Any, include_pool: bool = True) -> int:
-  """Unique (stored) parameter count; shared cycles count once. Accepts boxed or unboxed trees."""
+  """Unique (stored) parameter count; shared cycles count once. Accepts boxed or unboxed trees of
+  arrays or of jax.ShapeDtypeStruct (from jax.eval_shape)."""
   params = nn.unbox(params)
   if not include_pool:
     params = {k: v for k, v in params.items() if k not in ("zero_key_pool", "zero_bias_pool")}
-  return int(sum(x.size for x in jax.tree.leaves(params)))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 class ZTTModel(nn.Module):
