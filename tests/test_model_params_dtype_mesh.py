@@ -90,7 +90,7 @@ def test_sharded_under_set_mesh_gives_the_same_logits():
   B, T = 4, 6
   toks = tokens(cfg, B, T, seed=1)
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-  model_, host = init_params(cfg, B, T, seed=1)
+  _, host = init_params(cfg, B, T, seed=1)
   fwd = lambda p, t: model.apply({"params": p}, t, 0.4)
   with nn.logical_axis_rules(RULES):
     abstract = jax.eval_shape(model.init, jax.random.key(0), toks)["params"]

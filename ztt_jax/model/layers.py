@@ -123,5 +123,7 @@ class Embedder(nn.Module):
     """Logits in float32 (the matmul accumulates in float32 whatever the compute dtype)."""
     dt = dtype_of(self.cfg.dtype)
     if self.cfg.tie_embeddings:
-      return jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(dt), preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head.astype(dt), preferred_element_type=jnp.float32)
+      logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(dt), preferred_element_type=jnp.float32)
+    else:
+      logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head.astype(dt), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))

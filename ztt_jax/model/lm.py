@@ -73,6 +73,11 @@ class ZTTModel(nn.Module):
   def unique_params(params: Any, include_pool: bool = True) -> int:
     return count_params(params, include_pool)
 
+  @property
+  def effective_depth(self) -> int:
+    """Layers applied per token on a full pass (cfg.effective_depth)."""
+    return self.cfg.effective_depth
+
   def setup(self):
     cfg: ModelConfig = self.cfg
     zt = cfg.use_zero_token
