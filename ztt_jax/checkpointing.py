@@ -74,13 +74,18 @@ class Checkpointer:
   def read_metadata(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
 
-  def restore(self, abstract_state, data_iter) -> Optional[Restored]:
+  def restore(self, abstract_state, data_iter=None, step: Optional[int] = None) -> Optional[Restored]:
     """Newest restorable checkpoint onto the shardings in `abstract_state`, or None if none exist.
 
     `abstract_state` is a tree of `jax.ShapeDtypeStruct` with `.sharding` for the CURRENT mesh, so a
-    checkpoint saved on another mesh shape is resharded on load.
+    checkpoint saved on another mesh shape is resharded on load. `data_iter=None` skips the data
+    iterator (evaluation, export); `step` restores exactly that step.
     """
     steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; available: {steps}.")
+      steps = [step]
     if not steps:
       return None
     failures = []
@@ -95,7 +100,7 @@ class Checkpointer:
         log.warning("%s; falling back to the previous checkpoint.", msg)
         failures.append(msg)
         continue
-      data_ok = self._restore_data_iter(step, data_iter, restored.metadata)
+      data_ok = data_iter is not None and self._restore_data_iter(step, data_iter, restored.metadata)
       return Restored(step, restored.state, restored.metadata, data_ok)
     if self.cfg.allow_fresh_start:
       log.warning("No checkpoint in %s could be restored; starting fresh because "

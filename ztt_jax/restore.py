@@ -1,0 +1,48 @@
+"""Load a trained run from its work directory: the config stored in the checkpoint, the model and
+its params. Shared by evaluation, generation and export, which need no training config."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Optional
+
+import jax
+
+from ztt_jax import config as config_lib
+from ztt_jax.checkpointing import Checkpointer
+from ztt_jax.errors import CheckpointError
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  cfg: config_lib.Config
+  run: Any  # trainer.Run
+  params: Any
+  step: int
+
+
+def load_trained(workdir: str, step: Optional[int] = None, devices=None) -> TrainedRun:
+  """Params of checkpoint `step` (default: newest good one) placed on `devices` (default: all)."""
+  from ztt_jax import trainer  # trainer imports this module's siblings; keep import order simple
+
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"No checkpoints in {workdir}: expected {ckpt_dir}. Pass the --workdir of a "
+                          "training run (python -m ztt_jax.train ... --workdir=DIR).")
+  probe = Checkpointer(ckpt_dir, config_lib.CheckpointConfig())
+  steps = probe.all_steps()
+  if not steps:
+    raise CheckpointError(f"{ckpt_dir} holds no finished checkpoint.")
+  meta = probe.read_metadata(step if step is not None else steps[-1])
+  cfg = config_lib.parse(meta["config"])
+  # The saved mesh may not fit this machine: reshard onto a data-parallel mesh of as many devices
+  # as divide the batch, so the stored batch sizes stay valid.
+  devices = list(devices or jax.devices())
+  micro_batch = cfg.train.global_batch_size // cfg.train.microbatches
+  devices = devices[:math.gcd(len(devices), micro_batch, cfg.eval.batch_size or micro_batch)]
+  cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, shape=(-1, 1, 1)))
+  run = trainer.build(cfg, devices)
+  restored = probe.restore(run.abstract_state, None, step=step)
+  probe.close()
+  return TrainedRun(cfg, run, restored.state.params, restored.step)
