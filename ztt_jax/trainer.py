@@ -99,6 +99,15 @@ def build(cfg: Config, devices=None) -> Run:
   return Run(cfg, mesh, axis_rules, model, tx, state_shardings, abstract_state, init)
 
 
+def jit_train_step(run: Run):
+  """The sharded train step; `ztt_jax.compile_check` compiles this same function ahead of time."""
+  return jax.jit(
+      make_train_step(run.model, run.tx, run.cfg, run.mesh, lr_schedule(run.cfg.train)),
+      in_shardings=(run.state_shardings, None),
+      out_shardings=(run.state_shardings, partitioning.replicated(run.mesh)),
+      donate_argnums=0)
+
+
 def to_global(batch: dict, mesh) -> dict:
   sharding = partitioning.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
@@ -215,11 +224,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
 
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   metadata = layout_metadata(run)
-  step_fn = jax.jit(
-      make_train_step(run.model, run.tx, cfg, run.mesh, lr_schedule(cfg.train)),
-      in_shardings=(run.state_shardings, None),
-      out_shardings=(run.state_shardings, partitioning.replicated(run.mesh)),
-      donate_argnums=0)
+  step_fn = jit_train_step(run)
   evaluator = Evaluator(run, eval_batches)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -314,10 +319,16 @@ def load_init_params(path: str, run: Run):
   """Params of an exported checkpoint (see ztt_jax.export), placed with this run's shardings."""
   from ztt_jax.export import load  # export depends on the model only; imported lazily
   _, params = load(path)
-  want = jax.tree.map(lambda a: (a.shape, a.dtype), run.abstract_state.params)
-  got = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), params)
-  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+  from ztt_jax.export import flatten
+  want = {k: tuple(a.shape) for k, a in flatten(run.abstract_state.params).items()}
+  got = {k: tuple(a.shape) for k, a in flatten(params).items()}
+  if want != got:
+    diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
     raise ConfigError(
-        f"init_from={path}: its params do not match model config {run.cfg.model}. Set the model "
-        "section to the exported model's config (stored in the export's config.json).")
+        f"init_from={path}: its params do not match this run's model config (differ: "
+        + ", ".join(f"{k} {got.get(k)} vs run {want.get(k)}" for k in diff[:4])
+        + (" ..." if len(diff) > 4 else "") + "). Use --config=configs/finetune.py:" + path
+        + " (takes the model section from the export's config.json), or set the model section to it.")
+  # A bfloat16 export fine-tunes in the run's param_dtype (e.g. float32 master weights).
+  params = jax.tree.map(lambda a, w: a.astype(w.dtype), params, run.abstract_state.params)
   return jax.device_put(params, run.param_shardings)

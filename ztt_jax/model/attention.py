@@ -21,8 +21,12 @@ Array = jax.Array
 
 def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                         zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
-                        mask_zero_slot: Optional[Array] = None) -> tuple[Array, Array]:
+                        mask_zero_slot: Optional[Array] = None,
+                        valid_TxS: Optional[Array] = None) -> tuple[Array, Array]:
   """Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
+
+  valid_TxS: which keys each query may see; default causal with the queries as the last T keys.
+  Decoding passes it because its keys are a fixed-size cache whose tail is not written yet.
 
   The softmax is written out by hand rather than concatenating a column: with the zero logit at -inf
   (`mask_zero_slot`), the arithmetic is then bit-identical to attention without a zero slot.
@@ -32,7 +36,7 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   scale = 1.0 / jnp.sqrt(jnp.float32(K))
   s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
                          preferred_element_type=jnp.float32) * scale
-  causal_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+  causal_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :] if valid_TxS is None else valid_TxS
   s_BxHxTxS = jnp.where(causal_TxS[None, None], s_BxHxTxS, -jnp.inf)
   m_BxHxT = jnp.max(s_BxHxTxS, axis=-1)
   if zero_key_HxK is not None:
@@ -59,12 +63,21 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
 
 
 class Attention(nn.Module):
-  """Projections q/k/v [embed, heads, kv], out [heads, kv, embed], optional biases, RoPE."""
+  """Projections q/k/v [embed, heads, kv], out [heads, kv, embed], optional biases, RoPE.
+
+  Decoding (ztt_jax/decoding.py) adds three keyword arguments; without them nothing changes:
+  positions_T: absolute positions of the T inputs (RoPE), default 0..T-1.
+  kv_cache: (k_BxMxHxK, v_BxMxHxK), RoPE'd keys and values of positions 0..M-1. The new keys and
+    values are written at positions_T (contiguous), the queries attend to cache positions <= their
+    own, and the call returns (y, a0, (k_cache, v_cache)).
+  kv_only: return just the new (k_BxTxHxK, v_BxTxHxK): the cache entries of a frozen token.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: Array, zero_key_HxK: Optional[Array] = None,
-               zero_bias_H: Optional[Array] = None, mask_zero_slot: Optional[Array] = None):
+               zero_bias_H: Optional[Array] = None, mask_zero_slot: Optional[Array] = None, *,
+               positions_T: Optional[Array] = None, kv_cache: Optional[tuple] = None, kv_only: bool = False):
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -78,13 +91,27 @@ class Attention(nn.Module):
                                               ("heads", "kv")).astype(dt)
       return y_BxTxHxK
 
-    q, k, v = proj("q"), proj("k"), proj("v")
+    # Creation order q, k, v fixes which init rng each kernel gets; keep it.
+    q = None if kv_only else proj("q")
+    k, v = proj("k"), proj("v")
+    pos_T = jnp.arange(x_BxTxD.shape[1]) if positions_T is None else positions_T
     if cfg.position == "rope":
-      pos_T = jnp.arange(x_BxTxD.shape[1])
-      q, k = apply_rope(q, pos_T, cfg.rope_theta), apply_rope(k, pos_T, cfg.rope_theta)
-    o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot)
+      k = apply_rope(k, pos_T, cfg.rope_theta)
+      q = None if kv_only else apply_rope(q, pos_T, cfg.rope_theta)
+    if kv_only:
+      return k, v
+    valid_TxS = None
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      start = (0, pos_T[0], 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      valid_TxS = jnp.arange(k.shape[1])[None, :] <= pos_T[:, None]
+    o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot, valid_TxS)
     wo_HxKxD = logical_param(self, "o_kernel", fan_in_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, wo_HxKxD.astype(dt))
     if cfg.use_bias:
       y_BxTxD = y_BxTxD + logical_param(self, "o_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
+    if kv_cache is not None:
+      return y_BxTxD, a0_BxHxT, (k, v)
     return y_BxTxD, a0_BxHxT

@@ -1,0 +1,383 @@
+"""Hugging Face GPT-2 <-> ztt_jax exports.
+
+Import (reads config.json + model.safetensors with the `safetensors` library; no torch, no network):
+
+  python -m ztt_jax.convert.hf_gpt2 --hf_dir=HF_DIR --out=DIR --to=vanilla
+  python -m ztt_jax.convert.hf_gpt2 --hf_dir=HF_DIR --out=DIR --to=ztt [--num_cycles=2]
+      [--n_middle_layers=k] [--middle_init=copy|average] [--zero_bias_init=-10]
+
+Export (a `vanilla` GPT-2-form export back to a directory `transformers.GPT2LMHeadModel.from_pretrained` loads):
+
+  python -m ztt_jax.convert.hf_gpt2 --export_hf --from=DIR --out=HF_DIR
+
+Both directions write what `ztt_jax.export` writes/reads, so `ztt_jax.export.load(DIR)` and
+`python -m ztt_jax.train ... --config.init_from=DIR` take an imported model as it is.
+
+Mapping (GPT-2 form: norm=layernorm, position=learned, mlp=gelu with the tanh approximation,
+use_bias=True; Conv1D weights are [in, out], the same orientation as ours):
+  wte -> embed/embedding, wpe -> embed/pos_embedding, ln_f -> final_norm, lm_head (untied only) -> embed/lm_head^T
+  h.i.ln_1 -> attn_norm, h.i.ln_2 -> mlp_norm
+  h.i.attn.c_attn [D, 3D] -> q/k/v kernels [D, H, K] (columns are q | k | v, each head-major), bias likewise
+  h.i.attn.c_proj [D, D] -> attn/o_kernel [H, K, D];  h.i.mlp.c_fc -> mlp/wi;  h.i.mlp.c_proj -> mlp/wo
+
+--to=vanilla: all n_layer layers in one stack (n_head_layers=0, n_middle_layers=n_layer,
+n_tail_layers=0): the same function as the HF model.
+
+--to=ztt: layer 0 becomes the head, layer n_layer-1 the tail, and the m = n_layer-2 layers between
+them are folded onto a shared stack of k layers (default k = m // num_cycles, so head + C*k + tail
+is at most the original depth) that runs num_cycles times:
+  copy     shared layer j = middle layer j (the first k middle layers; the rest are dropped).
+  average  the m middle layers are split, in order, into k consecutive groups of as equal size as
+           possible (numpy.array_split), and shared layer j is the element-wise mean of every param
+           of group j (norms included). With k = m every group has one layer (same as copy).
+The zero-key pool starts at zero keys plus a per-(cycle, layer, head) learned bias on the zero
+slot's logit of --zero_bias_init (default -10), so a0 = e^b / (e^b + sum_j e^(s_j)) is about e^-10
+times smaller than the attention's own weights and the converted model starts as the pre-trained
+layers would compute (up to the layers that copy/average changed), while the bias can still learn.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+
+from ztt_jax import export as export_lib
+from ztt_jax.errors import ConfigError
+from ztt_jax.model import ModelConfig
+
+# Activations that are GPT-2's tanh-approximate gelu (gelu_fast is the same formula).
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+MIDDLE_INITS = ("copy", "average")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older checkpoints
+
+
+class ConvertError(ConfigError):
+  """The input can't be converted; the message names the fix."""
+
+
+# ------------------------------------------------------------------ reading a HF directory
+
+def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, {name without 'transformer.': float32 array})."""
+  hf_dir = os.path.abspath(hf_dir)
+  if not os.path.isdir(hf_dir):
+    raise ConvertError(f"--hf_dir={hf_dir} is not a directory. Point it at a local Hugging Face GPT-2 "
+                       "directory (config.json + model.safetensors), e.g. one written by save_pretrained.")
+  cfg_path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise ConvertError(f"{hf_dir} has no config.json; it is not a Hugging Face model directory.")
+  with open(cfg_path) as f:
+    try:
+      hf_cfg = json.load(f)
+    except ValueError as e:
+      raise ConvertError(f"{cfg_path} is not valid JSON ({e}).") from None
+  single = os.path.join(hf_dir, "model.safetensors")
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    with open(index) as f:
+      files = sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
+  else:
+    bin_hint = (" It has pytorch_model.bin: re-save it as safetensors with "
+                "`GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR)` (transformers writes "
+                "safetensors by default)." if os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")) else "")
+    raise ConvertError(f"{hf_dir} has no model.safetensors (nor model.safetensors.index.json).{bin_hint}")
+  from safetensors import safe_open
+  tensors = {}
+  for file in files:
+    try:
+      with safe_open(file, "numpy") as f:
+        for name in f.keys():
+          if name.endswith(_IGNORED_SUFFIXES):
+            continue
+          key = name[len("transformer."):] if name.startswith("transformer.") else name
+          tensors[key] = np.asarray(f.get_tensor(name)).astype(np.float32)
+    except ConvertError:
+      raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+      raise ConvertError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e}).") from None
+  return hf_cfg, tensors
+
+
+def model_config_from_hf(hf_cfg: dict, dtype: str = "float32") -> ModelConfig:
+  """The `vanilla` ModelConfig equal to a GPT-2 config; refuses what the model can't express."""
+  def need(key, ok, fix):
+    if not ok:
+      raise ConvertError(f"config.json {key}={hf_cfg.get(key)!r} is not supported: {fix}")
+
+  need("model_type", hf_cfg.get("model_type", "gpt2") == "gpt2", "only GPT-2 (model_type 'gpt2') converts.")
+  need("activation_function", hf_cfg.get("activation_function", "gelu_new") in TANH_GELUS,
+       f"the model's MLP is the tanh-approximate gelu; use a checkpoint with one of {', '.join(TANH_GELUS)}.")
+  need("scale_attn_weights", hf_cfg.get("scale_attn_weights", True) is True,
+       "the model always scales attention logits by 1/sqrt(head_dim).")
+  need("scale_attn_by_inverse_layer_idx", not hf_cfg.get("scale_attn_by_inverse_layer_idx", False),
+       "per-layer 1/(layer+1) attention scaling has no equivalent here (and can't be shared across cycles).")
+  need("add_cross_attention", not hf_cfg.get("add_cross_attention", False),
+       "cross-attention layers have no equivalent in a decoder-only model.")
+  for key in ("n_embd", "n_head", "n_layer", "vocab_size", "n_positions"):
+    need(key, isinstance(hf_cfg.get(key), int) and hf_cfg[key] > 0, "must be a positive integer.")
+  need("n_embd", hf_cfg["n_embd"] % hf_cfg["n_head"] == 0, "must be divisible by n_head.")
+  n_inner = hf_cfg.get("n_inner")
+  need("n_inner", n_inner is None or (isinstance(n_inner, int) and n_inner > 0),
+       "must be null (4 * n_embd) or a positive integer.")
+  return ModelConfig(
+      variant="vanilla", num_cycles=1, n_head_layers=0, n_middle_layers=hf_cfg["n_layer"], n_tail_layers=0,
+      vocab_size=hf_cfg["vocab_size"], d_model=hf_cfg["n_embd"], num_heads=hf_cfg["n_head"],
+      mlp_dim=n_inner or 4 * hf_cfg["n_embd"], max_seq_len=hf_cfg["n_positions"], norm="layernorm",
+      norm_eps=float(hf_cfg.get("layer_norm_epsilon", 1e-5)), position="learned", mlp="gelu", use_bias=True,
+      tie_embeddings=bool(hf_cfg.get("tie_word_embeddings", True)), param_dtype=dtype).validate()
+
+
+def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
+  if name not in tensors:
+    raise ConvertError(f"model.safetensors has no tensor {name!r} (with or without the 'transformer.' "
+                       "prefix); is it a GPT2LMHeadModel checkpoint?")
+  a = tensors.pop(name)
+  if a.shape != tuple(shape):
+    hint = (" The vocabulary in config.json (vocab_size) and the embedding disagree; fix vocab_size."
+            if name in ("wte.weight", "lm_head.weight") else
+            " n_positions in config.json and the position table disagree; fix n_positions."
+            if name == "wpe.weight" else "")
+    raise ConvertError(f"tensor {name!r} has shape {a.shape}, config.json implies {tuple(shape)}.{hint}")
+  return a
+
+
+def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
+  """Split HF tensors into (non-layer params, [per-layer block params without the 'layers' axis]).
+  Consumes `tensors`; anything left over is an error (an unknown architecture)."""
+  D, H, K, F, V = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  tensors = dict(tensors)
+  top = {"embed": {"embedding": _take(tensors, "wte.weight", (V, D)),
+                   "pos_embedding": _take(tensors, "wpe.weight", (cfg.max_seq_len, D))},
+         "final_norm": {"scale": _take(tensors, "ln_f.weight", (D,)), "bias": _take(tensors, "ln_f.bias", (D,))}}
+  if cfg.tie_embeddings:
+    tensors.pop("lm_head.weight", None)  # a copy of wte when tied
+  else:
+    top["embed"]["lm_head"] = _take(tensors, "lm_head.weight", (V, D)).T.copy()
+  layers = []
+  for i in range(cfg.n_middle_layers):
+    p = f"h.{i}."
+    w, b = _take(tensors, p + "attn.c_attn.weight", (D, 3 * D)), _take(tensors, p + "attn.c_attn.bias", (3 * D,))
+    attn = {}
+    for j, n in enumerate("qkv"):
+      attn[f"{n}_kernel"] = w[:, j * D:(j + 1) * D].reshape(D, H, K)
+      attn[f"{n}_bias"] = b[j * D:(j + 1) * D].reshape(H, K)
+    attn["o_kernel"] = _take(tensors, p + "attn.c_proj.weight", (D, D)).reshape(H, K, D)
+    attn["o_bias"] = _take(tensors, p + "attn.c_proj.bias", (D,))
+    layers.append({
+        "attn_norm": {"scale": _take(tensors, p + "ln_1.weight", (D,)), "bias": _take(tensors, p + "ln_1.bias", (D,))},
+        "attn": attn,
+        "mlp_norm": {"scale": _take(tensors, p + "ln_2.weight", (D,)), "bias": _take(tensors, p + "ln_2.bias", (D,))},
+        "mlp": {"wi_kernel": _take(tensors, p + "mlp.c_fc.weight", (D, F)),
+                "wi_bias": _take(tensors, p + "mlp.c_fc.bias", (F,)),
+                "wo_kernel": _take(tensors, p + "mlp.c_proj.weight", (F, D)),
+                "wo_bias": _take(tensors, p + "mlp.c_proj.bias", (D,))},
+    })
+  if tensors:
+    raise ConvertError(f"model.safetensors has tensors this GPT-2 mapping does not know: {sorted(tensors)[:8]}"
+                       f"{' ...' if len(tensors) > 8 else ''}. Is config.json's n_layer right?")
+  return top, layers
+
+
+def _stack(layers: list[dict]) -> dict:
+  import jax
+  return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+
+
+def _mean(layers: list[dict]) -> dict:
+  import jax
+  return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *layers)
+
+
+def to_vanilla(cfg: ModelConfig, top: dict, layers: list[dict]) -> tuple[ModelConfig, dict]:
+  return cfg, {**top, "middle": {"layers": _stack(layers)}}
+
+
+def to_ztt(cfg: ModelConfig, top: dict, layers: list[dict], num_cycles: int = 2,
+           n_middle_layers: Optional[int] = None, middle_init: str = "copy",
+           zero_bias_init: float = -10.0) -> tuple[ModelConfig, dict]:
+  """Head = layer 0, tail = last layer, shared middle from layers 1..L-2 (see the module docstring)."""
+  L = len(layers)
+  if L < 3:
+    raise ConvertError(f"--to=ztt needs n_layer >= 3 (a head, at least one middle layer and a tail); "
+                       f"this model has {L}. Use --to=vanilla.")
+  if middle_init not in MIDDLE_INITS:
+    raise ConvertError(f"--middle_init={middle_init!r}: use one of {', '.join(MIDDLE_INITS)}.")
+  if not isinstance(num_cycles, int) or num_cycles < 1:
+    raise ConvertError(f"--num_cycles={num_cycles}: must be a positive integer.")
+  m = L - 2
+  k = max(1, m // num_cycles) if n_middle_layers is None else n_middle_layers
+  if not 1 <= k <= m:
+    raise ConvertError(f"--n_middle_layers={k}: must be between 1 and the {m} middle layers of this model.")
+  middle = layers[1:-1]
+  if middle_init == "copy":
+    shared = middle[:k]
+  else:
+    shared = [_mean([middle[i] for i in group]) for group in np.array_split(np.arange(m), k)]
+  H = cfg.num_heads
+  zcfg = cfg.replace(variant="ztt", num_cycles=num_cycles, n_head_layers=1, n_middle_layers=k, n_tail_layers=1,
+                     zero_bias=True, zero_bias_init=float(zero_bias_init), zero_key_init="zeros",
+                     zero_token_layers="middle").validate()
+  params = {**top,
+            "head": {"layers": _stack(layers[:1])},
+            "middle": {"layers": _stack(shared)},
+            "tail": {"layers": _stack(layers[-1:])},
+            "zero_key_pool": np.zeros((num_cycles, k, H, cfg.head_dim), np.float32),
+            "zero_bias_pool": np.full((num_cycles, k, H), zero_bias_init, np.float32)}
+  return zcfg, params
+
+
+def import_hf(hf_dir: str, out: str, to: str = "vanilla", num_cycles: int = 2,
+              n_middle_layers: Optional[int] = None, middle_init: str = "copy", zero_bias_init: float = -10.0,
+              storage: str = "safetensors", dtype: str = "float32") -> str:
+  """Converts a local HF GPT-2 directory to an export at `out` (see the module docstring)."""
+  hf_cfg, tensors = read_hf(hf_dir)
+  cfg = model_config_from_hf(hf_cfg)
+  top, layers = hf_layers(cfg, tensors)
+  if to == "vanilla":
+    cfg, params = to_vanilla(cfg, top, layers)
+  elif to == "ztt":
+    cfg, params = to_ztt(cfg, top, layers, num_cycles, n_middle_layers, middle_init, zero_bias_init)
+  else:
+    raise ConvertError(f"--to={to!r}: use vanilla or ztt.")
+  source = {"kind": "hf_gpt2", "hf_dir": os.path.abspath(hf_dir), "to": to, "hf_config": hf_cfg}
+  if to == "ztt":
+    source.update(middle_init=middle_init, num_cycles=num_cycles, n_middle_layers=cfg.n_middle_layers,
+                  zero_bias_init=zero_bias_init)
+  path = export_lib.save(out, cfg, params, storage=storage, dtype=dtype, source=source)
+  tok = os.path.join(hf_dir, "tokenizer.json")
+  if os.path.isfile(tok):  # so fine-tuning can use the model's own tokenizer (data.tokenizer)
+    shutil.copyfile(tok, os.path.join(path, "tokenizer.json"))
+  return path
+
+
+# ------------------------------------------------------------------ export to HF
+
+def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None) -> tuple[dict, dict]:
+  """(config.json dict, {HF tensor name: numpy array}) of a vanilla GPT-2-form model."""
+  def need(ok, what):
+    if not ok:
+      raise ConvertError(f"only a vanilla GPT-2-form model exports to Hugging Face GPT-2: {what}. Train or "
+                         "convert with --config.model.variant=vanilla, norm=layernorm, position=learned, "
+                         "mlp=gelu, use_bias=True.")
+  need(cfg.canonical_variant == "vanilla" and not cfg.use_zero_token,
+       f"variant={cfg.variant!r}, zero_token={cfg.use_zero_token}")
+  need(cfg.norm == "layernorm", f"norm={cfg.norm!r}")
+  need(cfg.position == "learned", f"position={cfg.position!r}")
+  need(cfg.mlp == "gelu", f"mlp={cfg.mlp!r}")
+  need(cfg.use_bias, "use_bias=False")
+  import jax
+  params = jax.tree.map(np.asarray, params)
+  stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]
+  layers = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *stacks)  # vanilla runs head, middle, tail
+  L = jax.tree.leaves(layers)[0].shape[0]
+  D = cfg.d_model
+  t = {"transformer.wte.weight": params["embed"]["embedding"],
+       "transformer.wpe.weight": params["embed"]["pos_embedding"],
+       "transformer.ln_f.weight": params["final_norm"]["scale"],
+       "transformer.ln_f.bias": params["final_norm"]["bias"]}
+  if not cfg.tie_embeddings:
+    t["lm_head.weight"] = params["embed"]["lm_head"].T
+  for i in range(L):
+    p, ly = f"transformer.h.{i}.", jax.tree.map(lambda a, i=i: a[i], layers)
+    a = ly["attn"]
+    t[p + "attn.c_attn.weight"] = np.concatenate([a[f"{n}_kernel"].reshape(D, D) for n in "qkv"], axis=1)
+    t[p + "attn.c_attn.bias"] = np.concatenate([a[f"{n}_bias"].reshape(D) for n in "qkv"])
+    t[p + "attn.c_proj.weight"] = a["o_kernel"].reshape(D, D)
+    t[p + "attn.c_proj.bias"] = a["o_bias"]
+    t[p + "ln_1.weight"], t[p + "ln_1.bias"] = ly["attn_norm"]["scale"], ly["attn_norm"]["bias"]
+    t[p + "ln_2.weight"], t[p + "ln_2.bias"] = ly["mlp_norm"]["scale"], ly["mlp_norm"]["bias"]
+    t[p + "mlp.c_fc.weight"], t[p + "mlp.c_fc.bias"] = ly["mlp"]["wi_kernel"], ly["mlp"]["wi_bias"]
+    t[p + "mlp.c_proj.weight"], t[p + "mlp.c_proj.bias"] = ly["mlp"]["wo_kernel"], ly["mlp"]["wo_bias"]
+  # Keep what an imported model's config said beyond the architecture (token ids, task params ...).
+  hf_cfg = {k: v for k, v in (base_hf_config or {}).items()
+            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+  if not base_hf_config:
+    hf_cfg.update(bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is out of a small vocab
+  hf_cfg.update({
+      "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+      "n_positions": cfg.max_seq_len, "n_embd": D, "n_layer": L, "n_head": cfg.num_heads,
+      "n_inner": None if cfg.mlp_dim == 4 * D else cfg.mlp_dim, "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+      "reorder_and_upcast_attn": False, "add_cross_attention": False,
+      "tie_word_embeddings": bool(cfg.tie_embeddings),
+      "dtype": str(jax.tree.leaves(params)[0].dtype)})
+  return hf_cfg, {k: np.ascontiguousarray(v) for k, v in t.items()}
+
+
+def export_hf(export_path: str, out: str) -> str:
+  """Writes `out`/config.json + `out`/model.safetensors from the export at `export_path`."""
+  model, params = export_lib.load(export_path)
+  meta = export_lib.read_config(export_path)
+  base = meta.get("source", {}).get("hf_config")
+  hf_cfg, tensors = to_hf(model.cfg, params, base)
+  out = os.path.abspath(out)
+  if os.path.isfile(out):
+    raise ConvertError(f"--out={out} is a file; give a directory for the Hugging Face model.")
+  os.makedirs(out, exist_ok=True)
+  from safetensors.numpy import save_file
+  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2, sort_keys=True)
+  tok = os.path.join(os.path.abspath(export_path), "tokenizer.json")
+  if os.path.isfile(tok):
+    shutil.copyfile(tok, os.path.join(out, "tokenizer.json"))
+  return out
+
+
+# ------------------------------------------------------------------ CLI
+
+def train_overrides(path: str) -> str:
+  """The --config.model.* flags that make a training config match an export (for init_from)."""
+  meta = export_lib.read_config(path)
+  default = ModelConfig().to_dict()
+  flags = [f"--config.model.{k}={v}" for k, v in meta["model"].items() if v != default.get(k) and v is not None]
+  return " ".join(flags + [f"--config.init_from={os.path.abspath(path)}"])
+
+
+def main(argv):
+  del argv
+  from absl import app, flags
+  f = flags.FLAGS
+  try:
+    if f.export_hf:
+      if not f["from"].value:
+        raise ConvertError("--export_hf needs --from=EXPORT_DIR (a vanilla GPT-2-form export).")
+      out = export_hf(f["from"].value, f.out)
+      print(f"wrote Hugging Face GPT-2 {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+      return
+    if not f.hf_dir:
+      raise ConvertError("give --hf_dir=HF_DIR to import, or --export_hf --from=EXPORT_DIR to export.")
+    out = import_hf(f.hf_dir, f.out, f.to, f.num_cycles, f.n_middle_layers, f.middle_init, f.zero_bias_init,
+                    f.format, f.dtype)
+  except (ConfigError, export_lib.CheckpointError) as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  print(f"wrote {out}\nfine-tune with: python -m ztt_jax.train --config=configs/finetune.py:{out} "
+        f"--workdir=RUN --config.data.path=TEXT\n  (or any config plus: {train_overrides(out)})")
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("hf_dir", None, "Local Hugging Face GPT-2 directory (config.json + model.safetensors).")
+  flags.DEFINE_string("out", None, "Directory to write.", required=True)
+  flags.DEFINE_enum("to", "vanilla", ["vanilla", "ztt"], "Import as a vanilla model or as a ZTT.")
+  flags.DEFINE_integer("num_cycles", 2, "--to=ztt: cycles of the shared middle stack.")
+  flags.DEFINE_integer("n_middle_layers", None, "--to=ztt: k, layers in the shared stack; default "
+                       "(n_layer - 2) // num_cycles.")
+  flags.DEFINE_enum("middle_init", "copy", list(MIDDLE_INITS),
+                    "--to=ztt: copy the first k middle layers, or average k consecutive groups of them.")
+  flags.DEFINE_float("zero_bias_init", -10.0, "--to=ztt: initial zero-slot logit bias (a0 ~ e^bias).")
+  flags.DEFINE_enum("format", "safetensors", list(export_lib.STORAGES), "Storage of the export.")
+  flags.DEFINE_enum("dtype", "float32", list(export_lib.DTYPES), "Param dtype of the export.")
+  flags.DEFINE_bool("export_hf", False, "Export --from (a vanilla export) to a Hugging Face directory --out.")
+  flags.DEFINE_string("from", None, "--export_hf: the export directory to convert.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

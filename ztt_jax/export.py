@@ -1,0 +1,345 @@
+"""Params-only checkpoints: `python -m ztt_jax.export --workdir=DIR --out=PATH`.
+
+An export is a directory:
+
+  PATH/config.json          {"format": "ztt_jax.params", "version": 1, "model": {ModelConfig fields},
+                             "storage": "safetensors" | "orbax", "unscanned": bool, "dtype": ...,
+                             "source": {where it came from}}
+  PATH/params.safetensors   storage=safetensors: one tensor per param leaf, named by its tree path
+                            joined with "/" (e.g. "middle/layers/attn/q_kernel"); the header's
+                            metadata repeats config.json under "ztt_jax_config", so the file alone
+                            is loadable too
+  PATH/params/              storage=orbax: an Orbax PyTree checkpoint of the same tree
+
+Scanned (the default), each layer stack is stored as in training: one tensor per param with a
+leading 'layers' axis. `--unscan` stores each layer of a stack under its own name instead
+(`middle/layers_0/attn/q_kernel`, `middle/layers_1/...`), the layout most other tools expect;
+`load` stacks them back. The zero-key and zero-bias pools stay as they are ([cycles, layers, ...]).
+
+`load(PATH)` needs no training config: it rebuilds `ZTTModel` from config.json and returns
+`(model, params)` with params unboxed (numpy arrays) in the training tree. It checks every tensor
+against the shapes the config implies, so a damaged or mismatched export fails with a message
+instead of producing a wrong model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ztt_jax.errors import CheckpointError, ConfigError
+from ztt_jax.model import ModelConfig, ZTTModel
+
+FORMAT = "ztt_jax.params"
+VERSION = 1
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "params.safetensors"
+ORBAX_DIR = "params"
+STORAGES = ("safetensors", "orbax")
+DTYPES = ("float32", "bfloat16")
+STACKS = ("head", "middle", "tail")
+_UNSCANNED = re.compile(r"^layers_(\d+)$")
+
+
+class ExportError(CheckpointError):
+  """An export is missing, damaged, or does not fit its config."""
+
+
+# ------------------------------------------------------------------ tree helpers
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> {"a/b/c": leaf}."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, name + "/"))
+    else:
+      out[name] = v
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for name, v in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def unscan(params: dict) -> dict:
+  """Splits each stack's 'layers' subtree [L, ...] into 'layers_0' ... 'layers_{L-1}'."""
+  out = dict(params)
+  for stack in STACKS:
+    if stack in out and "layers" in out[stack]:
+      sub = dict(out[stack])
+      layers = sub.pop("layers")
+      n = jax.tree.leaves(layers)[0].shape[0]
+      for i in range(n):
+        sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
+      out[stack] = sub
+  return out
+
+
+def rescan(params: dict) -> dict:
+  """Inverse of `unscan`: stacks 'layers_<i>' subtrees back onto a leading 'layers' axis."""
+  out = dict(params)
+  for stack in STACKS:
+    if stack not in out:
+      continue
+    sub = dict(out[stack])
+    idx = sorted(int(m.group(1)) for k in sub if (m := _UNSCANNED.match(k)))
+    if not idx:
+      continue
+    if idx != list(range(len(idx))):
+      raise ExportError(f"unscanned export: {stack}/ holds layers {idx}, expected 0..{len(idx) - 1}; "
+                        "the export is damaged. Export it again.")
+    layers = [sub.pop(f"layers_{i}") for i in idx]
+    try:
+      sub["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    except ValueError as e:
+      raise ExportError(f"unscanned export: the layers of {stack}/ do not hold the same params ({e}); "
+                        "the export is damaged. Export it again.") from None
+    out[stack] = sub
+  return out
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """Unboxed ShapeDtypeStruct tree of the model's params (no compile, no memory)."""
+  import flax.linen as nn
+  model = ZTTModel(cfg)
+  return jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+
+
+def cast(params: Any, dtype: str) -> Any:
+  if dtype not in DTYPES:
+    raise ConfigError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+  return jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params)
+
+
+# ------------------------------------------------------------------ save
+
+def save(path: str, model_cfg: Any, params: Any, *, storage: str = "safetensors", unscanned: bool = False,
+         dtype: Optional[str] = None, source: Optional[dict] = None) -> str:
+  """Writes an export of `params` (unboxed, host or device arrays) for `model_cfg` to directory `path`.
+
+  dtype: cast every param to float32 or bfloat16 (None keeps them); the embedded config's
+  param_dtype follows, so `load` builds a model that matches the stored params.
+  The export is written next to `path` and renamed into place, so an interrupted save never leaves
+  a half-written export under `path`. An existing export at `path` is replaced; any other existing
+  non-empty directory is refused.
+  """
+  if storage not in STORAGES:
+    raise ConfigError(f"format={storage!r}: use one of {', '.join(STORAGES)}")
+  cfg = ModelConfig.from_any(model_cfg)
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  _check_tree(params, abstract_params(cfg), f"params for {path}", any_dtype=True)
+  if dtype is not None:
+    params = cast(params, dtype)
+  leaf_dtypes = {str(a.dtype) for a in jax.tree.leaves(params)}
+  if len(leaf_dtypes) != 1 or next(iter(leaf_dtypes)) not in DTYPES:
+    raise ConfigError(f"params have dtypes {sorted(leaf_dtypes)}; pass dtype='float32' or 'bfloat16' "
+                      "to store them in one supported dtype.")
+  param_dtype = next(iter(leaf_dtypes))
+  cfg = cfg.replace(param_dtype=param_dtype)
+  meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), "storage": storage,
+          "unscanned": bool(unscanned), "dtype": param_dtype, "source": source or {}}
+  tree = unscan(params) if unscanned else params
+
+  path = os.path.abspath(path)
+  if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    raise ExportError(f"--out={path} is a non-empty directory that is not an export; choose a new "
+                      "path or empty it.")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ExportError(f"--out={path} exists and is not a directory; choose a new path.")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    if storage == "safetensors":
+      from safetensors.numpy import save_file
+      flat = {k: np.ascontiguousarray(v) for k, v in flatten(tree).items()}
+      save_file(flat, os.path.join(tmp, SAFETENSORS_FILE), metadata={"ztt_jax_config": json.dumps(meta)})
+    else:
+      import orbax.checkpoint as ocp
+      with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, ORBAX_DIR), tree)
+    # config.json last: its presence marks a complete export.
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+# ------------------------------------------------------------------ load
+
+def read_config(path: str) -> dict:
+  """The export's config.json (or the metadata of a bare params.safetensors file)."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise ExportError(f"No export at {path}. Create one with `python -m ztt_jax.export --workdir=RUN "
+                      "--out=PATH` or `python -m ztt_jax.convert.hf_gpt2 --hf_dir=HF --out=PATH`.")
+  if os.path.isfile(path):
+    if not path.endswith(".safetensors"):
+      raise ExportError(f"{path} is a file, not an export directory (or a {SAFETENSORS_FILE} file).")
+    meta = _safetensors_meta(path)
+  else:
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+      hint = (" It looks like a training work directory: export it first with "
+              f"`python -m ztt_jax.export --workdir={path} --out=NEW_PATH`."
+              if os.path.isdir(os.path.join(path, "checkpoints")) else
+              " It looks like a Hugging Face model: convert it first with "
+              f"`python -m ztt_jax.convert.hf_gpt2 --hf_dir={path} --out=NEW_PATH`."
+              if os.path.isfile(os.path.join(path, "model.safetensors")) else "")
+      raise ExportError(f"{path} is not a ztt_jax export: it has no {CONFIG_FILE} (an export that was "
+                        f"interrupted before finishing has none either).{hint}")
+    try:
+      with open(cfg_path) as f:
+        meta = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ExportError(f"{cfg_path} is damaged ({e}); export the model again.") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ExportError(f"{path}: {CONFIG_FILE} is not a ztt_jax export config (format "
+                      f"{meta.get('format') if isinstance(meta, dict) else None!r}, want {FORMAT!r}).")
+  if meta.get("version", 0) > VERSION:
+    raise ExportError(f"{path}: export format version {meta['version']} is newer than this ztt_jax "
+                      f"reads ({VERSION}); upgrade ztt_jax.")
+  if meta.get("storage") not in STORAGES:
+    raise ExportError(f"{path}: unknown storage {meta.get('storage')!r} in {CONFIG_FILE}; the export is damaged.")
+  return meta
+
+
+def load(path: str) -> tuple[ZTTModel, dict]:
+  """(model, params) of an export directory (or a bare params.safetensors file).
+
+  params: the unboxed training tree of numpy arrays in the stored dtype; an unscanned export is
+  stacked back onto the 'layers' axes.
+  """
+  meta = read_config(path)
+  try:
+    cfg = ModelConfig.from_any(meta["model"])
+  except (KeyError, TypeError, ConfigError) as e:
+    raise ExportError(f"{path}: the model config in {CONFIG_FILE} is invalid ({e}).") from None
+  path = os.path.abspath(path)
+  if meta["storage"] == "safetensors":
+    file = path if os.path.isfile(path) else os.path.join(path, SAFETENSORS_FILE)
+    tree = unflatten(_read_safetensors(file))
+  else:
+    tree = _read_orbax(os.path.join(path, ORBAX_DIR))
+  if meta.get("unscanned"):
+    tree = rescan(tree)
+  _check_tree(tree, abstract_params(cfg), path, any_dtype=False)
+  return ZTTModel(cfg), tree
+
+
+def _safetensors_meta(file: str) -> dict:
+  from safetensors import safe_open
+  try:
+    with safe_open(file, "numpy") as f:
+      raw = (f.metadata() or {}).get("ztt_jax_config")
+  except Exception as e:  # noqa: BLE001 - the library raises several types for a bad header
+    raise ExportError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); the export "
+                      "is damaged or truncated. Export it again.") from None
+  if raw is None:
+    raise ExportError(f"{file} carries no ztt_jax config in its metadata; load its export directory "
+                      "(with config.json) instead.")
+  return json.loads(raw)
+
+
+def _read_safetensors(file: str) -> dict:
+  if not os.path.isfile(file):
+    raise ExportError(f"{file} is missing: the export is incomplete. Export it again.")
+  from safetensors.numpy import load_file
+  try:
+    return load_file(file)
+  except Exception as e:  # noqa: BLE001
+    raise ExportError(f"{file} cannot be read ({type(e).__name__}: {e}); the export is damaged or "
+                      "truncated. Export it again.") from None
+
+
+def _read_orbax(directory: str) -> dict:
+  if not os.path.isdir(directory):
+    raise ExportError(f"{directory} is missing: the export is incomplete. Export it again.")
+  import orbax.checkpoint as ocp
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.restore(directory)
+  except Exception as e:  # noqa: BLE001
+    raise ExportError(f"{directory} cannot be restored ({type(e).__name__}: {e}); the export is damaged. "
+                      "Export it again.") from None
+  return jax.tree.map(np.asarray, tree)
+
+
+def _check_tree(tree: dict, want: dict, where: str, any_dtype: bool) -> None:
+  """Every expected tensor present with its shape (and dtype), nothing extra."""
+  got_flat, want_flat = flatten(tree), flatten(want)
+  missing = sorted(set(want_flat) - set(got_flat))
+  extra = sorted(set(got_flat) - set(want_flat))
+  bad = [f"{k}: {tuple(got_flat[k].shape)} {got_flat[k].dtype}, want {tuple(w.shape)}"
+         + ("" if any_dtype else f" {w.dtype}")
+         for k, w in want_flat.items() if k in got_flat
+         and (tuple(got_flat[k].shape) != tuple(w.shape) or (not any_dtype and got_flat[k].dtype != w.dtype))]
+  if missing or extra or bad:
+    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else []) \
+        + ([f"wrong shape/dtype: {'; '.join(bad)}"] if bad else [])
+    raise ExportError(f"{where}: the stored params do not match the model config ({', '.join(parts)}). "
+                      "The export is damaged or its config.json was edited; export it again.")
+
+
+# ------------------------------------------------------------------ from a training run
+
+def export_run(workdir: str, out: str, step: Optional[int] = None, storage: str = "safetensors",
+               unscanned: bool = False, dtype: Optional[str] = None) -> str:
+  """Exports checkpoint `step` (default: the newest) of the training run in `workdir`."""
+  from ztt_jax.restore import load_trained
+  # Local devices only: the export is written by this process, so every array must be addressable here.
+  trained = load_trained(workdir, step, devices=jax.local_devices())
+  source = {"kind": "training_run", "workdir": os.path.abspath(workdir), "step": int(trained.step)}
+  return save(out, trained.cfg.model, trained.params, storage=storage, unscanned=unscanned, dtype=dtype,
+              source=source)
+
+
+def main(argv):
+  del argv
+  from absl import app, flags
+  f = flags.FLAGS
+  try:
+    path = export_run(f.workdir, f.out, f.step, f.format, f.unscan, f.dtype)
+  except (CheckpointError, ConfigError) as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  meta = read_config(path)
+  print(f"exported {meta['source'].get('workdir')} step {meta['source'].get('step')} -> {path} "
+        f"({meta['storage']}, {'unscanned' if meta['unscanned'] else 'scanned'}, {meta['dtype']})")
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).", required=True)
+  flags.DEFINE_string("out", None, "Export directory to write.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
+  flags.DEFINE_enum("format", "safetensors", list(STORAGES), "Storage of the params.")
+  flags.DEFINE_bool("unscan", False, "Store each layer of a stack under its own name.")
+  flags.DEFINE_enum("dtype", None, list(DTYPES), "Cast params to this dtype; default keep.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
