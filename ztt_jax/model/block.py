@@ -15,16 +15,32 @@ Array = jax.Array
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then + mlp(norm(x)). Scan body: returns (x, a0 mean over heads [B,T])."""
+  """x + attn(norm(x)), then + mlp(norm(x)). Scan body: returns (x, a0 mean over heads [B,T]).
+
+  frozen: None, or (exited_BxT, frozen_BxTxD): exited tokens enter this layer with their frozen
+    state, so their K/V here are projections of that state (ZTTModel's frozen_kv='state').
+  positions_T, kv_cache, kv_only: decoding, see Attention. With kv_cache the call returns
+    (x, a0, (k_cache, v_cache)); with kv_only it returns the layer's (k, v) of x and runs nothing else.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, zero_xs, mask_zero_slot: Optional[Array]):
+  def __call__(self, x_BxTxD: Array, zero_xs, mask_zero_slot: Optional[Array], frozen=None, *,
+               positions_T: Optional[Array] = None, kv_cache: Optional[tuple] = None, kv_only: bool = False):
     zero_key_HxK, zero_bias_H = zero_xs
-    h_BxTxD, a0_BxHxT = Attention(self.cfg, name="attn")(
-        Norm(self.cfg, name="attn_norm")(x_BxTxD), zero_key_HxK, zero_bias_H, mask_zero_slot)
+    if frozen is not None:
+      exited_BxT, frozen_BxTxD = frozen
+      x_BxTxD = jnp.where(exited_BxT[..., None], frozen_BxTxD, x_BxTxD)
+    attn = Attention(self.cfg, name="attn")
+    h_BxTxD = Norm(self.cfg, name="attn_norm")(x_BxTxD)
+    if kv_only:
+      return attn(h_BxTxD, positions_T=positions_T, kv_only=True)
+    out = attn(h_BxTxD, zero_key_HxK, zero_bias_H, mask_zero_slot, positions_T=positions_T, kv_cache=kv_cache)
+    h_BxTxD, a0_BxHxT = out[:2]
     x_BxTxD = x_BxTxD + h_BxTxD
     x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxTxD))
+    if kv_cache is not None:
+      return constrain(x_BxTxD), jnp.mean(a0_BxHxT, axis=1), out[2]
     return constrain(x_BxTxD), jnp.mean(a0_BxHxT, axis=1)
 
 
@@ -46,7 +62,8 @@ class LayerStack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: Array, zero_keys_LxHxK: Optional[Array] = None,
-               zero_bias_LxH: Optional[Array] = None, mask_zero_slot: Optional[Array] = None):
+               zero_bias_LxH: Optional[Array] = None, mask_zero_slot: Optional[Array] = None,
+               frozen=None):
     cfg = self.cfg
     L, H, K = self.n_layers, cfg.num_heads, cfg.head_dim
     if self.own_zero_key:
@@ -57,7 +74,11 @@ class LayerStack(nn.Module):
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+    # `frozen` is passed only when set, so the default program is exactly the one without it.
+    extra = () if frozen is None else (frozen,)
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast), length=L, metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BxTxD, a0_LxBxT = scanned(cfg, name="layers")(x_BxTxD, (zero_keys_LxHxK, zero_bias_LxH), mask_zero_slot)
+                      in_axes=(0, nn.broadcast) + (nn.broadcast,) * len(extra), length=L,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxTxD, a0_LxBxT = scanned(cfg, name="layers")(x_BxTxD, (zero_keys_LxHxK, zero_bias_LxH), mask_zero_slot,
+                                                    *extra)
     return x_BxTxD, a0_LxBxT

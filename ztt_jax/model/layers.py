@@ -109,14 +109,18 @@ class Embedder(nn.Module):
       self.lm_head = logical_param(self, "lm_head", fan_in_init(0, 1), (cfg.d_model, cfg.vocab_size),
                                    ("embed", "vocab"))
 
-  def encode(self, tokens_BxT: Array) -> Array:
+  def encode(self, tokens_BxT: Array, offset=None) -> Array:
+    """offset: position of the first token (decoding; may be traced). None: position 0."""
     cfg = self.cfg
     T = tokens_BxT.shape[1]
     x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0)
     if cfg.position == "learned":
       if T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
-      x_BxTxD = x_BxTxD + self.pos_embedding[None, :T]
+      if offset is None:
+        x_BxTxD = x_BxTxD + self.pos_embedding[None, :T]
+      else:  # the caller checks offset + T <= max_seq_len (dynamic_slice would clamp silently)
+        x_BxTxD = x_BxTxD + jax.lax.dynamic_slice_in_dim(self.pos_embedding, offset, T)[None]
     return constrain(x_BxTxD.astype(dtype_of(cfg.dtype)))
 
   def decode(self, x_BxTxD: Array) -> Array:

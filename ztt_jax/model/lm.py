@@ -48,6 +48,8 @@ from ztt_jax.model.layers import Embedder, Norm, logical_param
 
 Array = jax.Array
 
+FROZEN_KV = ("stack", "state")
+
 
 def count_params(params: Any, include_pool: bool = True) -> int:
   """Unique (stored) parameter count; shared cycles count once. Accepts boxed or unboxed trees of
@@ -106,7 +108,8 @@ class ZTTModel(nn.Module):
   def __call__(self, tokens_BxT: Array, exit_threshold: Optional[float] = None, *,
                num_cycles: Optional[int] = None, exit_signal: str = "zero_attention",
                skip_exited: bool = False, mask_zero_slot: bool = False,
-               min_cycles: Optional[int] = None, exit_granularity: Optional[str] = None):
+               min_cycles: Optional[int] = None, exit_granularity: Optional[str] = None,
+               frozen_kv: str = "stack"):
     """Returns (logits_BxTxV float32, aux).
 
     exit_threshold: tau; None = no exit. (cfg.exit_threshold is the default callers pass here.)
@@ -117,6 +120,12 @@ class ZTTModel(nn.Module):
       skipped with lax.cond (not differentiable; same logits and cycles_used).
     mask_zero_slot: test hook; the zero slot's logit becomes -inf (a0 = 0).
     min_cycles, exit_granularity: override the config's values.
+    frozen_kv: what an exited token shows the other tokens in the cycles after its exit. 'stack'
+      (default): it still runs through each later cycle's stack (its own result is discarded), so
+      its K/V in middle layer l > 0 come from its recomputed intermediate state. 'state': every
+      middle layer of every later cycle projects its K/V from the frozen state itself, so those
+      cycles need no attention or MLP work for it; this is what cached decoding with real skipping
+      computes (ztt_jax/decoding.py). The two agree when the stack has one layer.
 
     aux: zero_attention [C,B,T] (mean a0 of the cycle; 0 for cycles a token did not run and for
     variants without the zero token), exit_signal [C,B,T] (the signal the rule used, same masking),
@@ -126,6 +135,8 @@ class ZTTModel(nn.Module):
     C = cfg.cycles if num_cycles is None else int(num_cycles)
     if C < 1:
       raise ConfigError(f"num_cycles={num_cycles}: must be >= 1")
+    if frozen_kv not in FROZEN_KV:
+      raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
     if exit_signal not in EXIT_SIGNALS:
       raise ConfigError(f"exit_signal={exit_signal!r}: use one of {', '.join(EXIT_SIGNALS)}")
     zt = cfg.use_zero_token
@@ -150,7 +161,8 @@ class ZTTModel(nn.Module):
         bias_CxSxH = self.zero_bias_pool[rows_C]
 
     def run_cycle(mdl, x_BxTxD, exited_BxT, used_BxT, c, keys, bias, tau, mask):
-      new_BxTxD, a0_SxBxT = mdl.middle(x_BxTxD, keys, bias, mask)
+      frozen = (exited_BxT, x_BxTxD) if frozen_kv == "state" and tau is not None else None
+      new_BxTxD, a0_SxBxT = mdl.middle(x_BxTxD, keys, bias, mask, frozen)
       za_BxT = jnp.mean(a0_SxBxT, axis=0)
       sig_BxT = confidence(mdl.readout(new_BxTxD, mask)) if exit_signal == "confidence" else za_BxT
       ran_BxT = ~exited_BxT
