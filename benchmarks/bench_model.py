@@ -12,7 +12,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -20,25 +19,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from ztt_jax.bench import compile_seconds, timed  # noqa: E402  (shared with python -m ztt_jax.bench)
 from ztt_jax.model import ModelConfig, ZTTModel  # noqa: E402
-
-
-def abstract_params(model, toks):
-  return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), toks)["params"]))
-
-
-def compile_seconds(cfg, toks, grad):
-  model = ZTTModel(cfg)
-  params = abstract_params(model, toks)
-
-  def fwd(p, t):
-    logits, aux = model.apply({"params": p}, t, 0.5)
-    return jnp.mean(logits) + jnp.mean(aux["zero_attention"])
-
-  fn = jax.grad(fwd) if grad else fwd
-  t0 = time.perf_counter()
-  jax.jit(fn).lower(params, toks).compile()
-  return time.perf_counter() - t0
 
 
 def bench_compile(width, reps):
@@ -53,16 +35,6 @@ def bench_compile(width, reps):
     t2, t32 = statistics.median(times[2]), statistics.median(times[32])
     name = "fwd+bwd" if grad else "fwd"
     print(f"compile {name:8s} C=2: {t2:6.2f}s  C=32: {t32:6.2f}s  ratio C32/C2 = {t32 / t2:.2f}  (target <= 1.5)")
-
-
-def timed(f, *args, n):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def bench_exit(width, T, B, n):

@@ -20,14 +20,32 @@ def train_flops_per_token(model_cfg, seq_len: int) -> float:
   Every cycle recomputes the shared layers, so compute scales with head + cycles * middle + tail
   even though the parameters do not. Attention uses the PaLM convention (full, not causal, T).
   """
+  return 3.0 * forward_flops_per_token(model_cfg, seq_len)
+
+
+def layer_flops_per_token(model_cfg, seq_len: int) -> float:
+  """Forward matmul FLOPs of one transformer layer per token (attention over a full seq_len)."""
   d, mlp_dim = model_cfg.d_model, model_cfg.mlp_dim
   attn_width = model_cfg.num_heads * model_cfg.head_dim
   proj = 4 * d * attn_width
   mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_dim
   attention = 2 * seq_len * attn_width
-  per_layer_fwd = 2 * (proj + mlp) + 2 * attention
-  fwd = model_cfg.effective_depth * per_layer_fwd + 2 * d * model_cfg.vocab_size
-  return 3.0 * fwd
+  return 2 * (proj + mlp) + 2 * attention
+
+
+def forward_flops_per_token(model_cfg, seq_len: int, num_cycles=None) -> float:
+  """Forward matmul FLOPs per token when the middle stack runs `num_cycles` cycles (default: the
+  config's). Affine in the cycles, so a mean over tokens (a float) gives the mean FLOPs."""
+  c = model_cfg.cycles if num_cycles is None else num_cycles
+  return (model_cfg.effective_depth_at(c) * layer_flops_per_token(model_cfg, seq_len)
+          + 2 * model_cfg.d_model * model_cfg.vocab_size)
+
+
+def readout_flops_per_token(model_cfg, seq_len: int) -> float:
+  """Forward FLOPs of one read-out (tail layers + LM head): what the confidence exit signal costs
+  per cycle on top of the cycle itself."""
+  return (model_cfg.unique_tail_layers * layer_flops_per_token(model_cfg, seq_len)
+          + 2 * model_cfg.d_model * model_cfg.vocab_size)
 
 
 @functools.lru_cache(maxsize=None)

@@ -114,11 +114,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
   return step
 
 
-def make_eval_step(model: nn.Module, exit_threshold):
-  """Per-example sums so the host can aggregate over batches and by hop count."""
+def make_eval_step(model: nn.Module, exit_threshold, *, num_cycles=None, exit_signal="zero_attention",
+                   frozen_kv="stack"):
+  """Per-example sums so the host can aggregate over batches and by hop count.
 
-  def eval_step(params, batch):
-    logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], exit_threshold=exit_threshold)
+  The step's optional third argument overrides exit_threshold; passed through jit it is traced, so
+  one compile serves a whole threshold sweep. The keywords go to model.apply (static).
+  """
+
+  def eval_step(params, batch, exit_threshold=exit_threshold):
+    logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], exit_threshold=exit_threshold,
+                                    num_cycles=num_cycles, exit_signal=exit_signal, frozen_kv=frozen_kv)
     w_BxT = batch["weights"]
     ce_BxT = token_cross_entropy(logits_BxTxV, batch["targets"])
     hit_BxT = (jnp.argmax(logits_BxTxV, -1) == batch["targets"]) | (w_BxT == 0)

@@ -130,22 +130,31 @@ def layout_metadata(run: Run) -> dict:
 
 
 class Evaluator:
-  """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count."""
+  """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count.
 
-  def __init__(self, run: Run, batches: list):
+  exit_threshold defaults to model.exit_threshold; calling with exit_threshold=tau evaluates
+  another threshold with the same compiled step (None: no exit, a second compile). num_cycles,
+  exit_signal and frozen_kv go to model.apply (ztt_jax.evaluate uses them for its baselines).
+  """
+
+  def __init__(self, run: Run, batches: list, *, exit_threshold="config", num_cycles=None,
+               exit_signal="zero_attention", frozen_kv="stack"):
     self.run = run
     self.batches = batches
-    step = make_eval_step(run.model, run.cfg.model.exit_threshold)
+    self.exit_threshold = run.cfg.model.exit_threshold if exit_threshold == "config" else exit_threshold
+    step = make_eval_step(run.model, None, num_cycles=num_cycles, exit_signal=exit_signal, frozen_kv=frozen_kv)
     repl = partitioning.replicated(run.mesh)
-    self._fn = jax.jit(lambda p, b: (step(p, b), b.get("hops")),
-                       in_shardings=(run.param_shardings, None), out_shardings=repl)
+    self._fn = jax.jit(lambda p, b, tau: (step(p, b, tau), b.get("hops")),
+                       in_shardings=(run.param_shardings, None, None), out_shardings=repl)
 
-  def __call__(self, params) -> dict:
+  def __call__(self, params, exit_threshold="same") -> dict:
+    tau = self.exit_threshold if exit_threshold == "same" else exit_threshold
+    tau = None if tau is None else np.float32(tau)
     sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
     per_hop: dict[int, list] = {}
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
       for local in self.batches:
-        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh)))
+        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh), tau))
         valid = out["weight_B"] > 0
         sums["ce"] += float(out["ce_sum_B"].sum())
         sums["w"] += float(out["weight_B"].sum())
@@ -217,10 +226,12 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
     state, start_step = restored.state, restored.step
     log.info("Resumed from checkpoint step %d in %s", start_step, workdir)
   else:
-    state, start_step = run.init(jax.random.key(cfg.train.seed)), 0
+    start_step = 0
     if cfg.init_from:
-      state = state.replace(params=load_init_params(cfg.init_from, run))
+      state = init_from_export(cfg.init_from, run)
       log.info("Initialised params from %s", cfg.init_from)
+    else:
+      state = run.init(jax.random.key(cfg.train.seed))
 
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   metadata = layout_metadata(run)
@@ -313,6 +324,15 @@ def summary(eval_metrics: dict) -> str:
       lines.append(f"  hops={h}: accuracy {eval_metrics[f'eval/accuracy_hops_{h}']:.3f}, "
                    f"mean cycles {eval_metrics.get(f'eval/mean_cycles_hops_{h}', float('nan')):.2f}")
   return "\n".join(lines)
+
+
+def init_from_export(path: str, run: Run) -> TrainState:
+  """A fresh train state around an export's params. Skips the random init: compiling it costs more
+  than the whole optimizer init, and its values would be thrown away."""
+  params = load_init_params(path, run)
+  opt_state = jax.jit(run.tx.init, out_shardings=run.state_shardings.opt_state)(params)
+  zero = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings.step)
+  return TrainState(step=zero, params=params, opt_state=opt_state, skipped_steps=zero)
 
 
 def load_init_params(path: str, run: Run):

@@ -1,0 +1,240 @@
+"""Evaluate a checkpoint on the held-out split, optionally sweeping exit rules.
+
+  python -m ztt_jax.evaluate --workdir=DIR [--step=N] [--exit_threshold=TAU|none] [--output=FILE.json]
+  python -m ztt_jax.evaluate --workdir=DIR --sweep [--output=FILE.json]   (also writes FILE.png)
+
+Quality and compute are measured on the loss-weighted tokens (for the multi-hop task: the answer
+digit), so loss, mean_cycles and compute_fraction describe the same tokens.
+
+The sweep compares three exit rules on the same params: zero attention (a threshold range), a fixed
+cut after c = 1..C cycles (apply's num_cycles), and CALM's confidence (max softmax probability of
+the cycle's read-out; a threshold range). Threshold grids are quantiles of the signal measured on
+the eval batches with every cycle run, so each rule's curve spans its own range.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from ztt_jax import data as data_lib
+from ztt_jax.errors import ConfigError, DataError
+from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
+
+log = logging.getLogger(__name__)
+
+FROM_CONFIG = "config"
+
+
+def held_out_batches(cfg, max_batches: Optional[int] = None) -> list:
+  """The run's held-out batches (this process's rows); all of them unless max_batches is set."""
+  batches = list(data_lib.make_eval_batches(
+      cfg.data, global_batch_size=cfg.eval.batch_size or cfg.train.global_batch_size,
+      vocab_size=cfg.model.vocab_size, process_index=jax.process_index(), process_count=jax.process_count(),
+      max_batches=max_batches))
+  if not batches:
+    raise DataError("The run's data has no held-out split (data.eval_fraction=0 or data.eval_examples=0), so "
+                    "there is nothing to evaluate. Train with a held-out split.")
+  return batches
+
+
+def is_byte_data(data_cfg) -> bool:
+  # tokens/array_record hold ids of an unknown tokenizer, so only these are known to be bytes.
+  return data_cfg.kind == "multihop" or (data_cfg.kind == "text" and data_cfg.tokenizer == "bytes")
+
+
+def compute_fraction(model_cfg, seq_len: int, mean_cycles: float, signal_readouts: float = 0.0) -> float:
+  """FLOPs per token at `mean_cycles` (plus `signal_readouts` extra read-outs) over FLOPs with
+  every cycle. Exact for a mean over tokens because FLOPs are affine in the cycles."""
+  used = forward_flops_per_token(model_cfg, seq_len, mean_cycles)
+  used += signal_readouts * readout_flops_per_token(model_cfg, seq_len)
+  return used / forward_flops_per_token(model_cfg, seq_len)
+
+
+def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
+  """Evaluator metrics ('eval/...') -> the JSON fields of one evaluation."""
+  m = cfg.model
+  seq_len = cfg.data.seq_len
+  out = {"rule": rule, "parameter": parameter, "loss": metrics["eval/loss"]}
+  if is_byte_data(cfg.data):
+    out["bits_per_byte"] = metrics["eval/loss"] / math.log(2)
+  else:
+    out["perplexity"] = math.exp(min(metrics["eval/loss"], 700.0))
+  out["mean_cycles"] = metrics["eval/mean_cycles"]
+  out["compute_fraction"] = compute_fraction(m, seq_len, out["mean_cycles"])
+  if rule == "confidence":
+    # The signal itself costs a read-out (tail + LM head) for every cycle a token runs.
+    out["compute_fraction_incl_signal"] = compute_fraction(m, seq_len, out["mean_cycles"], out["mean_cycles"])
+  if "eval/accuracy" in metrics:
+    out["accuracy"] = metrics["eval/accuracy"]
+    hops = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("eval/accuracy_hops_"))
+    out["per_hop"] = {
+        str(h): {"accuracy": metrics[f"eval/accuracy_hops_{h}"],
+                 "mean_cycles": metrics[f"eval/mean_cycles_hops_{h}"],
+                 "compute_fraction": compute_fraction(m, seq_len, metrics[f"eval/mean_cycles_hops_{h}"])}
+        for h in hops}
+  return out
+
+
+def _check_threshold(trained, exit_threshold, exit_signal="zero_attention"):
+  if exit_threshold is None:
+    return None
+  try:
+    tau = float(exit_threshold)
+  except (TypeError, ValueError):
+    raise ConfigError(f"exit_threshold={exit_threshold!r}: must be a number, or none for no exit") from None
+  if not math.isfinite(tau):
+    raise ConfigError(f"exit_threshold={exit_threshold!r}: must be finite (use none for no exit)")
+  if exit_signal == "zero_attention" and not trained.cfg.model.use_zero_token:
+    raise ConfigError(f"variant {trained.cfg.model.variant!r} has no zero token; evaluate it with "
+                      "--exit_threshold=none (or see the confidence rule in --sweep)")
+  return tau
+
+
+def evaluate(trained, exit_threshold=FROM_CONFIG, *, batches: Optional[list] = None, frozen_kv: str = "state",
+             max_batches: Optional[int] = None) -> dict:
+  """JSON-ready metrics of `trained` (restore.TrainedRun) with zero-attention exit at
+  exit_threshold (default: model.exit_threshold; None: no exit)."""
+  from ztt_jax.trainer import Evaluator
+  cfg = trained.cfg
+  tau = cfg.model.exit_threshold if exit_threshold == FROM_CONFIG else exit_threshold
+  tau = _check_threshold(trained, tau)
+  batches = held_out_batches(cfg, max_batches) if batches is None else batches
+  metrics = Evaluator(trained.run, batches, exit_threshold=tau, frozen_kv=frozen_kv)(trained.params)
+  out = summarize(metrics, cfg, rule="zero_attention" if tau is not None else "none", parameter=tau)
+  return {"step": trained.step, "exit_threshold": tau, "exit_signal": "zero_attention", "frozen_kv": frozen_kv,
+          "num_cycles": cfg.model.cycles, "num_batches": len(batches), **out}
+
+
+def signal_values(trained, batches: list) -> dict:
+  """Per-cycle exit signals of the loss-weighted tokens with every cycle run:
+  {'zero_attention': [n], 'confidence': [n]} (cycles before the last; exiting after it saves nothing)."""
+  import flax.linen as nn
+  from ztt_jax import trainer
+
+  run = trained.run
+  C = trained.cfg.model.cycles
+  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, exit_signal="confidence")[1],
+               in_shardings=(run.param_shardings, None))
+  za, conf = [], []
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
+    for local in batches:
+      b = trainer.to_global(local, run.mesh)
+      aux = jax.device_get(fn(trained.params, b["inputs"]))
+      w = np.asarray(jax.device_get(b["weights"])) > 0
+      za.append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
+      conf.append(np.asarray(aux["exit_signal"])[: max(C - 1, 1), w].ravel())
+  return {"zero_attention": np.concatenate(za), "confidence": np.concatenate(conf)}
+
+
+def threshold_grid(values: np.ndarray, n: int) -> list[float]:
+  """n thresholds from 'everything exits at the first chance' to 'nothing exits'."""
+  qs = np.quantile(values, np.linspace(0.0, 1.0, max(n - 1, 1)))
+  grid = sorted({float(q) for q in qs} | {float(np.max(values)) + 1e-3})
+  return grid
+
+
+def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, frozen_kv: str = "state",
+          max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
+  """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint.
+
+  thresholds: use these for both threshold rules instead of the quantile grids."""
+  from ztt_jax.trainer import Evaluator
+  cfg = trained.cfg
+  C = cfg.model.cycles
+  if num_thresholds < 2:
+    raise ConfigError(f"num_thresholds={num_thresholds}: must be >= 2")
+  batches = held_out_batches(cfg, max_batches) if batches is None else batches
+  metric = "accuracy" if cfg.data.kind == "multihop" else "loss"
+  points = []
+  for c in range(1, C + 1):
+    ev = Evaluator(trained.run, batches, exit_threshold=None, num_cycles=c, frozen_kv=frozen_kv)
+    points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
+  signals = signal_values(trained, batches)
+  rules = ["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
+  for rule in rules:
+    grid = list(thresholds) if thresholds is not None else threshold_grid(signals[rule], num_thresholds)
+    ev = Evaluator(trained.run, batches, exit_threshold=0.0, exit_signal=rule, frozen_kv=frozen_kv)
+    for tau in grid:
+      points.append(summarize(ev(trained.params, float(tau)), cfg, rule=rule, parameter=float(tau)))
+  return {"step": trained.step, "metric": metric, "num_cycles": C, "frozen_kv": frozen_kv,
+          "num_batches": len(batches), "data_kind": cfg.data.kind, "points": points}
+
+
+def write_json(obj: dict, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+  return path
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _parse_threshold(text: Optional[str]):
+  if text is None:
+    return FROM_CONFIG
+  if text.strip().lower() in ("none", "off", ""):
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise ConfigError(f"--exit_threshold={text!r}: give a number (e.g. 0.5) or none") from None
+
+
+def main(argv):
+  del argv
+  from absl import app, flags
+  from ztt_jax import errors, restore
+  FLAGS = flags.FLAGS
+  logging.getLogger().setLevel(logging.WARNING)
+  try:
+    tau = _parse_threshold(FLAGS.exit_threshold)
+    if FLAGS.max_batches is not None and FLAGS.max_batches < 1:
+      raise ConfigError(f"--max_batches={FLAGS.max_batches}: must be >= 1 (omit it for the whole split)")
+    trained = restore.load_trained(FLAGS.workdir, FLAGS.step)
+    if FLAGS.sweep:
+      result = sweep(trained, num_thresholds=FLAGS.num_thresholds, frozen_kv=FLAGS.frozen_kv,
+                     max_batches=FLAGS.max_batches)
+      out = FLAGS.output or os.path.join(FLAGS.workdir, f"sweep_step{trained.step}.json")
+      write_json(result, out)
+      from ztt_jax.plots import plot_quality_vs_compute
+      png = plot_quality_vs_compute(result, os.path.splitext(out)[0] + ".png")
+      for p in result["points"]:
+        print(f"{p['rule']:>14} {p['parameter']!s:>10.8} | {result['metric']} {p[result['metric']]:.4f} | "
+              f"mean cycles {p['mean_cycles']:.2f} | compute {p['compute_fraction']:.3f}")
+      print(f"wrote {out} and {png}")
+    else:
+      result = evaluate(trained, tau, frozen_kv=FLAGS.frozen_kv, max_batches=FLAGS.max_batches)
+      text = json.dumps(result, indent=2)
+      print(text)
+      if FLAGS.output:
+        write_json(result, FLAGS.output)
+  except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_string("exit_threshold", None,
+                      "Zero-attention exit threshold tau, or 'none' for no exit (default: model.exit_threshold).")
+  flags.DEFINE_string("output", None, "Write the JSON here (with --sweep also FILE.png; default "
+                      "WORKDIR/sweep_step<N>.json).")
+  flags.DEFINE_bool("sweep", False, "Sweep the zero-attention, fixed-cut and confidence exit rules.")
+  flags.DEFINE_integer("num_thresholds", 8, "Thresholds per threshold rule in --sweep.")
+  flags.DEFINE_integer("max_batches", None, "Evaluate only this many held-out batches (default: all).")
+  flags.DEFINE_enum("frozen_kv", "state", ["state", "stack"],
+                    "What an exited token shows later tokens: 'state' (K/V of its frozen state; what "
+                    "generation computes) or 'stack' (the model default used by training-time eval).")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

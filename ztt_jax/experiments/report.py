@@ -1,0 +1,178 @@
+"""Saved JSON -> markdown tables and PNGs for docs/results.md. No JAX.
+
+The report's prose is written by hand; the tables sit between `<!-- auto:NAME -->` and
+`<!-- /auto:NAME -->` markers and are regenerated in place, so every number in them comes from the
+JSON under docs/results/.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+from ztt_jax.experiments import figures, summary as summary_lib
+
+
+def _fmt(s: dict, digits=3, pct=False) -> str:
+  if not s or s.get("mean") is None:
+    return "n/a"
+  k = 100.0 if pct else 1.0
+  return f"{k * s['mean']:.{digits}f} ± {k * s['spread']:.{digits}f}"
+
+
+def ladder_table(s: dict) -> str:
+  multihop = s["task"] == "multihop"
+  hops = sorted({h for r in s["rungs"].values() for h in r.get("accuracy_by_hop", {})}, key=int)
+  head = ["rung", "unique params", "effective depth", "held-out loss (nats)"]
+  head += ["accuracy %"] + [f"{h}-hop acc %" for h in hops] if multihop else ["bits per byte"]
+  head += ["train tokens/s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in s["rungs"].items():
+    row = [f"`{name}`", f"{r['params']:,}", str(r["effective_depth"]), _fmt(r["eval_loss"])]
+    if multihop:
+      row += [_fmt(r["accuracy"], 1, pct=True)] + [_fmt(r["accuracy_by_hop"][h], 1, pct=True) for h in hops]
+    else:
+      row += [_fmt(r["bits_per_byte"])]
+    tps = r["tokens_per_sec"]
+    row += [f"{tps['mean']:,.0f}" if tps.get("mean") is not None else "n/a"]
+    lines.append("| " + " | ".join(row) + " |")
+  b = s["budget"]
+  lines.append("")
+  lines.append(f"Seeds per rung: {max(len(r['seeds']) for r in s['rungs'].values())}; "
+               f"budget {b['steps']} steps x {b['tokens_per_step']} tokens = {b['tokens_per_run']:,} "
+               f"training tokens per run; {b['runs']} runs, {b['train_wall_s_total'] / 60:.1f} min of "
+               "training wall time in total. Values are mean ± half the range over seeds.")
+  return "\n".join(lines)
+
+
+def sweep_table(sw: dict) -> str:
+  metric = sw["metric"]
+  rules = ["fixed", "zero_attention", "confidence"]
+  head = ["rule", "parameter", "mean cycles", "compute fraction", metric]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for rule in rules:
+    for p in sorted((p for p in sw["points"] if p["rule"] == rule), key=lambda p: p["mean_cycles"]):
+      par = f"c={p['parameter']}" if rule == "fixed" else f"tau={p['parameter']:.4g}"
+      val = f"{100 * p[metric]:.1f}%" if metric == "accuracy" else f"{p[metric]:.4f}"
+      lines.append(f"| {rule} | {par} | {p['mean_cycles']:.2f} | {p['compute_fraction']:.3f} | {val} |")
+  return "\n".join(lines)
+
+
+def hop_table(sw: dict) -> str:
+  pts = sorted((p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_hop")),
+               key=lambda p: p["parameter"])
+  if not pts:
+    return "(no per-hop data)"
+  hops = sorted(pts[0]["per_hop"], key=int)
+  head = ["tau", "mean cycles (all)"] + [f"cycles @ {h} hops" for h in hops] + [f"acc @ {h} hops" for h in hops]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for p in pts:
+    row = [f"{p['parameter']:.4g}", f"{p['mean_cycles']:.2f}"]
+    row += [f"{p['per_hop'][h]['mean_cycles']:.2f}" for h in hops]
+    row += [f"{100 * p['per_hop'][h]['accuracy']:.1f}%" for h in hops]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def bench_table(b: dict) -> str:
+  targets = {"throughput": "≥ 0.95", "compile": "≤ 1.5", "exit": "—", "remat": "—", "mfu": "—"}
+  what = {"throughput": "ztt / vanilla train tokens/s (equal effective depth 8 and width)",
+          "compile": "compile time C=32 / C=2 (fwd+bwd)",
+          "exit": "forward time all cycles / 1 of 8 cycles (skip path)",
+          "remat": "train-step peak bytes / peak with no remat",
+          "mfu": "train-step MFU vs measured f32 matmul peak"}
+  lines = ["| suite | ratio | what | target | detail |", "|---|---|---|---|---|"]
+  for name, r in b["suites"].items():
+    if isinstance(r["ratio"], dict):
+      ratio = ", ".join(f"{k}: {v:.2f}" for k, v in r["ratio"].items())
+    else:
+      ratio = f"{r['ratio']:.3f}"
+    lines.append(f"| {name} | {ratio} | {what.get(name, '')} | {targets.get(name, '')} | {_bench_detail(name, r)} |")
+  return "\n".join(lines)
+
+
+def _bench_detail(name, r) -> str:
+  if name == "throughput":
+    z, v = r["ztt"], r["vanilla"]
+    return (f"ztt {z['tokens_per_sec']:,.0f} tok/s, MFU {100 * z['mfu']:.1f}%; vanilla "
+            f"{v['tokens_per_sec']:,.0f} tok/s, MFU {100 * v['mfu']:.1f}% (d={r['shape']['d_model']}, "
+            f"T={r['shape']['seq_len']}, B={r['shape']['batch']})")
+  if name == "compile":
+    return ", ".join(f"C={c}: {s:.2f} s" for c, s in r["seconds"].items())
+  if name == "exit":
+    s = ", ".join(f"{x['cycles_run']} cycles: {x['speedup']:.2f}x" for x in r["forward"])
+    d = r.get("decode")
+    if isinstance(d, dict) and "ratio" in d:
+      s += f"; decode: {d['ratio']:.2f}x"
+    elif isinstance(d, dict):
+      s += f"; decode: {d.get('skipped', 'not measured')}"
+    else:
+      s += "; decode: not measured (no benchmarks/bench_decode.py)"
+    return s
+  if name == "remat":
+    return ", ".join(f"{p}: {v['peak_bytes'] / 2**20:.1f} MiB (temp {v['temp_size_in_bytes'] / 2**20:.1f})"
+                     for p, v in r["policies"].items())
+  if name == "mfu":
+    sh = r["shape"]
+    return (f"d={sh['d_model']}, depth {sh['effective_depth']}, T={sh['seq_len']}, B={sh['batch']}: "
+            f"{r['tokens_per_sec']:,.0f} tok/s, {r['achieved_flops'] / 1e9:.2f} GFLOP/s of a measured "
+            f"{r['peak_flops'] / 1e9:.1f} GFLOP/s peak")
+  return ""
+
+
+def fill(text: str, blocks: dict) -> str:
+  """Replace the body of every `<!-- auto:NAME -->...<!-- /auto:NAME -->` block we have a value for."""
+  for name, body in blocks.items():
+    pat = re.compile(rf"(<!-- auto:{re.escape(name)} -->\n).*?(\n<!-- /auto:{re.escape(name)} -->)", re.S)
+    text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+  return text
+
+
+def load_sweeps(results_dir: str, task: str) -> list[dict]:
+  out = []
+  for path in sorted(glob.glob(os.path.join(results_dir, f"sweep_{task}_s*.json"))):
+    with open(path) as f:
+      out.append(json.load(f))
+  return out
+
+
+def build_blocks(out_dir: str, docs: str) -> dict:
+  results = os.path.join(docs, "results")
+  blocks = {}
+  for task, s in summary_lib.write_summaries(out_dir, results).items():
+    blocks[f"ladder_{task}"] = ladder_table(s)
+    figures.plot_ladder(s, os.path.join(docs, f"ladder_{task}.png"))
+  for task in ("text", "multihop"):
+    sweeps = load_sweeps(results, task)
+    for i, sw in enumerate(sweeps):
+      blocks[f"exit_{task}_s{i}"] = sweep_table(sw)
+    if sweeps:
+      from ztt_jax.plots import plot_quality_vs_compute
+      plot_quality_vs_compute(sweeps[0], os.path.join(docs, f"exit_{task}.png"),
+                              title=f"{task}: exit rules on the trained ztt (seed 0)")
+      if task == "multihop":
+        blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
+        figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))
+  bench = os.path.join(results, "bench.json")
+  if os.path.isfile(bench):
+    with open(bench) as f:
+      blocks["bench"] = bench_table(json.load(f))
+  return blocks
+
+
+def write_all(out_dir: str, docs: str) -> dict:
+  blocks = build_blocks(out_dir, docs)
+  md = os.path.join(docs, "results.md")
+  if os.path.isfile(md):
+    with open(md) as f:
+      text = f.read()
+    new = fill(text, blocks)
+    with open(md, "w") as f:
+      f.write(new)
+    missing = [k for k in blocks if f"<!-- auto:{k} -->" not in text]
+    if missing:
+      print(f"results.md has no block for: {', '.join(missing)}")
+  for k in blocks:
+    print(f"updated block {k}")
+  return blocks

@@ -1,0 +1,72 @@
+"""Saved run results -> one summary JSON per task (mean and spread over seeds). No JAX."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+RUNG_ORDER = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
+
+
+def load_results(task_dir: str) -> list[dict]:
+  rows = []
+  for path in sorted(glob.glob(os.path.join(task_dir, "*", "result.json"))):
+    with open(path) as f:
+      rows.append(json.load(f))
+  return rows
+
+
+def stats(values: list[float]) -> dict:
+  """Mean and spread. With 2 seeds the spread is half the range (the distance of each seed from the
+  mean); a population std would say the same thing less directly."""
+  vals = [v for v in values if v is not None and math.isfinite(v)]
+  if not vals:
+    return {"mean": None, "spread": None, "n": 0, "values": []}
+  mean = sum(vals) / len(vals)
+  return {"mean": mean, "spread": (max(vals) - min(vals)) / 2, "n": len(vals), "values": vals}
+
+
+def summarize_task(task: str, rows: list[dict]) -> dict:
+  rungs = {}
+  order = [r for r in RUNG_ORDER if any(x["rung"] == r for x in rows)]
+  order += sorted({x["rung"] for x in rows} - set(order))
+  for rung in order:
+    rs = sorted((x for x in rows if x["rung"] == rung), key=lambda x: x["seed"])
+    finals = [x["final"] for x in rs]
+    entry = {
+        "seeds": [x["seed"] for x in rs],
+        "params": rs[0]["params"],
+        "effective_depth": rs[0]["effective_depth"],
+        "variant": rs[0]["variant"],
+        "num_cycles": rs[0]["num_cycles"],
+        "eval_loss": stats([f.get("eval/loss") for f in finals]),
+        "bits_per_byte": stats([f["eval/loss"] / math.log(2) for f in finals if "eval/loss" in f]),
+        "tokens_per_sec": stats([x.get("median_tokens_per_sec") for x in rs]),
+    }
+    if any("eval/accuracy" in f for f in finals):
+      entry["accuracy"] = stats([f.get("eval/accuracy") for f in finals])
+      hops = sorted({int(k.rsplit("_", 1)[1]) for f in finals for k in f if k.startswith("eval/accuracy_hops_")})
+      entry["accuracy_by_hop"] = {str(h): stats([f.get(f"eval/accuracy_hops_{h}") for f in finals]) for h in hops}
+    rungs[rung] = entry
+  budget = {}
+  if rows:
+    budget = {"steps": rows[0]["steps"], "tokens_per_step": rows[0]["tokens_per_step"],
+              "tokens_per_run": rows[0]["steps"] * rows[0]["tokens_per_step"],
+              "runs": len(rows), "train_wall_s_total": sum(x.get("wall_s", 0.0) for x in rows)}
+  return {"task": task, "budget": budget, "rungs": rungs}
+
+
+def write_summaries(out_dir: str, results_dir: str, tasks=("text", "multihop")) -> dict:
+  os.makedirs(results_dir, exist_ok=True)
+  written = {}
+  for task in tasks:
+    rows = load_results(os.path.join(out_dir, task))
+    if not rows:
+      continue
+    s = summarize_task(task, rows)
+    path = os.path.join(results_dir, f"ladder_{task}.json")
+    with open(path, "w") as f:
+      json.dump(s, f, indent=1)
+    written[task] = s
+  return written

@@ -1,0 +1,108 @@
+"""Sample from a checkpoint with a KV cache and per-token early exit (see ztt_jax/decoding.py).
+
+  python -m ztt_jax.generate --workdir=DIR --prompt="..." [--max_new_tokens=N --temperature=T
+      --top_k=K --top_p=P --exit_threshold=TAU|none --seed=S --step=N]
+
+Prints the prompt and its continuation, then one line of statistics (tokens, mean cycles per new
+token, tokens/s of the compiled program; the first call includes compilation).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import numpy as np
+
+from ztt_jax.errors import ConfigError
+
+
+def encode_prompt(cfg, prompt: str | None, prompt_ids: str | None, bos: str = "auto"):
+  """Token ids of the prompt and the tokenizer to decode the output with (None: print ids)."""
+  from ztt_jax.data import BOS_ID, load_tokenizer
+  if (prompt is None) == (prompt_ids is None):
+    raise ConfigError("give exactly one of --prompt (text) and --prompt_ids (comma-separated token ids)")
+  kind = cfg.data.kind
+  tokenizer = load_tokenizer(cfg.data.tokenizer) if kind in ("multihop", "text") else None
+  if prompt_ids is not None:
+    try:
+      ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    except ValueError:
+      raise ConfigError(f"--prompt_ids={prompt_ids!r}: use comma-separated integers, e.g. 257,120,61") from None
+  else:
+    if tokenizer is None:
+      raise ConfigError(f"this run trained on pre-tokenized data (data.kind={kind!r}), so its tokenizer is "
+                        "unknown; pass --prompt_ids=ID,ID,... instead of --prompt")
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+  # Multi-hop examples start with BOS; byte text windows do not.
+  if bos == "yes" or (bos == "auto" and kind == "multihop"):
+    ids = [BOS_ID] + ids
+  if not ids:
+    raise ConfigError("the prompt is empty; give at least one character or id")
+  return np.asarray(ids, np.int64), tokenizer
+
+
+def main(argv):
+  del argv
+  from absl import app, flags
+  from ztt_jax import decoding, errors, restore
+  FLAGS = flags.FLAGS
+  logging.getLogger().setLevel(logging.WARNING)
+  try:
+    text = FLAGS.exit_threshold
+    trained = restore.load_trained(FLAGS.workdir, FLAGS.step, devices=jax.devices()[:1])
+    cfg = trained.cfg
+    if text is None:
+      tau = cfg.model.exit_threshold
+    elif text.strip().lower() in ("none", "off"):
+      tau = None
+    else:
+      try:
+        tau = float(text)
+      except ValueError:
+        raise ConfigError(f"--exit_threshold={text!r}: give a number (e.g. 0.5) or none") from None
+    ids, tokenizer = encode_prompt(cfg, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.bos)
+    eos = None if FLAGS.ignore_eos or tokenizer is None else tokenizer.eos_id
+    t0 = time.perf_counter()
+    gen = decoding.generate(trained.run.model, trained.params, ids, max_new_tokens=FLAGS.max_new_tokens,
+                            seed=FLAGS.seed, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                            exit_threshold=tau, eos_id=eos, frozen_kv=FLAGS.frozen_kv)
+    dt = time.perf_counter() - t0
+  except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  new = gen.tokens[0, :gen.num_new]
+  if eos is not None and (new == eos).any():
+    new = new[: int(np.argmax(new == eos))]
+  if tokenizer is not None:
+    print(tokenizer.decode(ids) + tokenizer.decode(new))
+  else:
+    print(",".join(map(str, ids.tolist())) + " | " + ",".join(map(str, new.tolist())))
+  cyc = gen.step_cycles[0, :gen.num_new]
+  print(f"[{gen.num_new} tokens in {dt:.2f}s incl. compile | mean cycles per new token {cyc.mean():.2f} of "
+        f"{cfg.model.cycles} | exit_threshold {tau}]")
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_string("prompt", None, "Prompt text (encoded with the run's tokenizer).")
+  flags.DEFINE_string("prompt_ids", None, "Prompt as comma-separated token ids (pre-tokenized runs).")
+  flags.DEFINE_enum("bos", "auto", ["auto", "yes", "no"], "Prepend BOS (auto: for the multi-hop task).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (prompt + these <= model.max_seq_len).")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
+  flags.DEFINE_string("exit_threshold", None, "Zero-attention exit threshold, or 'none' (default: "
+                      "model.exit_threshold).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("ignore_eos", False, "Keep generating after EOS.")
+  flags.DEFINE_enum("frozen_kv", "state", ["state", "stack"],
+                    "state: exited tokens skip the remaining cycles (cache filled from their frozen "
+                    "state). stack: the model's default semantics, no skipping.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
