@@ -188,7 +188,8 @@ class Config:
     return self
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {f.name: f.default.__class__ for f in dataclasses.fields(Config)
+                    if dataclasses.is_dataclass(f.default)}
 
 
 def _section_to_configdict(section) -> ml_collections.ConfigDict:
@@ -226,23 +227,19 @@ def parse(cfg: Any) -> Config:
   if isinstance(cfg, Config):
     return cfg.validate()
   raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  unknown = sorted(set(raw) - set(_SECTIONS))
+  valid = {f.name for f in dataclasses.fields(Config)}
+  unknown = sorted(set(raw) - valid)
   if unknown:
-    raise ConfigError(f"Unknown config section(s) {unknown}; valid: {sorted(_SECTIONS)}.")
+    raise ConfigError(f"Unknown config section(s) {unknown}; valid: {sorted(valid)}.")
   kwargs = {}
-  for f in dataclasses.fields(Config):
-    if f.name not in raw:
-      continue
-    if f.name == "model":
-      kwargs[f.name] = ModelConfig.from_any(raw[f.name])
-    elif f.name == "data":
-      kwargs[f.name] = DataConfig.from_any(raw[f.name])
-    elif f.name in ("train", "mesh", "checkpoint", "log", "eval"):
-      kwargs[f.name] = _section_from_any(
-          {"train": TrainConfig, "mesh": MeshConfig, "checkpoint": CheckpointConfig,
-           "log": LogConfig, "eval": EvalConfig}[f.name], raw[f.name], f.name)
+  for name, value in raw.items():
+    cls = _SECTION_CLASSES.get(name)
+    if cls is None:
+      kwargs[name] = value
+    elif hasattr(cls, "from_any"):
+      kwargs[name] = cls.from_any(value)
     else:
-      kwargs[f.name] = raw[f.name]
+      kwargs[name] = _section_from_any(cls, value, name)
   return Config(**kwargs).validate()
 
 
