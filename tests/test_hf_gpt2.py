@@ -1,4 +1,5 @@
 """Hugging Face GPT-2 import/export against `transformers.GPT2LMHeadModel` itself (torch, CPU)."""
+import functools
 import json
 import os
 
@@ -14,7 +15,8 @@ from ztt_jax import data as data_lib
 from ztt_jax import export, trainer
 from ztt_jax.convert import hf_gpt2
 from ztt_jax.metrics import read_metrics
-from ztt_jax.model import ModelConfig
+from ztt_jax.model import ModelConfig, ZTTModel
+import model_numpy_ref as numpy_ref
 from model_testutil import init_params
 from test_config import load_config
 
@@ -43,8 +45,14 @@ def hf_logits(model, toks):
     return model(torch.tensor(np.asarray(toks))).logits.numpy()
 
 
-def ztt_logits(model, params, toks, **kw):
-  logits, aux = jax.jit(lambda p, t: model.apply({"params": p}, t, **kw))(params, jnp.asarray(toks))
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+  model = ZTTModel(cfg)  # the mask is traced, so masked and unmasked share one compile
+  return jax.jit(lambda p, t, m: model.apply({"params": p}, t, mask_zero_slot=m))
+
+
+def ztt_logits(model, params, toks, mask_zero_slot=False):
+  logits, aux = _apply(model.cfg)(params, jnp.asarray(toks), jnp.asarray(mask_zero_slot))
   return np.asarray(logits), aux
 
 
@@ -53,7 +61,7 @@ TOKS = np.random.default_rng(0).integers(0, V, (2, 16))
 
 @pytest.fixture(scope="module")
 def hf3(tmp_path_factory):
-  model = hf_model(3)
+  model = hf_model(3, n_inner=48)  # n_inner != 4 * n_embd: checks it maps to mlp_dim
   return model, save(model, tmp_path_factory.mktemp("hf3"))
 
 
@@ -62,6 +70,7 @@ def test_vanilla_import_equals_hugging_face(hf3, tmp_path):
   out = hf_gpt2.import_hf(hf_dir, str(tmp_path / "v"), to="vanilla")
   zmodel, params = export.load(out)
   assert zmodel.cfg.canonical_variant == "vanilla" and zmodel.cfg.n_middle_layers == 3
+  assert zmodel.cfg.mlp_dim == 48
   got, _ = ztt_logits(zmodel, params, TOKS)
   np.testing.assert_allclose(got, hf_logits(model, TOKS), atol=1e-4, rtol=0)
 
@@ -114,20 +123,27 @@ def test_average_groups_consecutive_layers(tmp_path):
   np.testing.assert_array_equal(params["tail"]["layers"]["mlp"]["wi_kernel"][0], w[6])
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_vanilla_export_to_hf_loads_with_equal_logits(tie, tmp_path):
-  # A GPT-2-form model of our own (head + middle + tail layers, random params), not from HF.
+def test_vanilla_export_to_hf_loads_with_equal_logits(tmp_path):
+  # A GPT-2-form model of our own (head + middle + tail layers, untied head, random params), not from HF.
   cfg = ModelConfig(variant="vanilla", vocab_size=V, d_model=32, num_heads=2, mlp_dim=96, n_head_layers=1,
                     n_middle_layers=2, n_tail_layers=1, num_cycles=1, max_seq_len=P, norm="layernorm",
-                    position="learned", mlp="gelu", use_bias=True, tie_embeddings=tie, norm_eps=1e-5)
+                    position="learned", mlp="gelu", use_bias=True, tie_embeddings=False, norm_eps=1e-5)
   zmodel, params = init_params(cfg)
   path = export.save(str(tmp_path / "ours"), cfg, params)
   hf_dir = hf_gpt2.export_hf(path, str(tmp_path / "hf"))
   model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-  assert model.config.n_layer == 4 and model.config.n_inner == 96
-  assert model.config.tie_word_embeddings == tie
+  assert model.config.n_layer == 4 and model.config.n_inner == 96 and not model.config.tie_word_embeddings
   want, _ = ztt_logits(zmodel, params, TOKS)
   np.testing.assert_allclose(hf_logits(model, TOKS), want, atol=1e-4, rtol=0)
+
+
+def test_hf_round_trip_through_vanilla_export(hf3, tmp_path):
+  model, hf_dir = hf3  # tied embeddings, n_inner set
+  out = hf_gpt2.import_hf(hf_dir, str(tmp_path / "v"), to="vanilla")
+  back = transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2.export_hf(out, str(tmp_path / "hf"))).eval()
+  assert back.config.tie_word_embeddings and back.config.n_inner == model.config.n_inner
+  assert back.config.eos_token_id == model.config.eos_token_id  # non-architecture fields kept
+  np.testing.assert_allclose(hf_logits(back, TOKS), hf_logits(model, TOKS), atol=1e-5, rtol=0)
 
 
 def test_init_from_finetuning_starts_from_the_converted_params(hf3, tmp_path):
@@ -136,18 +152,20 @@ def test_init_from_finetuning_starts_from_the_converted_params(hf3, tmp_path):
   cd = load_config("finetune", out)  # model section and init_from from the export
   cd.data.kind, cd.data.path, cd.data.seq_len, cd.data.max_hops = "multihop", None, 48, 3
   cd.train.steps, cd.log.every_steps, cd.eval.every_steps, cd.eval.max_batches = 1, 1, 1, 1
-  cd.log.tensorboard = False
+  cd.log.tensorboard, cd.train.peak_flops_per_device = False, 1.0
+  cd.model.remat_policy, cd.mesh.shape = "none", (2, 1, 1)  # smaller compile; still sharded
   cfg = config_lib.parse(cd)
   assert cfg.init_from == os.path.abspath(out)
-  trainer.train(cfg, str(tmp_path / "run"))
+  trainer.train(cfg, str(tmp_path / "run"), devices=jax.devices()[:2])
   first = next(r for r in read_metrics(str(tmp_path / "run")) if "train/loss" in r)["train/loss"]
 
   batch = next(data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                             vocab_size=cfg.model.vocab_size))
   zmodel, params = export.load(out)
-  logits, _ = ztt_logits(zmodel, params, batch["inputs"])
-  logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
-  ce = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], axis=-1)[..., 0]
+  logits = numpy_ref.forward(numpy_ref.to_np(params), batch["inputs"], zmodel.cfg)[0]  # float64 loops
+  logits = logits - logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
   want = float((ce * batch["weights"]).sum() / batch["weights"].sum())
   np.testing.assert_allclose(first, want, rtol=1e-4)
 
@@ -187,15 +205,6 @@ def test_unsupported_hf_config_is_refused(hf3, tmp_path, change, match):
   hf_dir = _write_hf(tmp_path, model, **change)
   with pytest.raises(hf_gpt2.ConvertError, match=match):
     hf_gpt2.import_hf(hf_dir, str(tmp_path / "out"))
-
-
-def test_n_inner_maps_to_mlp_dim(tmp_path):
-  model = hf_model(3, n_inner=48)
-  out = hf_gpt2.import_hf(save(model, tmp_path / "hf"), str(tmp_path / "v"))
-  zmodel, params = export.load(out)
-  assert zmodel.cfg.mlp_dim == 48
-  got, _ = ztt_logits(zmodel, params, TOKS)
-  np.testing.assert_allclose(got, hf_logits(model, TOKS), atol=1e-4, rtol=0)
 
 
 def test_missing_input_is_named(hf3, tmp_path):

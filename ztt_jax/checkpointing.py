@@ -15,13 +15,17 @@ from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ztt_jax.config import CheckpointConfig
 from ztt_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+_TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 @dataclasses.dataclass
@@ -33,16 +37,25 @@ class Restored:
 
 
 class Checkpointer:
+  """`repair=True` is for the run that owns the directory (the trainer): on open it removes
+  half-written saves, and on restore it moves damaged steps aside (`<step>.damaged`) so later saves
+  of those step numbers are possible. Readers (evaluation, export) leave the directory as it is."""
 
-  def __init__(self, directory: str, cfg: CheckpointConfig):
+  def __init__(self, directory: str, cfg: CheckpointConfig, *, repair: bool = False):
     self.directory = epath.Path(directory)
     self.cfg = cfg
+    self.repair = repair
+    if repair and jax.process_index() == 0 and self.directory.exists():
+      for leftover in sorted(p.name for p in self.directory.iterdir() if _TMP_MARKER in p.name):
+        log.warning("Removing %s/%s: a checkpoint save that never finished (the process was killed "
+                    "during it).", self.directory, leftover)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
             enable_async_checkpointing=cfg.async_save,
             create=True,
+            cleanup_tmp_directories=repair,
         ),
     )
 
@@ -88,23 +101,25 @@ class Checkpointer:
       steps = [step]
     if not steps:
       return None
-    failures = []
-    for step in reversed(steps):
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            metadata=ocp.args.JsonRestore()))
-        _check_complete(restored.state, abstract_state, step)
-      except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-        msg = f"checkpoint step {step} in {self.directory} is damaged or unreadable ({type(e).__name__}: {e})"
+    failures, damaged = [], []
+    for candidate in reversed(steps):
+      state, metadata, error = self._try_restore(candidate, abstract_state)
+      # Every process must take the same step, or they would train from different states.
+      if not _all_processes_agree(error is None) and error is None:
+        error = "unreadable on another process (see its log)"
+      if error is not None:
+        msg = f"checkpoint step {candidate} in {self.directory} is damaged or unreadable ({error})"
         log.warning("%s; falling back to the previous checkpoint.", msg)
         failures.append(msg)
+        damaged.append(candidate)
         continue
-      data_ok = data_iter is not None and self._restore_data_iter(step, data_iter, restored.metadata)
-      return Restored(step, restored.state, restored.metadata, data_ok)
-    if self.cfg.allow_fresh_start:
-      log.warning("No checkpoint in %s could be restored; starting fresh because "
-                  "checkpoint.allow_fresh_start=True.", self.directory)
+      self._set_aside(damaged)
+      data_ok = data_iter is not None and self._restore_data_iter(candidate, data_iter, metadata)
+      return Restored(candidate, state, metadata, data_ok)
+    if self.cfg.allow_fresh_start and step is None:
+      log.warning("No checkpoint in %s could be restored (steps %s); starting fresh because "
+                  "checkpoint.allow_fresh_start=True.", self.directory, steps)
+      self._set_aside(damaged)
       return None
     raise CheckpointError(
         f"Checkpoints exist in {self.directory} (steps {steps}) but none could be restored:\n  "
@@ -112,12 +127,52 @@ class Checkpointer:
         + "\nFix or remove the damaged step directories, or pass "
           "--config.checkpoint.allow_fresh_start=True to start from scratch.")
 
+  def _try_restore(self, step: int, abstract_state):
+    """(state, metadata, None) or (None, None, error). Uses the item handlers directly: the
+    manager's restore ends in a cross-process barrier, which a process that failed would skip,
+    leaving the others waiting there."""
+    step_dir = self.directory / str(step)
+    state_handler, json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+    try:
+      state = state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+      metadata = json_handler.restore(step_dir / "metadata", args=ocp.args.JsonRestore())
+      _check_complete(state, abstract_state, step)
+      # Reads are asynchronous; a truncated file may only fail here.
+      jax.block_until_ready(state)
+      return state, metadata, None
+    except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+      return None, None, f"{type(e).__name__}: {_first_line(e)}"
+    finally:
+      state_handler.close()
+      json_handler.close()
+
+  def _set_aside(self, steps: list[int]):
+    """Renames damaged step directories to `<step>.damaged`: kept for inspection, no longer listed
+    as checkpoints, and the step number is free for the resumed run's next save."""
+    if not steps or not self.repair:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.damaged"
+        n = 1
+        while dst.exists():
+          n += 1
+          dst = self.directory / f"{step}.damaged-{n}"
+        if src.exists():
+          src.rename(dst)
+          log.warning("Moved damaged checkpoint %s to %s.", src, dst.name)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ztt_jax:checkpointing:set_aside")
+    self.manager.reload()
+
   def _restore_data_iter(self, step, data_iter, metadata) -> bool:
     """Restores the Grain iterator; if its per-process files don't match this run's process count,
     uses the process-independent state kept in the metadata (same global data order)."""
+    handler = grain.checkpoint.CheckpointHandler()
     try:
-      self.manager.restore(step, args=ocp.args.Composite(
-          data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+      handler.restore(self.directory / str(step) / "data_iter",
+                      args=grain.checkpoint.CheckpointRestore(data_iter))
       return True
     except Exception as e:  # noqa: BLE001
       state = metadata.get("data_iterator_state")
@@ -125,9 +180,21 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint step {step}: cannot restore the data iterator ({e}) and the metadata holds "
             "no data_iterator_state. Resume with the original process count.") from e
-      log.info("step %d: data iterator restored from metadata (process count changed: %s)", step, e)
+      log.info("step %d: data iterator restored from the metadata (%s). The state counts global "
+               "batches, so the data order is that of the saved run.", step, e)
       data_iter.set_state(state)
       return False
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:400] if text else repr(e)
 
 
 def _check_complete(state, abstract_state, step):

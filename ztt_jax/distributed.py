@@ -1,6 +1,12 @@
-"""Joining JAX's multi-controller runtime (`jax.distributed`) when launched as one of many processes."""
+"""Joining JAX's multi-controller runtime (`jax.distributed`) when launched as one of many processes.
+
+Call `maybe_initialize` before anything touches a JAX device: the process count and the global
+device list are fixed when the backend starts.
+"""
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import os
 from typing import Optional
@@ -9,9 +15,36 @@ import jax
 
 log = logging.getLogger(__name__)
 
-# Environments where `jax.distributed.initialize()` with no arguments finds the cluster itself.
-_AUTO_DETECT_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                    "OMPI_COMM_WORLD_SIZE")
+
+def _int_env(name: str) -> int:
+  try:
+    return int(os.environ.get(name, "0"))
+  except ValueError:
+    return 0
+
+
+def detected_cluster() -> Optional[str]:
+  """The cluster whose environment `jax.distributed.initialize()` can read by itself, if any.
+
+  Mirrors JAX's own detectors (jax/_src/clusters), but only reports clusters with more than one
+  process, so a single task inside a SLURM allocation or a one-host TPU VM runs exactly as on a
+  laptop. ZTT_NO_AUTO_DISTRIBUTED=1 turns detection off.
+  """
+  if os.environ.get("ZTT_NO_AUTO_DISTRIBUTED") == "1":
+    return None
+  slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  # SLURM_STEP_NODELIST exists only inside an `srun` step: a plain `python` in an salloc shell is
+  # one process, and initialising there would wait forever for tasks that never start.
+  if all(v in os.environ for v in slurm_vars) and _int_env("SLURM_NTASKS") > 1:
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in os.environ and _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+    return "openmpi"
+  # GKE / multislice set these; a GCE TPU VM pod is found through its metadata server instead.
+  if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return "tpu"
+  if importlib.util.find_spec("libtpu") is not None and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    return "tpu"  # a Cloud TPU VM; on a one-host slice initialize() finds a single process
+  return None
 
 
 def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -19,8 +52,8 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
   """Initialises jax.distributed if this is a multi-process launch; returns whether it did.
 
   Explicit values win, then ZTT_COORDINATOR_ADDRESS / ZTT_NUM_PROCESSES / ZTT_PROCESS_ID, then the
-  cluster's own auto-detection (Cloud TPU VMs, SLURM, Open MPI). A plain single-process run does
-  nothing.
+  cluster's own auto-detection (Cloud TPU VMs, SLURM `srun`, Open MPI `mpirun`). A plain
+  single-process run does nothing.
   """
   coordinator_address = coordinator_address or os.environ.get("ZTT_COORDINATOR_ADDRESS")
   if num_processes is None and os.environ.get("ZTT_NUM_PROCESSES"):
@@ -28,18 +61,28 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
   if process_id is None and os.environ.get("ZTT_PROCESS_ID"):
     process_id = int(os.environ["ZTT_PROCESS_ID"])
 
-  if coordinator_address or (num_processes and num_processes > 1):
+  if coordinator_address or num_processes is not None or process_id is not None:
     if not (coordinator_address and num_processes and process_id is not None):
       raise ValueError(
           "A multi-process launch needs all three of --coordinator_address, --num_processes and "
           "--process_id (or ZTT_COORDINATOR_ADDRESS, ZTT_NUM_PROCESSES, ZTT_PROCESS_ID); got "
           f"{coordinator_address!r}, {num_processes!r}, {process_id!r}.")
+    if ":" not in coordinator_address:
+      raise ValueError(f"coordinator address {coordinator_address!r} needs a port: host:port, e.g. "
+                       "10.0.0.2:1234 (the same on every process; process 0 listens on it).")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
+    if num_processes == 1:
+      return False
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-  elif any(v in os.environ for v in _AUTO_DETECT_ENV) and os.environ.get("ZTT_NO_AUTO_DISTRIBUTED") != "1":
-    jax.distributed.initialize()
   else:
-    return False
+    cluster = detected_cluster()
+    if cluster is None:
+      return False
+    log.info("Detected a %s cluster: jax.distributed.initialize() reads it from the environment.",
+             cluster)
+    jax.distributed.initialize()
   log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

@@ -132,11 +132,16 @@ def signal_values(trained, batches: list) -> dict:
   return {"zero_attention": np.concatenate(za), "confidence": np.concatenate(conf)}
 
 
+NEVER_EXIT = 1.001
+"""Both signals are probabilities (<= 1), so this threshold is the no-exit end of a curve. (The
+largest signal seen without exits is not: once some tokens exit, the others' signals change.)"""
+
+
 def threshold_grid(values: np.ndarray, n: int) -> list[float]:
-  """n thresholds from 'everything exits at the first chance' to 'nothing exits'."""
-  qs = np.quantile(values, np.linspace(0.0, 1.0, max(n - 1, 1)))
-  grid = sorted({float(q) for q in qs} | {float(np.max(values)) + 1e-3})
-  return grid
+  """n thresholds from 'everything exits at the first chance' (the smallest signal seen) to
+  NEVER_EXIT, the others at quantiles of the signal."""
+  qs = np.quantile(values, np.linspace(0.0, 1.0, n)[:-1])
+  return sorted({float(q) for q in qs} | {NEVER_EXIT})
 
 
 def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, frozen_kv: str = "state",

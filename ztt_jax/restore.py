@@ -34,6 +34,9 @@ def load_trained(workdir: str, step: Optional[int] = None, devices=None) -> Trai
   steps = probe.all_steps()
   if not steps:
     raise CheckpointError(f"{ckpt_dir} holds no finished checkpoint.")
+  if step is not None and step not in steps:
+    raise CheckpointError(f"No checkpoint for step {step} in {ckpt_dir}; available: {steps}. Pass one of "
+                          "them as --step, or omit --step for the newest.")
   meta = probe.read_metadata(step if step is not None else steps[-1])
   cfg = config_lib.parse(meta["config"])
   # The saved mesh may not fit this machine: reshard onto a data-parallel mesh of as many devices

@@ -5,6 +5,7 @@ Re-running the same command resumes from the newest checkpoint in DIR.
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
@@ -20,13 +21,23 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from ztt_jax import distributed
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  import jax
+  if jax.process_index() != 0:
+    # One log per run: other processes report only warnings and errors (metrics are process 0's too).
+    logging.getLogger().setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log through absl
   from ztt_jax import config as config_lib, errors, trainer  # after jax.distributed, which comes first
   try:
     cfg = config_lib.parse(_CONFIG.value)
     trainer.train(cfg, _WORKDIR.value)
   except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  except trainer.NonFiniteLossError as e:
+    raise SystemExit(f"NonFiniteLossError: {e}") from None  # exit status 1, no traceback
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 from jax.experimental import multihost_utils
 
 from ztt_jax import data as data_lib
@@ -63,6 +64,13 @@ def validate_batch(cfg: Config, mesh) -> None:
     raise ConfigError(
         f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
         f"{jax.process_count()} processes.")
+  if dp % jax.process_count():
+    # Each process feeds only its own rows; a batch split over fewer groups than processes would
+    # need the same rows on several processes.
+    raise ConfigError(
+        f"the data-parallel degree {dp} (mesh data x fsdp) is smaller than, or not a multiple of, "
+        f"the {jax.process_count()} processes. Put at least one data or fsdp slice on each process, "
+        f"e.g. --config.mesh.shape='({jax.process_count()},-1,1)'.")
 
 
 def build(cfg: Config, devices=None) -> Run:
@@ -174,26 +182,51 @@ class Evaluator:
     return result
 
 
+def _preemption_service_running() -> bool:
+  try:  # no public accessor; absent or renamed means "not running" and the fallback is used
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):
+    return False
+
+
 class _PreemptionFlag:
-  """Set by SIGTERM; checked between steps so the checkpoint holds a consistent state."""
+  """A stop request (SIGTERM, or a preemption notice), seen by every process at the same step.
+
+  With several processes and JAX's preemption service (started by jax.distributed.initialize),
+  the service owns SIGTERM: a notice to any host becomes one agreed step on all of them through
+  `reached_preemption_sync_point`, with no per-step collective. Installing a Python handler there
+  would steal the signal from it. A single process handles SIGTERM itself; several processes
+  without the service fall back to a Python handler plus an allgather every step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.step = None  # the step being run, for the log line
+    self._sync_service = jax.process_count() > 1 and _preemption_service_running()
+    self._previous = None
+    if not self._sync_service:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    log.warning("SIGTERM received: will save a checkpoint after the current step and exit.")
+    log.warning("SIGTERM received during step %s: will save a checkpoint after it and exit.", self.step)
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
-    stop = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    if self._sync_service:
+      stop = multihost_utils.reached_preemption_sync_point(step)
+      if stop:
+        log.warning("Preemption sync point reached at step %d: saving a checkpoint and exiting.", step)
+      return stop
+    stop = self.requested
     if jax.process_count() > 1:
       # Every process must agree, or the ones that stop would leave the others hanging in a collective.
       stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
     return stop
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _format_eta(seconds: float) -> str:
@@ -220,11 +253,20 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
       max_batches=cfg.eval.max_batches))
   run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
 
-  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint)
+  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint,
+                              repair=True)
   restored = checkpointer.restore(run.abstract_state, train_iter)
   if restored is not None:
     state, start_step = restored.state, restored.step
     log.info("Resumed from checkpoint step %d in %s", start_step, workdir)
+    saved_batch = restored.metadata.get("config", {}).get("train", {}).get("global_batch_size")
+    if saved_batch and saved_batch != cfg.train.global_batch_size:
+      log.warning(
+          "train.global_batch_size changed from %d to %d: the data iterator counts global batches, so "
+          "it resumes at example %d instead of %d (examples are skipped or repeated once).",
+          saved_batch, cfg.train.global_batch_size,
+          restored.metadata.get("data_iterator_state", {}).get("next_index", 0) * cfg.train.global_batch_size,
+          restored.metadata.get("data_iterator_state", {}).get("next_index", 0) * saved_batch)
   else:
     start_step = 0
     if cfg.init_from:
@@ -253,9 +295,26 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
           "was not applied and nothing non-finite was saved. Lower train.learning_rate, check the data, "
           "or set --config.train.nonfinite=skip to drop such steps.")
 
+  params_finite = jax.jit(_all_finite, out_shardings=partitioning.replicated(run.mesh))
+  ckpt_block = [0.0]  # seconds the loop spent blocked in checkpoint saves since the last log line
+  saved_at = [start_step if restored is not None else None]
+
+  def save(step_done, force):
+    check_finite(*pending)  # raise mode: a step whose update was dropped never gets a checkpoint
+    if not bool(params_finite(state.params)):
+      # The step only guards the loss and gradient; an update can still overflow the params.
+      raise NonFiniteLossError(
+          f"The params are non-finite after step {step_done} (an update overflowed); not saving it. "
+          "Lower train.learning_rate or tighten train.grad_clip_norm and resume from the last checkpoint.")
+    t0 = time.perf_counter()
+    checkpointer.save(step_done, state, train_iter, metadata, force=force)
+    ckpt_block[0] += time.perf_counter() - t0
+    saved_at[0] = step_done
+
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
       for step in range(start_step + 1, cfg.train.steps + 1):
+        preemption.step = step
         batch = to_global(next(train_iter), run.mesh)
         state, metrics = step_fn(state, batch)
         if pending is not None:
@@ -274,7 +333,10 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
               "train/tokens_per_sec": tok_s,
               "train/mfu": flops_per_step / tokens_per_step * tok_s / peak,
               "train/skipped_steps": m["skipped_steps"],
+              "train/checkpoint_block_sec": ckpt_block[0],
+              "train/rss_mb": psutil.Process().memory_info().rss / 2**20,
           }
+          ckpt_block[0] = 0.0
           if cfg.model.use_zero_token:
             for c, v in enumerate(np.asarray(m["zero_attention_C"])):
               scalars[f"train/zero_attention_cycle_{c}"] = v
@@ -294,10 +356,10 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
           writer.write(step, eval_metrics)
 
         if step % cfg.checkpoint.every_steps == 0 or is_last:
-          checkpointer.save(step, state, train_iter, metadata, force=is_last)
+          save(step, force=is_last)
         if not is_last and preemption.should_stop(step):
-          check_finite(*pending)
-          checkpointer.save(step, state, train_iter, metadata, force=True)
+          if saved_at[0] != step:  # Orbax refuses a second save of the same step
+            save(step, force=True)
           checkpointer.wait()
           log.warning("Preempted: saved checkpoint at step %d; exiting.", step)
           print(f"Preempted at step {step}: checkpoint saved, exiting cleanly.", flush=True)
@@ -312,6 +374,10 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   if pid == 0:
     print(summary(eval_metrics), flush=True)
   return eval_metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def summary(eval_metrics: dict) -> str:
@@ -331,8 +397,9 @@ def init_from_export(path: str, run: Run) -> TrainState:
   than the whole optimizer init, and its values would be thrown away."""
   params = load_init_params(path, run)
   opt_state = jax.jit(run.tx.init, out_shardings=run.state_shardings.opt_state)(params)
-  zero = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings.step)
-  return TrainState(step=zero, params=params, opt_state=opt_state, skipped_steps=zero)
+  def zero():  # one buffer each: the train step donates the whole state
+    return jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings.step)
+  return TrainState(step=zero(), params=params, opt_state=opt_state, skipped_steps=zero())
 
 
 def load_init_params(path: str, run: Run):

@@ -96,7 +96,8 @@ def _bench_detail(name, r) -> str:
   if name == "throughput":
     z, v = r["ztt"], r["vanilla"]
     return (f"ztt {z['tokens_per_sec']:,.0f} tok/s, MFU {100 * z['mfu']:.1f}%; vanilla "
-            f"{v['tokens_per_sec']:,.0f} tok/s, MFU {100 * v['mfu']:.1f}% (d={r['shape']['d_model']}, "
+            f"{v['tokens_per_sec']:,.0f} tok/s, MFU {100 * v['mfu']:.1f}%; htc / vanilla "
+            f"{r['htc_over_vanilla']:.3f} (d={r['shape']['d_model']}, "
             f"T={r['shape']['seq_len']}, B={r['shape']['batch']})")
   if name == "compile":
     return ", ".join(f"C={c}: {s:.2f} s" for c, s in r["seconds"].items())
@@ -104,7 +105,8 @@ def _bench_detail(name, r) -> str:
     s = ", ".join(f"{x['cycles_run']} cycles: {x['speedup']:.2f}x" for x in r["forward"])
     d = r.get("decode")
     if isinstance(d, dict) and "ratio" in d:
-      s += f"; decode: {d['ratio']:.2f}x"
+      s += (f"; decode: {d['ratio']:.2f}x at {d['mean_cycles']:.2f} of {d['cycles']} cycles "
+            f"({d['tokens_per_sec_exit']:.0f} vs {d['tokens_per_sec_off']:.0f} tok/s, batch {d['batch']})")
     elif isinstance(d, dict):
       s += f"; decode: {d.get('skipped', 'not measured')}"
     else:

@@ -50,6 +50,10 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
       entry["accuracy_by_hop"] = {str(h): stats([f.get(f"eval/accuracy_hops_{h}") for f in finals]) for h in hops}
     rungs[rung] = entry
   budget = {}
+  mixed = {(x["steps"], x["tokens_per_step"]) for x in rows}
+  if len(mixed) > 1:
+    raise ValueError(f"{task}: runs with different budgets {sorted(mixed)} in one ladder; rerun them "
+                     "into a fresh --out rather than mixing budgets")
   if rows:
     budget = {"steps": rows[0]["steps"], "tokens_per_step": rows[0]["tokens_per_step"],
               "tokens_per_run": rows[0]["steps"] * rows[0]["tokens_per_step"],

@@ -1,0 +1,153 @@
+"""Evaluation of a checkpoint: JSON fields against direct computations, and the exit-rule sweep."""
+import json
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from test_config import load_config
+from ztt_jax import config as config_lib
+from ztt_jax import data as data_lib
+from ztt_jax import evaluate, plots, restore, trainer
+from ztt_jax.checkpointing import Checkpointer
+from ztt_jax.errors import CheckpointError, ConfigError
+
+STEP = 7
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A real checkpoint of the tiny config whose params are random draws (no training compile):
+  zero keys of norm ~ sqrt(head_dim) make a0 vary between tokens, so thresholds split them."""
+  workdir = tmp_path_factory.mktemp("run")
+  cd = load_config("tiny")
+  cd.model.num_cycles = 2  # each fixed cut is a compile; 2 cycles still give tokens that exit or not
+  cfg = config_lib.parse(cd)
+  run = trainer.build(cfg)
+  rng = np.random.default_rng(0)
+
+  def draw(path, a):
+    name = path[-1].key
+    scale = {"scale": 0.1, "zero_key_pool": 1.0, "embedding": 0.5}.get(name, 0.25)
+    base = 1.0 if name == "scale" else 0.0
+    return (base + scale * rng.normal(size=a.shape)).astype(a.dtype)
+
+  params = jax.tree_util.tree_map_with_path(draw, run.abstract_state.params)
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), run.abstract_state)
+  state = state.replace(params=params, step=np.asarray(STEP, np.int32))
+  it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
+                                    vocab_size=cfg.model.vocab_size)
+  ckpt = Checkpointer(str(workdir / "checkpoints"), cfg.checkpoint)
+  ckpt.save(STEP, state, it, trainer.layout_metadata(run), force=True)
+  ckpt.close()
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+  return restore.load_trained(workdir)
+
+
+@pytest.fixture(scope="module")
+def batches(trained):
+  return evaluate.held_out_batches(trained.cfg, max_batches=1)
+
+
+@pytest.fixture(scope="module")
+def no_exit(trained, batches):
+  return evaluate.evaluate(trained, None, batches=batches)
+
+
+def flops_fraction(m, seq_len, mean_cycles):
+  """Independent FLOPs count: every layer costs its projections, MLP and attention scores."""
+  d, f = m.d_model, m.mlp_dim
+  layer = 2 * (4 * d * d + 3 * d * f) + 2 * 2 * seq_len * d
+  fixed = (m.n_head_layers + m.n_tail_layers) * layer + 2 * d * m.vocab_size
+  return (fixed + mean_cycles * m.n_middle_layers * layer) / (fixed + m.num_cycles * m.n_middle_layers * layer)
+
+
+def test_no_exit_fields(trained, no_exit):
+  r = no_exit
+  C = trained.cfg.model.num_cycles
+  assert r["step"] == STEP and r["exit_threshold"] is None and r["num_cycles"] == C
+  assert math.isclose(r["bits_per_byte"], r["loss"] / math.log(2), rel_tol=1e-12)
+  assert "perplexity" not in r
+  assert r["mean_cycles"] == C and math.isclose(r["compute_fraction"], 1.0)
+  assert 0 <= r["accuracy"] <= 1
+  assert set(r["per_hop"]) == {"1", "2", "3"}
+  for h in r["per_hop"].values():
+    assert h["mean_cycles"] == C and math.isclose(h["compute_fraction"], 1.0)
+
+
+def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
+  cfg, run = trained.cfg, trained.run
+  signals = evaluate.signal_values(trained, batches)["zero_attention"]
+  tau = float(np.median(signals))
+  r = evaluate.evaluate(trained, tau, batches=batches)
+  # Directly: the model on the same batches, per-example answers and cycles in numpy.
+  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, exit_threshold=tau, frozen_kv="state"))
+  b = batches[0]
+  logits, aux = jax.device_get(fn(trained.params, b["inputs"]))
+  w = b["weights"]
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"]))
+  valid = w.sum(1) > 0
+  correct = ((logits.argmax(-1) == b["targets"]) | (w == 0)).all(1)[valid]
+  cycles = (np.asarray(aux["cycles_used"]) * w).sum(1)[valid] / w.sum(1)[valid]
+  hops = b["hops"][valid]
+  np.testing.assert_allclose(r["loss"], (ce * w).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(r["accuracy"], correct.mean())
+  np.testing.assert_allclose(r["mean_cycles"], (np.asarray(aux["cycles_used"]) * w).sum() / w.sum(), rtol=1e-6)
+  for h in np.unique(hops):
+    np.testing.assert_allclose(r["per_hop"][str(h)]["accuracy"], correct[hops == h].mean())
+    np.testing.assert_allclose(r["per_hop"][str(h)]["mean_cycles"], cycles[hops == h].mean(), rtol=1e-6)
+  assert 1 <= r["mean_cycles"] < cfg.model.num_cycles
+  np.testing.assert_allclose(r["compute_fraction"], flops_fraction(cfg.model, cfg.data.seq_len, r["mean_cycles"]),
+                             rtol=1e-9)
+  assert r["compute_fraction"] < 1
+  assert r["loss"] != no_exit["loss"]
+
+
+def test_sweep_writes_json_and_png(trained, batches, no_exit, tmp_path):
+  C = trained.cfg.model.num_cycles
+  s = evaluate.sweep(trained, batches=batches, num_thresholds=3)
+  path = evaluate.write_json(s, str(tmp_path / "sweep.json"))
+  png = plots.plot_quality_vs_compute(plots.load_sweep(path), str(tmp_path / "sweep.png"))
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["metric"] == "accuracy" and saved["step"] == STEP
+  points = saved["points"]
+  assert {p["rule"] for p in points} == {"fixed", "confidence", "zero_attention"}
+  for p in points:
+    assert {"rule", "parameter", "loss", "accuracy", "mean_cycles", "compute_fraction"} <= set(p)
+  fixed = sorted((p for p in points if p["rule"] == "fixed"), key=lambda p: p["parameter"])
+  assert [p["parameter"] for p in fixed] == list(range(1, C + 1))
+  assert [p["mean_cycles"] for p in fixed] == list(range(1, C + 1))
+  assert all(a["compute_fraction"] < b["compute_fraction"] for a, b in zip(fixed, fixed[1:]))
+  # Cutting after the last cycle is no exit at all.
+  assert fixed[-1]["loss"] == pytest.approx(no_exit["loss"], rel=1e-6)
+  assert fixed[-1]["accuracy"] == no_exit["accuracy"]
+  for rule in ("zero_attention", "confidence"):
+    pts = sorted((p for p in points if p["rule"] == rule), key=lambda p: p["parameter"])
+    assert len(pts) >= 2
+    # The grid runs from exiting at the first chance to never exiting.
+    assert pts[0]["mean_cycles"] == 1 and pts[-1]["mean_cycles"] == C
+    assert pts[-1]["loss"] == pytest.approx(no_exit["loss"], rel=1e-5)
+  conf = [p for p in points if p["rule"] == "confidence"]
+  assert all(p["compute_fraction_incl_signal"] > p["compute_fraction"] for p in conf)
+
+
+def test_bad_inputs_name_the_fix(trained, workdir, tmp_path):
+  with pytest.raises(CheckpointError, match="--workdir"):
+    restore.load_trained(str(tmp_path / "missing"))
+  with pytest.raises(CheckpointError, match=f"available: \\[{STEP}\\]"):
+    restore.load_trained(workdir, step=STEP + 1)
+  with pytest.raises(ConfigError, match="none for no exit"):
+    evaluate.evaluate(trained, "abc", batches=[])
+  with pytest.raises(ConfigError, match="a number"):
+    evaluate._parse_threshold("half")
+  assert evaluate._parse_threshold("none") is None and evaluate._parse_threshold(None) == evaluate.FROM_CONFIG
+
