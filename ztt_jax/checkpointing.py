@@ -132,19 +132,16 @@ class Checkpointer:
     manager's restore ends in a cross-process barrier, which a process that failed would skip,
     leaving the others waiting there."""
     step_dir = self.directory / str(step)
-    state_handler, json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
     try:
-      state = state_handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
-      metadata = json_handler.restore(step_dir / "metadata", args=ocp.args.JsonRestore())
+      state = ocp.StandardCheckpointHandler().restore(
+          step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+      metadata = ocp.JsonCheckpointHandler().restore(step_dir / "metadata", args=ocp.args.JsonRestore())
       _check_complete(state, abstract_state, step)
       # Reads are asynchronous; a truncated file may only fail here.
       jax.block_until_ready(state)
       return state, metadata, None
     except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
       return None, None, f"{type(e).__name__}: {_first_line(e)}"
-    finally:
-      state_handler.close()
-      json_handler.close()
 
   def _set_aside(self, steps: list[int]):
     """Renames damaged step directories to `<step>.damaged`: kept for inspection, no longer listed

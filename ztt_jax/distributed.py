@@ -53,9 +53,14 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
 
   Explicit values win, then ZTT_COORDINATOR_ADDRESS / ZTT_NUM_PROCESSES / ZTT_PROCESS_ID, then the
   cluster's own auto-detection (Cloud TPU VMs, SLURM `srun`, Open MPI `mpirun`). A plain
-  single-process run does nothing.
+  single-process run does nothing. ZTT_LOCAL_DEVICE_IDS (comma-separated) picks this process's
+  accelerators.
   """
   coordinator_address = coordinator_address or os.environ.get("ZTT_COORDINATOR_ADDRESS")
+  # JAX's SLURM/MPI detection gives each process one GPU (index = local rank); a process that drives
+  # all GPUs of its node lists them here, e.g. ZTT_LOCAL_DEVICE_IDS=0,1,2,3 (launch/slurm_gpu.sbatch).
+  local_ids = os.environ.get("ZTT_LOCAL_DEVICE_IDS")
+  local_device_ids = [int(i) for i in local_ids.split(",")] if local_ids else None
   if num_processes is None and os.environ.get("ZTT_NUM_PROCESSES"):
     num_processes = int(os.environ["ZTT_NUM_PROCESSES"])
   if process_id is None and os.environ.get("ZTT_PROCESS_ID"):
@@ -74,15 +79,15 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
       raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes}).")
     if num_processes == 1:
       return False
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
   else:
     cluster = detected_cluster()
     if cluster is None:
       return False
     log.info("Detected a %s cluster: jax.distributed.initialize() reads it from the environment.",
              cluster)
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
   log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

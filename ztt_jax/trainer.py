@@ -362,7 +362,8 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
             save(step, force=True)
           checkpointer.wait()
           log.warning("Preempted: saved checkpoint at step %d; exiting.", step)
-          print(f"Preempted at step {step}: checkpoint saved, exiting cleanly.", flush=True)
+          if pid == 0:
+            print(f"Preempted at step {step}: checkpoint saved, exiting cleanly.", flush=True)
           return {"preempted_at": step, **eval_metrics}
   finally:
     checkpointer.close()

@@ -334,8 +334,10 @@ def export_hf(export_path: str, out: str) -> str:
 def train_overrides(path: str) -> str:
   """The --config.model.* flags that make a training config match an export (for init_from)."""
   meta = export_lib.read_config(path)
-  default = ModelConfig().to_dict()
-  flags = [f"--config.model.{k}={v}" for k, v in meta["model"].items() if v != default.get(k) and v is not None]
+  # Every field that shapes the params or the function, whatever the user's config file sets;
+  # run-time choices (remat, compute dtype, exit rule, deep supervision) stay the user's.
+  runtime = ("remat_policy", "dtype", "exit_threshold", "min_cycles", "exit_granularity", "cycle_loss_weight")
+  flags = [f"--config.model.{k}={v}" for k, v in meta["model"].items() if k not in runtime and v is not None]
   return " ".join(flags + [f"--config.init_from={os.path.abspath(path)}"])
 
 

@@ -26,7 +26,6 @@ def ladder_table(s: dict) -> str:
   hops = sorted({h for r in s["rungs"].values() for h in r.get("accuracy_by_hop", {})}, key=int)
   head = ["rung", "unique params", "effective depth", "held-out loss (nats)"]
   head += ["accuracy %"] + [f"{h}-hop acc %" for h in hops] if multihop else ["bits per byte"]
-  head += ["train tokens/s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in s["rungs"].items():
     row = [f"`{name}`", f"{r['params']:,}", str(r["effective_depth"]), _fmt(r["eval_loss"])]
@@ -34,8 +33,6 @@ def ladder_table(s: dict) -> str:
       row += [_fmt(r["accuracy"], 1, pct=True)] + [_fmt(r["accuracy_by_hop"][h], 1, pct=True) for h in hops]
     else:
       row += [_fmt(r["bits_per_byte"])]
-    tps = r["tokens_per_sec"]
-    row += [f"{tps['mean']:,.0f}" if tps.get("mean") is not None else "n/a"]
     lines.append("| " + " | ".join(row) + " |")
   b = s["budget"]
   lines.append("")
@@ -104,7 +101,9 @@ def _bench_detail(name, r) -> str:
   if name == "exit":
     s = ", ".join(f"{x['cycles_run']} cycles: {x['speedup']:.2f}x" for x in r["forward"])
     d = r.get("decode")
-    if isinstance(d, dict) and "ratio" in d:
+    if isinstance(d, dict) and "unreliable" in d:
+      s += f"; decode: {d['ratio']:.2f}x, unreliable: {d['unreliable']}"
+    elif isinstance(d, dict) and "ratio" in d:
       s += (f"; decode: {d['ratio']:.2f}x at {d['mean_cycles']:.2f} of {d['cycles']} cycles "
             f"({d['tokens_per_sec_exit']:.0f} vs {d['tokens_per_sec_off']:.0f} tok/s, batch {d['batch']})")
     elif isinstance(d, dict):
@@ -126,8 +125,8 @@ def _bench_detail(name, r) -> str:
 def fill(text: str, blocks: dict) -> str:
   """Replace the body of every `<!-- auto:NAME -->...<!-- /auto:NAME -->` block we have a value for."""
   for name, body in blocks.items():
-    pat = re.compile(rf"(<!-- auto:{re.escape(name)} -->\n).*?(\n<!-- /auto:{re.escape(name)} -->)", re.S)
-    text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+    pat = re.compile(rf"(<!-- auto:{re.escape(name)} -->).*?(<!-- /auto:{re.escape(name)} -->)", re.S)
+    text = pat.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(2), text)
   return text
 
 

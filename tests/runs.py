@@ -1,0 +1,101 @@
+"""Shared runs for the multi-host and fault tests.
+
+Every run here uses the same tiny config and the same number of steps, so the train step compiles
+to the same program in this process and in the subprocesses (which inherit the persistent
+compilation cache from conftest). The uninterrupted single-process run is computed once per session
+and is the reference the others are compared with.
+"""
+import atexit
+import functools
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+
+from ztt_jax import config as config_lib
+from ztt_jax import trainer
+from ztt_jax.metrics import read_metrics
+from test_config import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 16
+EVERY = 4
+# eval_examples=0: the held-out set is empty, so no eval program is compiled; these tests are about
+# training state, not accuracy.
+BASE = {"train.steps": STEPS, "checkpoint.every_steps": EVERY, "data.eval_examples": 0,
+        "log.every_steps": 1, "log.tensorboard": False}
+
+
+def config(**overrides):
+  """tiny + BASE + overrides (keys like 'mesh.shape' given as mesh__shape)."""
+  cd = load_config("tiny")
+  for dotted, value in {**BASE, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+    section, field = dotted.split(".")
+    cd[section][field] = value
+  return config_lib.parse(cd)
+
+
+def flags(**overrides):
+  """The same settings as `config(**overrides)`, as train CLI flags."""
+  out = ["--config=configs/tiny.py"]
+  for dotted, value in {**BASE, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+    if isinstance(value, tuple):
+      value = "(" + ",".join(map(str, value)) + ")"
+    out.append(f"--config.{dotted}={value}")
+  return out
+
+
+def env(devices=8):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu")
+
+
+def train_cmd(workdir, *extra):
+  return [sys.executable, "-m", "ztt_jax.train", f"--workdir={workdir}", *extra]
+
+
+def losses(workdir):
+  by_step = {}
+  for row in read_metrics(workdir):  # a resumed run re-logs steps: the last value wins
+    if "train/loss" in row:
+      by_step[row["step"]] = row["train/loss"]
+  return by_step
+
+
+def steps_on_disk(workdir):
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def wait_for(predicate, proc, timeout=240, what="condition"):
+  deadline = time.time() + timeout
+  while not predicate():
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"process exited with {proc.returncode} before {what}")
+    if time.time() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.02)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run() -> pathlib.Path:
+  """One process, 8 devices, mesh (8,1,1), never interrupted: its work directory."""
+  workdir = pathlib.Path(tempfile.mkdtemp(prefix="ztt_reference_"))
+  atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+  trainer.train(config(), str(workdir), devices=jax.devices())
+  return workdir
+
+
+def copy_run(src, dst, keep_up_to=None):
+  """A copy of a work directory, optionally without the checkpoints after `keep_up_to`."""
+  shutil.copytree(src, dst)
+  if keep_up_to is not None:
+    for step in steps_on_disk(dst):
+      if step > keep_up_to:
+        shutil.rmtree(pathlib.Path(dst) / "checkpoints" / str(step))
+  return pathlib.Path(dst)
