@@ -7,6 +7,7 @@ and is the reference the others are compared with.
 """
 import atexit
 import functools
+import json
 import os
 import pathlib
 import shutil
@@ -65,6 +66,19 @@ def losses(workdir):
     if "train/loss" in row:
       by_step[row["step"]] = row["train/loss"]
   return by_step
+
+
+def read_rows(workdir):
+  """metrics.jsonl rows; tolerates the line a running process is writing."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  rows = []
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+  return rows
 
 
 def steps_on_disk(workdir):

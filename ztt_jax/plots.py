@@ -15,9 +15,10 @@ def load_sweep(path: str) -> dict:
     return json.load(f)
 
 
-def plot_quality_vs_compute(sweep: dict, path: str, metric: str | None = None, title: str | None = None) -> str:
-  """One line per rule of `sweep['points']`: `metric` (default sweep['metric']) against
-  compute_fraction. Writes a PNG to `path` and returns it."""
+def plot_quality_vs_compute(sweep: dict, path: str, metric: str | None = None, title: str | None = None,
+                            x: str = "compute_fraction") -> str:
+  """One line per rule of `sweep['points']`: `metric` (default sweep['metric']) against `x`
+  (compute_fraction or mean_cycles). Writes a PNG to `path` and returns it."""
   import matplotlib
   matplotlib.use("Agg")  # headless: never open a window
   import matplotlib.pyplot as plt
@@ -28,11 +29,12 @@ def plot_quality_vs_compute(sweep: dict, path: str, metric: str | None = None, t
   rules += sorted({p["rule"] for p in sweep["points"]} - set(rules))
   for rule in rules:
     pts = sorted((p for p in sweep["points"] if p["rule"] == rule and p.get(metric) is not None),
-                 key=lambda p: p["compute_fraction"])
+                 key=lambda p: p[x])
     style = RULE_STYLE.get(rule, dict(marker=".", label=rule))
-    ax.plot([p["compute_fraction"] for p in pts], [p[metric] for p in pts], marker=style["marker"],
+    ax.plot([p[x] for p in pts], [p[metric] for p in pts], marker=style["marker"],
             label=style["label"])
-  ax.set_xlabel("compute fraction (FLOPs used / FLOPs with every cycle)")
+  ax.set_xlabel("compute fraction (FLOPs used / FLOPs with every cycle)" if x == "compute_fraction"
+                else x.replace("_", " "))
   ax.set_ylabel(metric.replace("_", " ") + (" (higher is better)" if metric == "accuracy" else " (lower is better)"))
   ax.set_title(title or f"{metric} vs compute, step {sweep.get('step', '?')}")
   ax.grid(alpha=0.3)

@@ -57,19 +57,23 @@ def plot_ladder(summary: dict, path: str) -> str:
 def plot_cycles_by_hop(sweeps: list[dict], path: str) -> str:
   """Mean cycles used against hop count, one line per zero-attention threshold (seed 0 solid, others dashed)."""
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+  fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+  hops = set()
   for si, sw in enumerate(sweeps):
     pts = [p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_hop")]
     for j, p in enumerate(sorted(pts, key=lambda p: p["parameter"])):
-      hops = sorted(p["per_hop"], key=int)
-      ax.plot([int(h) for h in hops], [p["per_hop"][h]["mean_cycles"] for h in hops], marker="o",
+      hops |= {int(h) for h in p["per_hop"]}
+      hs = sorted(p["per_hop"], key=int)
+      ax.plot([int(h) for h in hs], [p["per_hop"][h]["mean_cycles"] for h in hs], marker="o",
               ls="-" if si == 0 else "--", color=f"C{j % 10}",
               label=f"tau={p['parameter']:.3g} (mean {p['mean_cycles']:.2f})" if si == 0 else None)
+  ax.set_xticks(sorted(hops))
   ax.set_xlabel("hops needed for the answer")
   ax.set_ylabel("mean cycles used on the answer token")
-  ax.set_title("zero-attention exit: cycles used vs hop count")
+  ax.set_title("zero-attention exit: cycles used vs hop count" + (" (solid: seed 0, dashed: seed 1)" if len(sweeps) > 1 else ""),
+               fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="seed 0 thresholds", title_fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -151,7 +151,7 @@ def build_blocks(out_dir: str, docs: str) -> dict:
     if sweeps:
       from ztt_jax.plots import plot_quality_vs_compute
       plot_quality_vs_compute(sweeps[0], os.path.join(docs, f"exit_{task}.png"),
-                              title=f"{task}: exit rules on the trained ztt (seed 0)")
+                              title=f"{task}: exit rules on the trained ztt (seed 0)", x="mean_cycles")
       if task == "multihop":
         blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
         figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))

@@ -1,0 +1,155 @@
+"""Faults: preemption (SIGTERM), damaged or half-written checkpoints, non-finite losses.
+
+Reference: the uninterrupted single-process run of the same config (runs.reference_run). Runs here
+share its compiled step, so a resumed run must reproduce its losses exactly.
+"""
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+import runs
+from ztt_jax import data as data_lib
+from ztt_jax import trainer
+from ztt_jax.checkpointing import Checkpointer
+from ztt_jax.errors import CheckpointError
+
+ROOT = runs.ROOT
+
+
+def _restore(workdir, cfg, step=None, **ckpt_overrides):
+  run = trainer.build(cfg)
+  it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
+                                    vocab_size=cfg.model.vocab_size)
+  ckpt = Checkpointer(str(workdir / "checkpoints"), dataclasses.replace(cfg.checkpoint, **ckpt_overrides),
+                      repair=True)
+  try:
+    return ckpt.restore(run.abstract_state, it, step=step)
+  finally:
+    ckpt.close()
+
+
+def _truncate_arrays(step_dir):
+  """Cuts every array data file of the checkpoint's state in half (OCDBT keeps them under d/)."""
+  files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+  assert files
+  for f in files:
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_resumes_from_it(tmp_path):
+  workdir = tmp_path / "run"
+  every = {"checkpoint__every_steps": 1000}  # the only checkpoint will be the one SIGTERM asks for
+  err_path = tmp_path / "stderr.txt"
+  with open(err_path, "w") as err:
+    proc = subprocess.Popen(runs.train_cmd(workdir, *runs.flags(**every)), cwd=ROOT, env=runs.env(),
+                            stdout=subprocess.DEVNULL, stderr=err)
+    runs.wait_for(lambda: len(runs.read_rows(workdir)) >= 2, proc, what="step 2")
+    logged_before_signal = max(r["step"] for r in runs.read_rows(workdir))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+  match = re.search(r"SIGTERM received during step (\d+)", err_path.read_text())
+  assert match, err_path.read_text()[-3000:]
+  signal_step = int(match.group(1))
+  assert logged_before_signal <= signal_step < runs.STEPS
+  # The checkpoint is of the step that was running when the signal came, and training stopped there.
+  assert runs.steps_on_disk(workdir) == [signal_step]
+  assert max(r["step"] for r in runs.read_rows(workdir)) == signal_step
+
+  trainer.train(runs.config(**every), str(workdir))  # re-run: resumes from signal_step
+  assert [r["step"] for r in runs.read_rows(workdir)] == list(range(1, runs.STEPS + 1))
+  reference, got = runs.losses(runs.reference_run()), runs.losses(workdir)
+  assert [got[s] for s in range(1, runs.STEPS + 1)] == [reference[s] for s in range(1, runs.STEPS + 1)]
+
+
+def test_damaged_newest_checkpoint_and_half_written_save_fall_back_to_the_previous_one(tmp_path, caplog):
+  workdir = runs.copy_run(runs.reference_run(), tmp_path / "run")  # checkpoints 8, 12, 16
+  (workdir / "metrics.jsonl").unlink()
+  ckpt = workdir / "checkpoints"
+  # The save of step 16 was killed half-way: only its temporary directory exists, incomplete.
+  (ckpt / "16").rename(ckpt / "16.orbax-checkpoint-tmp")
+  shutil.rmtree(ckpt / "16.orbax-checkpoint-tmp" / "state" / "d")
+  # And the newest complete checkpoint, 12, has truncated array files.
+  _truncate_arrays(ckpt / "12")
+
+  with caplog.at_level(logging.WARNING):
+    trainer.train(runs.config(), str(workdir))
+  warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+  assert re.search(r"checkpoint step 12 in \S+ is damaged or unreadable", warnings), warnings
+  assert "16.orbax-checkpoint-tmp: a checkpoint save that never finished" in warnings
+  assert "Moved damaged checkpoint" in warnings
+
+  # Resumed from 8, the newest good one, with the right data: the losses are the uninterrupted run's.
+  reference, got = runs.losses(runs.reference_run()), runs.losses(workdir)
+  assert sorted(got) == list(range(9, runs.STEPS + 1))
+  assert [got[s] for s in sorted(got)] == [reference[s] for s in sorted(got)]
+  # Step 12 was saved again; the damaged one is kept aside; no temporary directory is left.
+  assert sorted(p.name for p in ckpt.iterdir()) == ["12", "12.damaged", "16", "8"]
+
+
+def test_deleted_array_file_falls_back_and_all_damaged_stops_unless_fresh_start_allowed(tmp_path, caplog):
+  workdir = runs.copy_run(runs.reference_run(), tmp_path / "run")
+  cfg = runs.config()
+  data_files = [f for f in (workdir / "checkpoints" / "16" / "state").rglob("*")
+                if f.is_file() and f.parent.name == "d"]
+  max(data_files, key=lambda f: f.stat().st_size).unlink()
+  with caplog.at_level(logging.WARNING):
+    restored = _restore(workdir, cfg)
+  assert restored.step == 12
+  assert re.search(r"checkpoint step 16 in \S+ is damaged", caplog.text), caplog.text
+
+  for step in (8, 12):
+    _truncate_arrays(workdir / "checkpoints" / str(step))
+  with pytest.raises(CheckpointError) as e:
+    _restore(workdir, cfg)
+  message = str(e.value)
+  assert "steps [8, 12]" in message and "allow_fresh_start=True" in message
+  assert "checkpoint step 12" in message and "checkpoint step 8" in message
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert _restore(workdir, cfg, allow_fresh_start=True) is None
+  assert "starting fresh because checkpoint.allow_fresh_start=True" in caplog.text
+
+
+def _params_finite(workdir, cfg, step):
+  params = jax.device_get(_restore(workdir, cfg, step=step).state.params)
+  return all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params)), params
+
+
+def test_nonfinite_raise_stops_naming_the_step_and_never_saves_nonfinite_params(tmp_path):
+  cfg = runs.config(train__learning_rate=1e30, checkpoint__every_steps=1)  # diverges in a few steps
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer.train(cfg, str(tmp_path))
+  bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  assert 1 < bad_step < runs.STEPS
+  saved = runs.steps_on_disk(tmp_path)
+  assert saved and max(saved) == bad_step - 1  # every step before it was saved, it was not
+  for step in saved:
+    assert _params_finite(tmp_path, cfg, step)[0], step
+
+
+def test_nonfinite_skip_drops_the_updates_and_counts_them(tmp_path):
+  cfg = runs.config(train__learning_rate=1e30, train__nonfinite="skip", checkpoint__every_steps=2)
+  trainer.train(cfg, str(tmp_path))
+  rows = runs.read_rows(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, runs.STEPS + 1))
+  # Independent count: the logged gradient norms that are not finite (NaN is logged as null).
+  bad = [r["step"] for r in rows if r["train/grad_norm"] is None or abs(r["train/grad_norm"]) >= 1e308
+         or r["train/loss"] is None]
+  assert bad, "the learning rate did not make the run diverge"
+  assert bad == list(range(bad[0], runs.STEPS + 1))  # params stuck where every gradient overflows
+  assert [r["train/skipped_steps"] for r in rows] == [sum(b <= r["step"] for b in bad) for r in rows]
+  # The dropped updates left the params where they were, finite.
+  saved = runs.steps_on_disk(tmp_path)
+  assert saved == [12, 14, 16] and min(bad) <= 12
+  finite_12, params_12 = _params_finite(tmp_path, cfg, 12)
+  finite_16, params_16 = _params_finite(tmp_path, cfg, 16)
+  assert finite_12 and finite_16
+  jax.tree.map(np.testing.assert_array_equal, params_12, params_16)
