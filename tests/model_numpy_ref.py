@@ -92,12 +92,16 @@ def block(p, x, cfg, zero_key=None, zero_bias=None, mask_zero=False):
   return out, a0_bt
 
 
-def stack(sp, x, cfg, n, zero_keys=None, zero_bias=None, mask_zero=False):
-  """n distinct layers; zero keys from the caller or owned ('zero_key'). Returns x, a0 [n,B,T]."""
+def stack(sp, x, cfg, n, zero_keys=None, zero_bias=None, mask_zero=False, frozen=None):
+  """n distinct layers; zero keys from the caller or owned ('zero_key'). Returns x, a0 [n,B,T].
+
+  frozen: (exited [B,T], state [B,T,D]): exited tokens enter every layer with their frozen state."""
   if zero_keys is None and "zero_key" in sp:
     zero_keys, zero_bias = sp["zero_key"], sp.get("zero_bias")
   a0s = []
   for j in range(n):
+    if frozen is not None:
+      x = np.where(frozen[0][..., None], frozen[1], x)
     x, a0 = block(layer(sp["layers"], j), x, cfg,
                   None if zero_keys is None else zero_keys[j],
                   None if zero_bias is None else zero_bias[j], mask_zero)
@@ -114,7 +118,7 @@ def readout(p, x, cfg, mask_zero=False):
 
 
 def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granularity="token",
-            mask_zero=False, signal="zero_attention"):
+            mask_zero=False, signal="zero_attention", frozen_kv="state"):
   """Returns logits [B,T,V], signals [C,B,T] (0 where a token did not run the cycle; mean a0 over
   heads and layers, or with signal='confidence' the max softmax prob of the cycle's read-out),
   cycles_used [B,T], states [C,B,T,D] (state after each cycle)."""
@@ -133,7 +137,8 @@ def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granular
     row = min(c, cfg.cycles - 1)
     keys = p["zero_key_pool"][row] if cfg.use_zero_token else None
     bias = p["zero_bias_pool"][row] if cfg.use_zero_token and cfg.zero_bias else None
-    new_x, a0 = stack(p["middle"], x, cfg, cfg.stack_layers, keys, bias, mask_zero)
+    frozen = (exited, x) if frozen_kv == "state" and tau is not None else None
+    new_x, a0 = stack(p["middle"], x, cfg, cfg.stack_layers, keys, bias, mask_zero, frozen)
     s = a0.mean(0)
     if signal == "confidence":
       logits = readout(p, new_x, cfg, mask_zero)

@@ -11,7 +11,7 @@ soon as every new token has exited, so a token that exits after cycle c runs no 
 cycles c+1..C. Its cache entries for those cycles are then the K/V projections of its frozen state
 with each layer's params (the middle params are shared by all cycles, so one projection per layer
 fills every skipped cycle). That is `ZTTModel.apply(..., frozen_kv='state')`, which the tests check
-logit for logit. `frozen_kv='stack'` reproduces the model's default freeze semantics instead (a
+logit for logit (the default, model.frozen_kv='state'). `frozen_kv='stack'` reproduces the other freeze semantics instead (a
 frozen token still runs each later cycle's stack so its deeper layers' K/V can be recomputed), and
 then nothing can be skipped.
 
@@ -36,12 +36,12 @@ import numpy as np
 
 from ztt_jax.errors import ConfigError
 from ztt_jax.model import ZTTModel
+from ztt_jax.model.config import FROZEN_KV
 from ztt_jax.model.block import Block
 from ztt_jax.model.exit import update_exited
 from ztt_jax.model.layers import dtype_of
 
 Array = jax.Array
-FROZEN_KV = ("state", "stack")
 
 
 def init_cache(cfg, batch: int, max_len: int) -> dict:
@@ -89,7 +89,7 @@ def _frozen_kv(cfg, layers_params, x_BxTxD, positions_T):
 
 
 def forward_cached(model: ZTTModel, params, tokens_BxT: Array, cache: dict, offset, exit_threshold=None, *,
-                   frozen_kv: str = "state", min_cycles: Optional[int] = None):
+                   frozen_kv: Optional[str] = None, min_cycles: Optional[int] = None):
   """Logits of T new tokens at positions offset.. given the cache of positions < offset.
 
   Returns (logits_BxTxV float32, cache, aux) with aux cycles_used [B,T] int32 and zero_attention
@@ -97,6 +97,7 @@ def forward_cached(model: ZTTModel, params, tokens_BxT: Array, cache: dict, offs
   exit_threshold: None (no exit) or tau (may be traced). Jit-able; `offset` may be traced.
   """
   cfg = model.cfg
+  frozen_kv = frozen_kv or cfg.frozen_kv
   if frozen_kv not in FROZEN_KV:
     raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
   if exit_threshold is not None and not cfg.use_zero_token:
@@ -283,7 +284,7 @@ def check_prompt(cfg, prompt_BxP, max_new_tokens: int) -> np.ndarray:
 
 def generate(model: ZTTModel, params: Any, prompt_BxP, *, max_new_tokens: int, rng=None, seed: int = 0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, exit_threshold: Optional[float] = None,
-             eos_id: Optional[int] = None, frozen_kv: str = "state", max_len: Optional[int] = None) -> Generation:
+             eos_id: Optional[int] = None, frozen_kv: Optional[str] = None, max_len: Optional[int] = None) -> Generation:
   """Samples `max_new_tokens` tokens after each prompt row (all rows the same length P).
 
   max_len: cache length (default P + max_new_tokens). Keep it fixed to reuse one compile while
@@ -292,6 +293,7 @@ def generate(model: ZTTModel, params: Any, prompt_BxP, *, max_new_tokens: int, r
   cfg = model.cfg
   prompt_BxP = check_prompt(cfg, prompt_BxP, max_new_tokens)
   check_sampling(temperature, top_k, top_p)
+  frozen_kv = frozen_kv or model.cfg.frozen_kv
   if frozen_kv not in FROZEN_KV:
     raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
   P = prompt_BxP.shape[1]

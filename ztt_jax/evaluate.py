@@ -96,12 +96,13 @@ def _check_threshold(trained, exit_threshold, exit_signal="zero_attention"):
   return tau
 
 
-def evaluate(trained, exit_threshold=FROM_CONFIG, *, batches: Optional[list] = None, frozen_kv: str = "state",
+def evaluate(trained, exit_threshold=FROM_CONFIG, *, batches: Optional[list] = None, frozen_kv: Optional[str] = None,
              max_batches: Optional[int] = None) -> dict:
   """JSON-ready metrics of `trained` (restore.TrainedRun) with zero-attention exit at
   exit_threshold (default: model.exit_threshold; None: no exit)."""
   from ztt_jax.trainer import Evaluator
   cfg = trained.cfg
+  frozen_kv = frozen_kv or cfg.model.frozen_kv
   tau = cfg.model.exit_threshold if exit_threshold == FROM_CONFIG else exit_threshold
   tau = _check_threshold(trained, tau)
   batches = held_out_batches(cfg, max_batches) if batches is None else batches
@@ -144,13 +145,14 @@ def threshold_grid(values: np.ndarray, n: int) -> list[float]:
   return sorted({float(q) for q in qs} | {NEVER_EXIT})
 
 
-def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, frozen_kv: str = "state",
+def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, frozen_kv: Optional[str] = None,
           max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
   """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint.
 
   thresholds: use these for both threshold rules instead of the quantile grids."""
   from ztt_jax.trainer import Evaluator
   cfg = trained.cfg
+  frozen_kv = frozen_kv or cfg.model.frozen_kv
   C = cfg.model.cycles
   if num_thresholds < 2:
     raise ConfigError(f"num_thresholds={num_thresholds}: must be >= 2")
@@ -234,9 +236,9 @@ def _define_flags():
   flags.DEFINE_bool("sweep", False, "Sweep the zero-attention, fixed-cut and confidence exit rules.")
   flags.DEFINE_integer("num_thresholds", 8, "Thresholds per threshold rule in --sweep.")
   flags.DEFINE_integer("max_batches", None, "Evaluate only this many held-out batches (default: all).")
-  flags.DEFINE_enum("frozen_kv", "state", ["state", "stack"],
-                    "What an exited token shows later tokens: 'state' (K/V of its frozen state; what "
-                    "generation computes) or 'stack' (the model default used by training-time eval).")
+  flags.DEFINE_enum("frozen_kv", None, ["state", "stack"],
+                    "Override model.frozen_kv, what an exited token shows later tokens: 'state' (K/V of "
+                    "its frozen state; what generation computes) or 'stack'.")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,9 @@ def _define_flags():
                       "model.exit_threshold).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_bool("ignore_eos", False, "Keep generating after EOS.")
-  flags.DEFINE_enum("frozen_kv", "state", ["state", "stack"],
-                    "state: exited tokens skip the remaining cycles (cache filled from their frozen "
-                    "state). stack: the model's default semantics, no skipping.")
+  flags.DEFINE_enum("frozen_kv", None, ["state", "stack"],
+                    "Override model.frozen_kv. state: exited tokens skip the remaining cycles (cache "
+                    "filled from their frozen state). stack: no skipping.")
 
 
 if __name__ == "__main__":

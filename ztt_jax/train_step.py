@@ -115,7 +115,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
 
 
 def make_eval_step(model: nn.Module, exit_threshold, *, num_cycles=None, exit_signal="zero_attention",
-                   frozen_kv="stack"):
+                   frozen_kv=None):
   """Per-example sums so the host can aggregate over batches and by hop count.
 
   The step's optional third argument overrides exit_threshold; passed through jit it is traced, so

@@ -146,7 +146,7 @@ class Evaluator:
   """
 
   def __init__(self, run: Run, batches: list, *, exit_threshold="config", num_cycles=None,
-               exit_signal="zero_attention", frozen_kv="stack"):
+               exit_signal="zero_attention", frozen_kv=None):
     self.run = run
     self.batches = batches
     self.exit_threshold = run.cfg.model.exit_threshold if exit_threshold == "config" else exit_threshold

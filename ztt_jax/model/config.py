@@ -24,6 +24,7 @@ POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu")
 REMAT_POLICIES = ("none", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 EXIT_GRANULARITIES = ("token", "sequence")
+FROZEN_KV = ("state", "stack")
 ZERO_TOKEN_LAYERS = ("middle", "all")
 ZERO_KEY_INITS = ("normal", "truncated_normal", "zeros")
 DTYPES = ("float32", "bfloat16")
@@ -106,6 +107,12 @@ class ModelConfig:
   exit_granularity: str = "token"
   """token: each token exits on its own signal. sequence: a whole sequence exits once the mean of the
   signal over its tokens reaches the threshold."""
+  frozen_kv: str = "state"
+  """What an exited token shows later tokens in the cycles after its exit. state: every cycled
+  layer projects its K/V from the token's frozen state, so those cycles need no attention or MLP
+  work for it (what cached decoding with real skipping computes). stack: the token still runs
+  through each later cycle's stack and only its result is discarded, so layers after the first
+  see recomputed states. The two agree when the stack has one layer."""
   cycle_loss_weight: float = 0.0
   """Weight of the per-cycle (deep supervision) loss; > 0 makes apply() return aux['cycle_logits']."""
 
@@ -219,6 +226,7 @@ class ModelConfig:
     choice("mlp", MLPS)
     choice("remat_policy", REMAT_POLICIES)
     choice("exit_granularity", EXIT_GRANULARITIES)
+    choice("frozen_kv", FROZEN_KV)
     choice("zero_token_layers", ZERO_TOKEN_LAYERS)
     choice("zero_key_init", ZERO_KEY_INITS)
     choice("dtype", DTYPES)

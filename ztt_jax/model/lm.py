@@ -42,13 +42,12 @@ import jax.numpy as jnp
 
 from ztt_jax.errors import ConfigError
 from ztt_jax.model.block import LayerStack, zero_key_init
-from ztt_jax.model.config import ModelConfig
+from ztt_jax.model.config import FROZEN_KV, ModelConfig
 from ztt_jax.model.exit import EXIT_SIGNALS, confidence, update_exited
 from ztt_jax.model.layers import Embedder, Norm, logical_param
 
 Array = jax.Array
 
-FROZEN_KV = ("stack", "state")
 
 
 def count_params(params: Any, include_pool: bool = True) -> int:
@@ -109,7 +108,7 @@ class ZTTModel(nn.Module):
                num_cycles: Optional[int] = None, exit_signal: str = "zero_attention",
                skip_exited: bool = False, mask_zero_slot: bool = False,
                min_cycles: Optional[int] = None, exit_granularity: Optional[str] = None,
-               frozen_kv: str = "stack"):
+               frozen_kv: Optional[str] = None):
     """Returns (logits_BxTxV float32, aux).
 
     exit_threshold: tau; None = no exit. (cfg.exit_threshold is the default callers pass here.)
@@ -120,8 +119,8 @@ class ZTTModel(nn.Module):
       skipped with lax.cond (not differentiable; same logits and cycles_used).
     mask_zero_slot: test hook; the zero slot's logit becomes -inf (a0 = 0).
     min_cycles, exit_granularity: override the config's values.
-    frozen_kv: what an exited token shows the other tokens in the cycles after its exit. 'stack'
-      (default): it still runs through each later cycle's stack (its own result is discarded), so
+    frozen_kv: override cfg.frozen_kv, what an exited token shows the other tokens in the cycles
+      after its exit. 'stack': it still runs through each later cycle's stack (its own result is discarded), so
       its K/V in middle layer l > 0 come from its recomputed intermediate state. 'state': every
       middle layer of every later cycle projects its K/V from the frozen state itself, so those
       cycles need no attention or MLP work for it; this is what cached decoding with real skipping
@@ -135,6 +134,7 @@ class ZTTModel(nn.Module):
     C = cfg.cycles if num_cycles is None else int(num_cycles)
     if C < 1:
       raise ConfigError(f"num_cycles={num_cycles}: must be >= 1")
+    frozen_kv = frozen_kv or cfg.frozen_kv
     if frozen_kv not in FROZEN_KV:
       raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
     if exit_signal not in EXIT_SIGNALS:
