@@ -136,7 +136,7 @@ def test_nonfinite_raise_stops_naming_the_step_and_never_saves_nonfinite_params(
 
 
 def test_nonfinite_skip_drops_the_updates_and_counts_them(tmp_path):
-  cfg = runs.config(train__learning_rate=1e30, train__nonfinite="skip", checkpoint__every_steps=2)
+  cfg = runs.config(train__learning_rate=1e30, train__nonfinite="skip")
   trainer.train(cfg, str(tmp_path))
   rows = runs.read_rows(tmp_path)
   assert [r["step"] for r in rows] == list(range(1, runs.STEPS + 1))
@@ -148,7 +148,7 @@ def test_nonfinite_skip_drops_the_updates_and_counts_them(tmp_path):
   assert [r["train/skipped_steps"] for r in rows] == [sum(b <= r["step"] for b in bad) for r in rows]
   # The dropped updates left the params where they were, finite.
   saved = runs.steps_on_disk(tmp_path)
-  assert saved == [12, 14, 16] and min(bad) <= 12
+  assert saved == [8, 12, 16] and min(bad) <= 12
   finite_12, params_12 = _params_finite(tmp_path, cfg, 12)
   finite_16, params_16 = _params_finite(tmp_path, cfg, 16)
   assert finite_12 and finite_16
