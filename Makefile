@@ -22,8 +22,11 @@ $(VENV)/.test-deps: $(VENV)/.train-deps requirements-dev.txt
 train: $(VENV)/.train-deps
 	$(PY) -m ztt_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
+# Two workers keep both cores busy (XLA compiles are mostly single-threaded); they share one fresh
+# persistent compilation cache, so each distinct program compiles once per run.
 test: $(VENV)/.test-deps
-	$(PY) -m pytest -q tests $(ARGS)
+	cache=$$(mktemp -d) && JAX_COMPILATION_CACHE_DIR=$$cache $(PY) -m pytest -q -n 2 tests $(ARGS); \
+	  status=$$?; rm -rf "$$cache"; exit $$status
 
 bench: $(VENV)/.test-deps
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -204,7 +204,10 @@ def suite_exit(q):
   out = {"shape": dict(d_model=d, seq_len=T, batch=B, num_cycles=C), "full_ms": 1e3 * t["full"],
          "plain_no_exit_ms": 1e3 * t["plain"], "forward": rows, "ratio": rows[0]["speedup"],
          "ratio_is": "forward time, skip path: no token exits / every token exits after 1 of 8 cycles"}
-  decode = _decode_bench(q)
+  try:
+    decode = _decode_bench(q)
+  except Exception as e:  # the decode half is optional; keep the forward figures
+    decode = {"skipped": f"bench_decode failed: {type(e).__name__}: {e}"}
   if decode is not None:
     out["decode"] = decode
   return out
