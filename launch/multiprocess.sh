@@ -23,14 +23,18 @@ PORT="${ZTT_COORDINATOR_PORT:-$("$PY" -c 'import portpicker; print(portpicker.pi
 LOGDIR="${ZTT_LOG_DIR:-}"
 GRACE="${ZTT_KILL_GRACE:-30}"
 
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501)); then
+  echo "multiprocess.sh needs bash >= 5.1 (wait -n -p); this is $BASH_VERSION" >&2; exit 2
+fi
+
 pids=()
+killer=""
 signal_all() { for p in "${pids[@]}"; do kill -"$1" "$p" 2>/dev/null; done; }
-alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 stop_all() {
   signal_all TERM
-  for ((t = 0; t < GRACE * 10; t++)); do alive || return 0; sleep 0.1; done
-  echo "multiprocess.sh: processes still running ${GRACE}s after SIGTERM; killing them" >&2
-  signal_all KILL
+  # A process blocked in a collective for a peer that died never gets to act on SIGTERM.
+  ( sleep "$GRACE"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) &
+  killer=$!
 }
 forwarded=0
 trap 'forwarded=1; signal_all TERM' TERM INT
@@ -43,19 +47,22 @@ for ((i = 0; i < N; i++)); do
   pids+=($!)
 done
 
+# Reap the processes in the order they end, so the first failure stops the rest at once.
 status=0
-for i in "${!pids[@]}"; do
-  p=${pids[$i]}
-  while true; do
-    wait "$p"; rc=$?
-    # A trapped signal interrupts `wait` with a status above 128 while the process still runs.
-    if [ $rc -gt 128 ] && kill -0 "$p" 2>/dev/null; then continue; fi
-    break
-  done
+running=("${pids[@]}")
+while ((${#running[@]} > 0)); do
+  done_pid=""
+  wait -n -p done_pid "${running[@]}"; rc=$?
+  [ -z "$done_pid" ] && continue  # a trapped signal interrupted the wait
+  still=()
+  for p in "${running[@]}"; do [ "$p" != "$done_pid" ] && still+=("$p"); done
+  running=("${still[@]}")
   if [ $rc -ne 0 ] && [ $status -eq 0 ]; then
     status=$rc
-    echo "multiprocess.sh: process $i (pid $p) exited with status $rc; stopping the others" >&2
+    for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$done_pid" ] && break; done
+    echo "multiprocess.sh: process $i (pid $done_pid) exited with status $rc; stopping the others" >&2
     [ $forwarded -eq 1 ] || stop_all
   fi
 done
+[ -n "$killer" ] && kill "$killer" 2>/dev/null
 exit $status

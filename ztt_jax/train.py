@@ -3,6 +3,9 @@
 Re-running the same command resumes from the newest checkpoint in DIR.
 """
 import logging
+import os
+import sys
+import traceback
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -35,9 +38,25 @@ def main(argv):
     cfg = config_lib.parse(_CONFIG.value)
     trainer.train(cfg, _WORKDIR.value)
   except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
+    _fail_fast_if_multiprocess(f"{type(e).__name__}: {e}")
     raise app.UsageError(f"{type(e).__name__}: {e}") from None
   except trainer.NonFiniteLossError as e:
+    _fail_fast_if_multiprocess(f"NonFiniteLossError: {e}")
     raise SystemExit(f"NonFiniteLossError: {e}") from None  # exit status 1, no traceback
+  except Exception:  # noqa: BLE001 - anything else: report it, then fail fast
+    _fail_fast_if_multiprocess(traceback.format_exc())
+    raise
+
+
+def _fail_fast_if_multiprocess(message: str):
+  """With several processes, jax.distributed's exit handler waits minutes for the others, which
+  may be blocked in a collective waiting for this one. Report and leave at once instead; the
+  launcher (multiprocess.sh, srun --kill-on-bad-exit) then stops the rest."""
+  import jax
+  if jax.process_count() > 1:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -182,6 +183,36 @@ class Evaluator:
     return result
 
 
+class _CompileThenSync:
+  """Several processes: compile before the first call with each argument signature, then wait
+  until every process has. Only process 0 writes JAX's persistent compilation cache, and on CPU the
+  other processes' cache keys differ, so after a restart process 0 loads in a second what the
+  others compile for a minute; CPU (Gloo) collectives fail when processes reach the first one more
+  than 30 s apart. Waiting at the coordination service's barrier has no such limit."""
+
+  _barriers = itertools.count()
+
+  def __init__(self, jitted):
+    self._jitted = jitted
+    self._compiled = {}
+
+  def __call__(self, *args):
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves))
+    fn = self._compiled.get(key)
+    if fn is None:
+      fn = self._compiled[key] = self._jitted.lower(*args).compile()
+      _wait_for_all_processes(f"ztt_jax_compiled_{next(self._barriers)}")
+    return fn(*args)
+
+
+def _wait_for_all_processes(name: str, timeout_s: int = 3600):
+  from jax._src import distributed as jax_distributed  # the barrier of jax.distributed's client
+  client = jax_distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def _preemption_service_running() -> bool:
   try:  # no public accessor; absent or renamed means "not running" and the fallback is used
     from jax._src import distributed as jax_distributed
@@ -273,7 +304,8 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
       state = init_from_export(cfg.init_from, run)
       log.info("Initialised params from %s", cfg.init_from)
     else:
-      state = run.init(jax.random.key(cfg.train.seed))
+      init = _CompileThenSync(run.init) if nproc > 1 else run.init
+      state = init(jax.random.key(cfg.train.seed))
 
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   metadata = layout_metadata(run)
@@ -296,6 +328,9 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
           "or set --config.train.nonfinite=skip to drop such steps.")
 
   params_finite = jax.jit(_all_finite, out_shardings=partitioning.replicated(run.mesh))
+  if nproc > 1:
+    step_fn, params_finite = _CompileThenSync(step_fn), _CompileThenSync(params_finite)
+    evaluator._fn = _CompileThenSync(evaluator._fn)
   ckpt_block = [0.0]  # seconds the loop spent blocked in checkpoint saves since the last log line
   saved_at = [start_step if restored is not None else None]
 

@@ -13,8 +13,19 @@ def load_results(task_dir: str) -> list[dict]:
   rows = []
   for path in sorted(glob.glob(os.path.join(task_dir, "*", "result.json"))):
     with open(path) as f:
-      rows.append(json.load(f))
+      row = json.load(f)
+    row["eval_curve"] = eval_curve(os.path.join(os.path.dirname(path), "metrics.jsonl"))
+    rows.append(row)
   return rows
+
+
+def eval_curve(metrics_path: str) -> dict:
+  """{step: held-out loss} from the run's metrics.jsonl: shows whether the loss was still falling."""
+  if not os.path.isfile(metrics_path):
+    return {}
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {str(r["step"]): r["eval/loss"] for r in rows if r.get("eval/loss") is not None}
 
 
 def stats(values: list[float]) -> dict:
@@ -43,6 +54,8 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
         "eval_loss": stats([f.get("eval/loss") for f in finals]),
         "bits_per_byte": stats([f["eval/loss"] / math.log(2) for f in finals if "eval/loss" in f]),
         "tokens_per_sec": stats([x.get("median_tokens_per_sec") for x in rs]),
+        "eval_loss_by_step": {st: stats([x["eval_curve"].get(st) for x in rs])
+                              for st in sorted({k for x in rs for k in x.get("eval_curve", {})}, key=int)},
     }
     if any("eval/accuracy" in f for f in finals):
       entry["accuracy"] = stats([f.get("eval/accuracy") for f in finals])
