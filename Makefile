@@ -23,9 +23,10 @@ train: $(VENV)/.train-deps
 	$(PY) -m ztt_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 # Two workers keep both cores busy (XLA compiles are mostly single-threaded); they share one fresh
-# persistent compilation cache, so each distinct program compiles once per run.
+# persistent compilation cache, so each distinct program compiles once per run. loadfile keeps a
+# module's tests (and its module-scoped fixtures) on one worker.
 test: $(VENV)/.test-deps
-	cache=$$(mktemp -d) && JAX_COMPILATION_CACHE_DIR=$$cache $(PY) -m pytest -q -n 2 tests $(ARGS); \
+	cache=$$(mktemp -d) && JAX_COMPILATION_CACHE_DIR=$$cache $(PY) -m pytest -q -n 2 --dist loadfile tests $(ARGS); \
 	  status=$$?; rm -rf "$$cache"; exit $$status
 
 bench: $(VENV)/.test-deps

@@ -11,6 +11,7 @@ import pathlib
 import signal
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
@@ -59,7 +60,7 @@ def test_two_processes_equal_one_process_and_resume_after_both_are_killed(two_pr
 
   killed_at = max(r["step"] for r in first["metrics_rows"])
   resumed_from = max(first["checkpoints"])
-  assert KILL_AFTER <= resumed_from < killed_at < runs.STEPS, (first["checkpoints"], killed_at)
+  assert KILL_AFTER <= resumed_from <= killed_at < runs.STEPS, (first["checkpoints"], killed_at)
   # Metrics come from process 0 alone: before the kill, one row per step.
   steps_logged = [r["step"] for r in first["metrics_rows"]]
   assert steps_logged == list(range(1, killed_at + 1))
@@ -78,7 +79,6 @@ def test_each_checkpoint_is_written_once_by_the_two_processes(two_process_run):
   ckpt = workdir / "checkpoints"
   assert runs.steps_on_disk(workdir) == [8, 12, 16]  # max_to_keep=3, nothing half-written left
   assert sorted(p.name for p in ckpt.iterdir()) == ["12", "16", "8"]
-  ref_state = runs.reference_run() / "checkpoints" / "16" / "state"
   for step in (8, 12, 16):
     d = ckpt / str(step)
     # One iterator file per process, one metadata file, one state.
@@ -86,11 +86,14 @@ def test_each_checkpoint_is_written_once_by_the_two_processes(two_process_run):
                                                                        "process_1-of-2.json"]
     meta = json.loads((d / "metadata" / "metadata").read_text())
     assert meta["process_count"] == 2 and meta["mesh"]["shape"] == list(MESH)
-  # Both processes wrote their own shards, and no shard twice: the state takes about the space of
-  # the single-process one (replicated params are written by one replica only).
-  size = lambda p: sum(f.stat().st_size for f in pathlib.Path(p).rglob("*") if f.is_file())
-  ratio = size(ckpt / "16" / "state") / size(ref_state)
-  assert 0.7 < ratio < 1.4, ratio
+  # Both processes wrote array data, and together about one copy of the train state: had each
+  # written the whole state, they would hold two (the data is zstd-compressed, close to 1:1 here).
+  state_bytes = sum(np.prod(a.shape) * a.dtype.itemsize for a in
+                    jax.tree_util.tree_leaves(trainer.build(runs.config()).abstract_state))
+  written = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.parent.name == "d")
+             for p in (ckpt / "16" / "state").glob("ocdbt.process_*")}
+  assert sorted(written) == ["ocdbt.process_0", "ocdbt.process_1"] and all(written.values()), written
+  assert 0.5 * state_bytes < sum(written.values()) < 1.5 * state_bytes, (written, state_bytes)
 
 
 def test_resume_on_another_mesh_and_on_fewer_devices(two_process_run, tmp_path):

@@ -41,12 +41,13 @@ def losses(workdir):
 
 def test_sharded_training_equals_single_device(tmp_path):
   ref_dir = tmp_path / "single"
-  trainer.train(tiny(mesh__shape=(1, 1, 1), train__steps=3), str(ref_dir), devices=jax.devices()[:1])
+  trainer.train(tiny(mesh__shape=(1, 1, 1), train__steps=3, eval__max_batches=0), str(ref_dir),
+                devices=jax.devices()[:1])
   reference = losses(ref_dir)
   assert sorted(reference) == [1, 2, 3]
   for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
     workdir = tmp_path / "x".join(map(str, shape))
-    trainer.train(tiny(mesh__shape=shape, train__steps=3), str(workdir))
+    trainer.train(tiny(mesh__shape=shape, train__steps=3, eval__max_batches=0), str(workdir))
     got = losses(workdir)
     np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
                                rtol=2e-5, err_msg=f"mesh {shape}")
@@ -70,7 +71,8 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules():
 
 
 def test_restore_on_another_mesh_gives_equal_params(tmp_path):
-  trainer.train(tiny(mesh__shape=(2, 4, 1), train__steps=3, checkpoint__every_steps=3), str(tmp_path))
+  trainer.train(tiny(mesh__shape=(2, 4, 1), train__steps=3, checkpoint__every_steps=3, eval__max_batches=0),
+                str(tmp_path))
   restored = {}
   for shape in [(2, 4, 1), (8, 1, 1)]:
     cfg = tiny(mesh__shape=shape)

@@ -155,13 +155,14 @@ class EvalConfig:
   every_steps: int = 100
   """Evaluate on held-out data every this many steps, and at the end."""
   max_batches: int = 8
-  """Upper bound on eval batches per evaluation (text data can have many windows)."""
+  """Upper bound on eval batches per evaluation (text data can have many windows); 0 turns
+  evaluation off (nothing is compiled for it)."""
   batch_size: Optional[int] = None
   """Global eval batch size; None uses train.global_batch_size."""
 
   def validate(self):
-    if self.every_steps < 1 or self.max_batches < 1:
-      raise ConfigError("eval.every_steps and eval.max_batches must be at least 1.")
+    if self.every_steps < 1 or self.max_batches < 0:
+      raise ConfigError("eval.every_steps must be at least 1 and eval.max_batches at least 0 (0: no eval).")
 
 
 @dataclasses.dataclass(frozen=True)

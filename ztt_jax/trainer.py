@@ -157,6 +157,8 @@ class Evaluator:
                        in_shardings=(run.param_shardings, None, None), out_shardings=repl)
 
   def __call__(self, params, exit_threshold="same") -> dict:
+    if not self.batches:  # eval.max_batches=0
+      return {}
     tau = self.exit_threshold if exit_threshold == "same" else exit_threshold
     tau = None if tau is None else np.float32(tau)
     sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
@@ -278,7 +280,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   train_iter = data_lib.make_train_iterator(
       cfg.data, global_batch_size=cfg.train.global_batch_size, vocab_size=cfg.model.vocab_size,
       process_index=pid, process_count=nproc)
-  eval_batches = list(data_lib.make_eval_batches(
+  eval_batches = [] if cfg.eval.max_batches == 0 else list(data_lib.make_eval_batches(
       cfg.data, global_batch_size=cfg.eval.batch_size or cfg.train.global_batch_size,
       vocab_size=cfg.model.vocab_size, process_index=pid, process_count=nproc,
       max_batches=cfg.eval.max_batches))
@@ -417,6 +419,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 def summary(eval_metrics: dict) -> str:
+  if not eval_metrics:
+    return "final eval: off (eval.max_batches=0)"
   lines = [f"final eval: loss {eval_metrics.get('eval/loss', float('nan')):.4f}, "
            f"mean cycles used {eval_metrics.get('eval/mean_cycles', float('nan')):.2f}"]
   if "eval/accuracy" in eval_metrics:
