@@ -17,7 +17,7 @@ from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
 from ztt_jax import trainer
 from ztt_jax.checkpointing import Checkpointer
-from ztt_jax.metrics import read_metrics
+from runs import losses
 from test_config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,14 +29,6 @@ def tiny(**overrides):
     section, field = dotted.split("__")
     cfg[section][field] = value
   return config_lib.parse(cfg)
-
-
-def losses(workdir):
-  by_step = {}
-  for row in read_metrics(workdir):  # a resumed run re-logs steps: the last value wins
-    if "train/loss" in row:
-      by_step[row["step"]] = row["train/loss"]
-  return by_step
 
 
 def test_sharded_training_equals_single_device(tmp_path):
