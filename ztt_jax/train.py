@@ -22,7 +22,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  # Our own progress at INFO; Orbax, Grain and JAX (which log through absl) only when it matters.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("ztt_jax").setLevel(logging.INFO)
   from ztt_jax import distributed
   try:
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
