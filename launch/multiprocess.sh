@@ -33,7 +33,8 @@ signal_all() { for p in "${pids[@]}"; do kill -"$1" "$p" 2>/dev/null; done; }
 stop_all() {
   signal_all TERM
   # A process blocked in a collective for a peer that died never gets to act on SIGTERM.
-  ( sleep "$GRACE"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) &
+  # Detached from our stdout/stderr: a caller reading them must not wait for this timer.
+  ( sleep "$GRACE"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) </dev/null >/dev/null 2>&1 &
   killer=$!
 }
 forwarded=0
@@ -53,7 +54,7 @@ running=("${pids[@]}")
 while ((${#running[@]} > 0)); do
   done_pid=""
   wait -n -p done_pid "${running[@]}"; rc=$?
-  [ -z "$done_pid" ] && continue  # a trapped signal interrupted the wait
+  [ -z "${done_pid:-}" ] && continue  # a trapped signal interrupted the wait
   still=()
   for p in "${running[@]}"; do [ "$p" != "$done_pid" ] && still+=("$p"); done
   running=("${still[@]}")

@@ -75,10 +75,11 @@ fi
 if [ "$CODE" = git ]; then
   : "${GIT_URL:?CODE=git needs GIT_URL (and optionally GIT_REF)}"
   ref="${GIT_REF:-main}"
-  on_all_workers "set -e; if [ -d $REMOTE_DIR/.git ]; then git -C $REMOTE_DIR fetch -q origin; else git clone -q $(printf %q "$GIT_URL") $REMOTE_DIR; fi; git -C $REMOTE_DIR checkout -q $(printf %q "$ref")"
+  on_all_workers "set -e; [ -d $REMOTE_DIR/.git ] || git clone -q $(printf %q "$GIT_URL") $REMOTE_DIR; git -C $REMOTE_DIR fetch -q origin $(printf %q "$ref"); git -C $REMOTE_DIR checkout -q --detach FETCH_HEAD"
 else
-  tarball="$(mktemp -t ztt_jax_code.XXXXXX).tgz"
-  trap 'rm -f "$tarball"' EXIT
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  tarball="$tmp/ztt_jax_code.tgz"
   # Tracked and new files, never .venv, runs/ or other ignored outputs.
   git ls-files -z --cached --others --exclude-standard | tar -czf "$tarball" --null -T -
   tpu scp "$tarball" "$TPU_NAME:ztt_jax_code.tgz" "${where[@]}" --worker=all

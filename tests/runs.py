@@ -25,9 +25,9 @@ from test_config import load_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 16
 EVERY = 4
-# eval_examples=0: the held-out set is empty, so no eval program is compiled; these tests are about
-# training state, not accuracy.
-BASE = {"train.steps": STEPS, "checkpoint.every_steps": EVERY, "data.eval_examples": 0,
+# eval.max_batches=0: no evaluation, so no eval program is compiled; these tests are about training
+# state, not accuracy.
+BASE = {"train.steps": STEPS, "checkpoint.every_steps": EVERY, "eval.max_batches": 0,
         "log.every_steps": 1, "log.tensorboard": False}
 
 

@@ -33,8 +33,7 @@ def main(argv):
   import jax
   if jax.process_index() != 0:
     # One log per run: other processes report only warnings and errors (metrics are process 0's too).
-    logging.getLogger().setLevel(logging.WARNING)
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log through absl
+    logging.getLogger("ztt_jax").setLevel(logging.WARNING)
   from ztt_jax import config as config_lib, errors, trainer  # after jax.distributed, which comes first
   try:
     cfg = config_lib.parse(_CONFIG.value)
