@@ -1,7 +1,7 @@
 """Ahead-of-time compile the sharded train step for a target topology, before paying for it.
 
-  python -m ztt_jax.compile_check --config=configs/default.py --topology=cpu:64 \\
-      --config.mesh.shape='(8,8,1)' [--num_hosts=8] [--device_memory_gib=16] [--config.a.b=v ...]
+  python -m ztt_jax.compile_check --config=configs/default.py --topology=cpu:8 \\
+      --config.mesh.shape='(2,2,2)' [--num_hosts=2] [--device_memory_gib=16] [--config.a.b=v ...]
 
 Builds the run exactly as `ztt_jax.train` does (same mesh, shardings and jitted step), lowers the
 step on abstract inputs (nothing is allocated, no data is read) and compiles it. Mesh, sharding and
@@ -14,10 +14,10 @@ Topologies:
             batch divisibility and the SPMD partitioning of the real program, and gives per-device
             sizes of params, optimizer state and batch. Temporaries are those of XLA's CPU compiler:
             a rough guide, not the TPU/GPU figure (fusion, layouts and scheduling differ).
-  tpu:NAME  a Cloud TPU topology such as tpu:v5e:4x4 or tpu:v4:2x2x2, compiled by XLA's TPU compiler
-            through `jax.experimental.topologies.get_topology_desc`. That needs libtpu (installed by
-            `pip install "jax[tpu]"`); without it the check stops and says so (exit code 3). It is
-            not exercised by this project's tests, which run where libtpu is absent.
+  tpu:NAME  a Cloud TPU topology such as tpu:v5e:4x4 or tpu:v4:2x2x4, compiled by XLA's TPU compiler
+            through `jax.experimental.topologies.get_topology_desc`, on any machine. That needs
+            libtpu (`pip install "jax[tpu]"`, or `libtpu==0.0.42.*` for jax 0.10.2); without it the
+            check stops and says so (exit code 3). --num_hosts defaults to the topology's hosts.
 
 Exit codes: 0 compiled (and fits, if --device_memory_gib is given); 1 compile, sharding or memory
 error; 2 bad config or arguments; 3 topology unsupported by this installation.
@@ -40,7 +40,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Exper
 _TOPOLOGY = flags.DEFINE_string("topology", None, "cpu:N or tpu:NAME (e.g. tpu:v5e:4x4).",
                                 required=True)
 _NUM_HOSTS = flags.DEFINE_integer(
-    "num_hosts", 1, "Processes the run will have: checks that each reads a whole share of the batch.")
+    "num_hosts", None, "Processes the run will have: checks that each reads a whole share of the "
+    "batch. Default: the TPU topology's host count, 1 for cpu:N.")
 _DEVICE_MEMORY_GIB = flags.DEFINE_float(
     "device_memory_gib", None, "Per-device memory budget; the check fails if the estimate exceeds it.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
@@ -248,7 +249,8 @@ def main(argv):
   try:
     cfg = config_lib.parse(_CONFIG.value)
     devices = topology_devices(_TOPOLOGY.value)
-    report = check(cfg, devices, topology=_TOPOLOGY.value, num_hosts=_NUM_HOSTS.value,
+    num_hosts = _NUM_HOSTS.value or len({d.process_index for d in devices})
+    report = check(cfg, devices, topology=_TOPOLOGY.value, num_hosts=num_hosts,
                    device_memory_gib=_DEVICE_MEMORY_GIB.value)
   except UnsupportedTopology as e:
     print(f"compile check: UNSUPPORTED: {e}", flush=True)

@@ -86,12 +86,15 @@ def build(cfg: Config, devices=None) -> Run:
   def init_boxed(rng):
     return model.init(rng, dummy_BxT)["params"]
 
+  # Made outside the mesh context: under it, an eager op would run on the mesh's devices, which
+  # for ztt_jax.compile_check's TPU topologies exist only to compile for.
+  key = jax.random.key(0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    boxed = jax.eval_shape(init_boxed, key)
     p_shardings = partitioning.param_shardings(boxed, mesh, axis_rules)
-    abstract_params = jax.eval_shape(lambda r: nn.unbox(init_boxed(r)), jax.random.key(0))
+    abstract_params = jax.eval_shape(lambda r: nn.unbox(init_boxed(r)), key)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    o_shardings = partitioning.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
+  o_shardings = partitioning.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)  # runs eager ops
   repl = partitioning.replicated(mesh)
   state_shardings = TrainState(step=repl, params=p_shardings, opt_state=o_shardings, skipped_steps=repl)
 
@@ -101,7 +104,7 @@ def build(cfg: Config, devices=None) -> Run:
                       skipped_steps=jnp.zeros((), jnp.int32))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    abstract = jax.eval_shape(init_state, key)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
   init = jax.jit(init_state, out_shardings=state_shardings)
