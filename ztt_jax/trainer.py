@@ -8,7 +8,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
