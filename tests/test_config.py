@@ -6,7 +6,8 @@ import jax
 import pytest
 
 from ztt_jax import config as config_lib
-from ztt_jax import partitioning, trainer
+from ztt_jax import partitioning
+from ztt_jax import run as run_lib
 from ztt_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,4 +87,4 @@ def test_batch_not_divisible_by_data_parallel_degree():
   cfg.mesh.shape = (8, 1, 1)
   cfg.train.global_batch_size = 12
   with pytest.raises(ConfigError, match="data-parallel degree 8"):
-    trainer.build(config_lib.parse(cfg), jax.devices())
+    run_lib.build(config_lib.parse(cfg), jax.devices())

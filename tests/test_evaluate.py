@@ -10,7 +10,8 @@ import pytest
 from test_config import load_config
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
-from ztt_jax import evaluate, plots, restore, trainer
+from ztt_jax import evaluate, plots, restore
+from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError, ConfigError
 
@@ -25,7 +26,7 @@ def workdir(tmp_path_factory):
   cd = load_config("tiny")
   cd.model.num_cycles = 2  # each fixed cut is a compile; 2 cycles still give tokens that exit or not
   cfg = config_lib.parse(cd)
-  run = trainer.build(cfg)
+  run = run_lib.build(cfg)
   rng = np.random.default_rng(0)
 
   def draw(path, a):
@@ -40,7 +41,7 @@ def workdir(tmp_path_factory):
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                     vocab_size=cfg.model.vocab_size)
   ckpt = Checkpointer(str(workdir / "checkpoints"), cfg.checkpoint)
-  ckpt.save(STEP, state, it, trainer.layout_metadata(run), force=True)
+  ckpt.save(STEP, state, it, run_lib.layout_metadata(run), force=True)
   ckpt.close()
   return str(workdir)
 

@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
-from ztt_jax import export, trainer
+from ztt_jax import export
+from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.model import ZTTModel
 from model_testutil import init_params
@@ -47,15 +48,15 @@ def run(tmp_path_factory):
   cd = load_config("tiny")
   cd.mesh.shape = (2, 1, 1)
   cfg = config_lib.parse(cd)
-  r = trainer.build(cfg, jax.devices()[:2])
+  r = run_lib.build(cfg, jax.devices()[:2])
   _, params = init_params(cfg.model)
   params = jax.tree.map(np.asarray, params)
   seed_export = export.save(str(tmp / "seed"), cfg.model, params)
-  state = trainer.init_from_export(seed_export, r).replace(step=jnp.asarray(5, jnp.int32))
+  state = run_lib.init_from_export(seed_export, r).replace(step=jnp.asarray(5, jnp.int32))
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                     vocab_size=cfg.model.vocab_size)
   ckpt = Checkpointer(str(tmp / "run" / "checkpoints"), cfg.checkpoint)
-  ckpt.save(5, state, it, trainer.layout_metadata(r), force=True)
+  ckpt.save(5, state, it, run_lib.layout_metadata(r), force=True)
   ckpt.close()
   return tmp / "run", cfg, params
 
@@ -108,7 +109,7 @@ def test_bfloat16_export_cli(run, tmp_path):
   assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
   # fine-tuning from it runs in the run's float32 params
-  got = jax.device_get(trainer.load_init_params(str(out), trainer.build(cfg, jax.devices()[:2])))
+  got = jax.device_get(run_lib.load_init_params(str(out), run_lib.build(cfg, jax.devices()[:2])))
   assert {a.dtype for a in jax.tree.leaves(got)} == {np.dtype(np.float32)}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(ml_dtypes.bfloat16).astype(np.float32)),
                got, params)

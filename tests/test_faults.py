@@ -17,6 +17,7 @@ import pytest
 
 import runs
 from ztt_jax import data as data_lib
+from ztt_jax import run as run_lib
 from ztt_jax import trainer
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 def _restore(workdir, cfg, step=None, **ckpt_overrides):
-  run = trainer.build(cfg)
+  run = run_lib.build(cfg)
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                     vocab_size=cfg.model.vocab_size)
   ckpt = Checkpointer(str(workdir / "checkpoints"), dataclasses.replace(cfg.checkpoint, **ckpt_overrides),

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import runs
-from ztt_jax import compile_check, trainer
+from ztt_jax import compile_check
+from ztt_jax import run as run_lib
 from ztt_jax.errors import ConfigError
 
 ROOT = runs.ROOT
@@ -139,7 +140,7 @@ def test_compile_check_reports_the_memory_of_the_real_train_step():
   cfg = runs.config()
   report = compile_check.check(cfg, jax.devices(), topology="cpu:8")
   assert report.ok, report.error
-  run = trainer.build(cfg)
+  run = run_lib.build(cfg)
   batch = compile_check.abstract_batch(cfg, run.mesh)
   # Independent count: the step's arguments are the train state and the batch arrays it reads, as
   # sharded (`hops` is passed too, but the step never reads it and XLA drops it).

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
+from ztt_jax import run as run_lib
 from ztt_jax import trainer
 from ztt_jax.checkpointing import Checkpointer
 from runs import losses
@@ -46,7 +47,7 @@ def test_sharded_training_equals_single_device(tmp_path):
 
 
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
-  run = trainer.build(tiny(mesh__shape=(2, 2, 2)))
+  run = run_lib.build(tiny(mesh__shape=(2, 2, 2)))
   state = run.init(jax.random.key(0))
   specs = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.sharding.spec
            for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
@@ -68,7 +69,7 @@ def test_restore_on_another_mesh_gives_equal_params(tmp_path):
   restored = {}
   for shape in [(2, 4, 1), (8, 1, 1)]:
     cfg = tiny(mesh__shape=shape)
-    run = trainer.build(cfg)
+    run = run_lib.build(cfg)
     it = data_lib.make_train_iterator(
         cfg.data, global_batch_size=cfg.train.global_batch_size, vocab_size=cfg.model.vocab_size)
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)

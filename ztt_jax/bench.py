@@ -31,6 +31,7 @@ import numpy as np
 from ztt_jax.config import base_config, parse
 from ztt_jax.flops import measured_cpu_matmul_peak, peak_flops, train_flops_per_token
 from ztt_jax.model import ModelConfig, ZTTModel
+from ztt_jax.run import build, jit_train_step, to_global
 
 SUITES = ("throughput", "compile", "exit", "remat", "mfu")
 
@@ -95,7 +96,6 @@ class TrainStep:
   """A ready train step on a synthetic batch, built by the trainer's own code path."""
 
   def __init__(self, cfg, devices=None):
-    from ztt_jax.trainer import build, jit_train_step, to_global
     self.cfg = cfg
     self.run = build(cfg, devices)
     self.fn = jit_train_step(self.run)

@@ -125,7 +125,7 @@ def topology_devices(topology: str) -> list:
 
 
 def abstract_batch(cfg, mesh):
-  """Global-batch shapes the train step receives (what `trainer.to_global` builds)."""
+  """Global-batch shapes the train step receives (what `run.to_global` builds)."""
   import jax
   import jax.numpy as jnp
   from ztt_jax import partitioning
@@ -144,7 +144,8 @@ def check(cfg, devices, *, topology: str = "in-process", num_hosts: int = 1,
   import flax.linen as nn
   import jax
   import numpy as np
-  from ztt_jax import partitioning, trainer
+  from ztt_jax import partitioning
+  from ztt_jax import run as run_lib
   from ztt_jax.errors import ConfigError
 
   cfg.validate()
@@ -161,13 +162,13 @@ def check(cfg, devices, *, topology: str = "in-process", num_hosts: int = 1,
         f"the data-parallel degree {dp} (mesh data x fsdp) is not a multiple of --num_hosts="
         f"{num_hosts}: some hosts would hold no distinct batch rows. Put at least one data or fsdp "
         "slice on every host.")
-  run = trainer.build(cfg, devices)
+  run = run_lib.build(cfg, devices)
   report.param_count = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(run.abstract_state.params)))
   indivisible = _indivisible_leaf(run.abstract_state)
   if indivisible:
     report.error = indivisible
     return report
-  step = trainer.jit_train_step(run)
+  step = run_lib.jit_train_step(run)
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
       compiled = step.lower(run.abstract_state, abstract_batch(cfg, run.mesh)).compile()

@@ -19,12 +19,16 @@ import math
 import os
 from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from ztt_jax import data as data_lib
+from ztt_jax import partitioning
 from ztt_jax.errors import ConfigError, DataError
 from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
+from ztt_jax.run import Run, compile_synced, to_global
+from ztt_jax.train_step import make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,56 @@ def held_out_batches(cfg, max_batches: Optional[int] = None) -> list:
     raise DataError("The run's data has no held-out split (data.eval_fraction=0 or data.eval_examples=0), so "
                     "there is nothing to evaluate. Train with a held-out split.")
   return batches
+
+
+class Evaluator:
+  """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count.
+
+  exit_threshold defaults to model.exit_threshold; calling with exit_threshold=tau evaluates
+  another threshold with the same compiled step (None: no exit, a second compile). num_cycles,
+  exit_signal and frozen_kv go to model.apply (ztt_jax.evaluate uses them for its baselines).
+  Returns {"eval/loss", "eval/mean_cycles"} and, for the multi-hop task, "eval/accuracy" and
+  "eval/per_hop": {hops: {"accuracy", "mean_cycles"}} (flat names only in ztt_jax.metrics).
+  """
+
+  def __init__(self, run: Run, batches: list, *, exit_threshold="config", num_cycles=None,
+               exit_signal="zero_attention", frozen_kv=None):
+    self.run = run
+    self.batches = batches
+    self.exit_threshold = run.cfg.model.exit_threshold if exit_threshold == "config" else exit_threshold
+    step = make_eval_step(run.model, None, num_cycles=num_cycles, exit_signal=exit_signal, frozen_kv=frozen_kv)
+    repl = partitioning.replicated(run.mesh)
+    self._fn = compile_synced(jax.jit(lambda p, b, tau: (step(p, b, tau), b.get("hops")),
+                                      in_shardings=(run.param_shardings, None, None), out_shardings=repl))
+
+  def __call__(self, params, exit_threshold="same") -> dict:
+    if not self.batches:  # eval.max_batches=0
+      return {}
+    tau = self.exit_threshold if exit_threshold == "same" else exit_threshold
+    tau = None if tau is None else np.float32(tau)
+    sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
+    per_hop: dict[int, list] = {}
+    with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
+      for local in self.batches:
+        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh), tau))
+        valid = out["weight_B"] > 0
+        sums["ce"] += float(out["ce_sum_B"].sum())
+        sums["w"] += float(out["weight_B"].sum())
+        sums["cycles"] += float(out["cycles_sum_B"].sum())
+        if hops is not None:
+          for h, ok, cyc, w in zip(hops[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
+                                   out["weight_B"][valid]):
+            per_hop.setdefault(int(h), []).append((float(ok), float(cyc / w)))
+    result = {"eval/loss": sums["ce"] / max(sums["w"], 1.0),
+              "eval/mean_cycles": sums["cycles"] / max(sums["w"], 1.0)}
+    if per_hop:
+      all_ok = [ok for rows in per_hop.values() for ok, _ in rows]
+      result["eval/accuracy"] = float(np.mean(all_ok))
+      result["eval/per_hop"] = {
+          h: {"accuracy": float(np.mean([ok for ok, _ in per_hop[h]])),
+              "mean_cycles": float(np.mean([c for _, c in per_hop[h]]))}
+          for h in sorted(per_hop)}
+    return result
 
 
 def is_byte_data(data_cfg) -> bool:
@@ -72,12 +126,9 @@ def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
     out["compute_fraction_incl_signal"] = compute_fraction(m, seq_len, out["mean_cycles"], out["mean_cycles"])
   if "eval/accuracy" in metrics:
     out["accuracy"] = metrics["eval/accuracy"]
-    hops = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("eval/accuracy_hops_"))
     out["per_hop"] = {
-        str(h): {"accuracy": metrics[f"eval/accuracy_hops_{h}"],
-                 "mean_cycles": metrics[f"eval/mean_cycles_hops_{h}"],
-                 "compute_fraction": compute_fraction(m, seq_len, metrics[f"eval/mean_cycles_hops_{h}"])}
-        for h in hops}
+        str(h): {**hop, "compute_fraction": compute_fraction(m, seq_len, hop["mean_cycles"])}
+        for h, hop in metrics["eval/per_hop"].items()}
   return out
 
 
@@ -100,7 +151,6 @@ def evaluate(trained, exit_threshold=FROM_CONFIG, *, batches: Optional[list] = N
              max_batches: Optional[int] = None) -> dict:
   """JSON-ready metrics of `trained` (restore.TrainedRun) with zero-attention exit at
   exit_threshold (default: model.exit_threshold; None: no exit)."""
-  from ztt_jax.trainer import Evaluator
   cfg = trained.cfg
   frozen_kv = frozen_kv or cfg.model.frozen_kv
   tau = cfg.model.exit_threshold if exit_threshold == FROM_CONFIG else exit_threshold
@@ -115,9 +165,6 @@ def evaluate(trained, exit_threshold=FROM_CONFIG, *, batches: Optional[list] = N
 def signal_values(trained, batches: list) -> dict:
   """Per-cycle exit signals of the loss-weighted tokens with every cycle run:
   {'zero_attention': [n], 'confidence': [n]} (cycles before the last; exiting after it saves nothing)."""
-  import flax.linen as nn
-  from ztt_jax import trainer
-
   run = trained.run
   C = trained.cfg.model.cycles
   fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, exit_signal="confidence")[1],
@@ -125,7 +172,7 @@ def signal_values(trained, batches: list) -> dict:
   za, conf = [], []
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     for local in batches:
-      b = trainer.to_global(local, run.mesh)
+      b = to_global(local, run.mesh)
       aux = jax.device_get(fn(trained.params, b["inputs"]))
       w = np.asarray(jax.device_get(b["weights"])) > 0
       za.append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
@@ -150,7 +197,6 @@ def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, f
   """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint.
 
   thresholds: use these for both threshold rules instead of the quantile grids."""
-  from ztt_jax.trainer import Evaluator
   cfg = trained.cfg
   frozen_kv = frozen_kv or cfg.model.frozen_kv
   C = cfg.model.cycles

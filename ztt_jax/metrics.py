@@ -1,19 +1,22 @@
-"""Metric sinks: WORKDIR/metrics.jsonl and TensorBoard, written by process 0 only."""
+"""Metric sinks: WORKDIR/metrics.jsonl and TensorBoard, and the flat names of structured metrics."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Mapping
+import re
+from typing import Any, Mapping
 
-import jax
+PER_HOP = "eval/per_hop"
+_HOP_NAME = re.compile(r"eval/(?P<metric>accuracy|mean_cycles)_hops_(?P<hops>\d+)")
 
 
 class MetricsWriter:
-  """One JSON object per logged step (`{"step": s, "train/loss": ...}`), mirrored to TensorBoard."""
+  """One JSON object per logged step (`{"step": s, "train/loss": ...}`), mirrored to TensorBoard.
+  The trainer enables it on process 0 only."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
-    self.enabled = jax.process_index() == 0
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
@@ -22,10 +25,10 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, scalars: Mapping[str, float]):
+  def write(self, step: int, metrics: Mapping[str, Any]):
     if not self.enabled:
       return
-    clean = {k: _to_float(v) for k, v in scalars.items()}
+    clean = {k: _to_float(v) for k, v in flat(metrics).items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
@@ -37,6 +40,29 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def flat(metrics: Mapping[str, Any]) -> dict:
+  """Scalars by name: the structured "eval/per_hop" ({hops: {"accuracy", "mean_cycles"}}) becomes
+  "eval/accuracy_hops_<h>" and "eval/mean_cycles_hops_<h>", the names metrics.jsonl has always had."""
+  out = {}
+  for name, v in metrics.items():
+    if name == PER_HOP:
+      for h, hop in v.items():
+        out.update({f"eval/{k}_hops_{h}": x for k, x in hop.items()})
+    else:
+      out[name] = v
+  return out
+
+
+def per_hop(scalars: Mapping[str, Any]) -> dict:
+  """The inverse of `flat` for "eval/per_hop", for records read back from disk: {hops: {...}}."""
+  hops: dict = {}
+  for name, v in scalars.items():
+    m = _HOP_NAME.fullmatch(name)
+    if m:
+      hops.setdefault(int(m["hops"]), {})[m["metric"]] = v
+  return dict(sorted(hops.items()))
 
 
 def _to_float(v):

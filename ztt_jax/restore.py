@@ -10,6 +10,7 @@ from typing import Any, Optional
 import jax
 
 from ztt_jax import config as config_lib
+from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError
 
@@ -17,15 +18,13 @@ from ztt_jax.errors import CheckpointError
 @dataclasses.dataclass
 class TrainedRun:
   cfg: config_lib.Config
-  run: Any  # trainer.Run
+  run: run_lib.Run
   params: Any
   step: int
 
 
 def load_trained(workdir: str, step: Optional[int] = None, devices=None) -> TrainedRun:
   """Params of checkpoint `step` (default: newest good one) placed on `devices` (default: all)."""
-  from ztt_jax import trainer  # trainer imports this module's siblings; keep import order simple
-
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"No checkpoints in {workdir}: expected {ckpt_dir}. Pass the --workdir of a "
@@ -45,7 +44,7 @@ def load_trained(workdir: str, step: Optional[int] = None, devices=None) -> Trai
   micro_batch = cfg.train.global_batch_size // cfg.train.microbatches
   devices = devices[:math.gcd(len(devices), micro_batch, cfg.eval.batch_size or micro_batch)]
   cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, shape=(-1, 1, 1)))
-  run = trainer.build(cfg, devices)
+  run = run_lib.build(cfg, devices)
   restored = probe.restore(run.abstract_state, None, step=step)
   probe.close()
   return TrainedRun(cfg, run, restored.state.params, restored.step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+from ztt_jax import evaluate, restore
 from ztt_jax.experiments.ladder import run_name
 from ztt_jax.experiments.runs import finished
 
@@ -17,7 +18,6 @@ def sweep_path(results_dir: str, task: str, seed: int) -> str:
 
 
 def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, num_thresholds: int = 8, log=print):
-  from ztt_jax import evaluate, restore
   for seed in range(seeds):
     path = sweep_path(results_dir, task, seed)
     workdir = os.path.join(out, task, run_name("ztt", seed))

@@ -7,8 +7,10 @@ import time
 
 import jax
 
+from ztt_jax import run as run_lib
 from ztt_jax.experiments.ladder import RUNGS, rung_config, run_name
-from ztt_jax.metrics import read_metrics
+from ztt_jax.metrics import flat, read_metrics
+from ztt_jax.trainer import train
 
 RESULT = "result.json"
 
@@ -19,12 +21,10 @@ def finished(workdir: str) -> bool:
 
 
 def param_count(cfg) -> int:
-  from ztt_jax.trainer import build
-  return int(sum(x.size for x in jax.tree.leaves(build(cfg).abstract_state.params)))
+  return int(sum(x.size for x in jax.tree.leaves(run_lib.build(cfg).abstract_state.params)))
 
 
 def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, steps=None) -> dict:
-  from ztt_jax.trainer import train  # heavy import; keeps `--report` fast
   cfg = rung_config(task, rung, seed, data_path=data_path, steps=steps)
   workdir = os.path.join(out, run_name(rung, seed))
   t0 = time.perf_counter()
@@ -41,7 +41,7 @@ def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, step
       # wall time of this invocation only; a resumed run reports the last leg
       "wall_s": time.perf_counter() - t0,
       "median_tokens_per_sec": sorted(tok_s)[len(tok_s) // 2] if tok_s else None,
-      "final": {k: float(v) for k, v in final.items()},
+      "final": {k: float(v) for k, v in flat(final).items()},
   }
   with open(os.path.join(workdir, RESULT), "w") as f:
     json.dump(result, f, indent=1)

@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+from ztt_jax.metrics import per_hop
+
 RUNG_ORDER = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
 
 
@@ -59,8 +61,9 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
     }
     if any("eval/accuracy" in f for f in finals):
       entry["accuracy"] = stats([f.get("eval/accuracy") for f in finals])
-      hops = sorted({int(k.rsplit("_", 1)[1]) for f in finals for k in f if k.startswith("eval/accuracy_hops_")})
-      entry["accuracy_by_hop"] = {str(h): stats([f.get(f"eval/accuracy_hops_{h}") for f in finals]) for h in hops}
+      by_hop = [per_hop(f) for f in finals]
+      hops = sorted({h for hs in by_hop for h in hs})
+      entry["accuracy_by_hop"] = {str(h): stats([hs.get(h, {}).get("accuracy") for hs in by_hop]) for h in hops}
     rungs[rung] = entry
   budget = {}
   mixed = {(x["steps"], x["tokens_per_step"]) for x in rows}
