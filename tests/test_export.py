@@ -19,6 +19,7 @@ from ztt_jax import data as data_lib
 from ztt_jax import export
 from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
+from ztt_jax.errors import OutputError
 from ztt_jax.model import ZTTModel
 from model_testutil import init_params
 from test_config import load_config
@@ -163,6 +164,9 @@ def test_missing_and_damaged_exports_are_named(run, tmp_path):
   other = tmp_path / "other"
   other.mkdir()
   (other / "notes.txt").write_text("mine")
-  with pytest.raises(export.ExportError, match="not an export"):
+  # A non-empty directory is refused; with overwrite=True still, as ztt_jax did not write it.
+  with pytest.raises(OutputError, match="not empty.*--overwrite"):
     export.save(str(other), cfg.model, params)
-  assert (other / "notes.txt").exists()
+  with pytest.raises(OutputError, match="not an export written by ztt_jax"):
+    export.save(str(other), cfg.model, params, overwrite=True)
+  assert (other / "notes.txt").read_text() == "mine"

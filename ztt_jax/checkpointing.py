@@ -6,6 +6,11 @@ one file per process), `metadata` (JSON: the config, the model layout, the mesh,
 Restoring walks back from the newest step: a damaged checkpoint (a truncated or missing array
 file, a save killed half-way) is reported with a warning naming the step, and the next older one
 is tried. Checkpoints that exist but cannot be restored never lead to a silent fresh start.
+
+A checkpoint whose params have other shapes than the model being restored is not damaged: it was
+written by another model config. That is a ConfigError before anything is read, and nothing is
+moved or renamed. (The trainer compares the saved config with the new one first, see
+ztt_jax/resume.py; this check is the backstop that needs no config.)
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ztt_jax.config import CheckpointConfig
-from ztt_jax.errors import CheckpointError
+from ztt_jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,12 @@ class Checkpointer:
       return None
     failures, damaged = [], []
     for candidate in reversed(steps):
+      mismatch = self._params_mismatch(candidate, abstract_state)
+      if mismatch is not None:
+        raise ConfigError(
+            f"checkpoint step {candidate} in {self.directory} was written by a model of another shape "
+            f"({mismatch}); it is not damaged and was left as it is. Resume with the model config it was "
+            "saved with (it is in the checkpoint's metadata), or use a new --workdir for the new model.")
       state, metadata, error = self._try_restore(candidate, abstract_state)
       # Every process must take the same step, or they would train from different states.
       if not _all_processes_agree(error is None) and error is None:
@@ -126,6 +137,21 @@ class Checkpointer:
         + "\n  ".join(failures)
         + "\nFix or remove the damaged step directories, or pass "
           "--config.checkpoint.allow_fresh_start=True to start from scratch.")
+
+  def _params_mismatch(self, step: int, abstract_state) -> Optional[str]:
+    """What differs between the saved params' shapes (from the array metadata, no array read) and
+    the model's, or None if they match or the metadata is unreadable (then restoring reports it)."""
+    try:
+      meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+      saved = _shapes(getattr(meta, "tree", meta)["params"])
+    except Exception:  # noqa: BLE001 - unreadable metadata is damage, which restoring handles
+      return None
+    want = _shapes(abstract_state.params)
+    if saved == want:
+      return None
+    diff = [f"{k}: saved {saved.get(k, 'absent')}, model {want.get(k, 'absent')}"
+            for k in sorted(saved.keys() | want.keys()) if saved.get(k) != want.get(k)]
+    return "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
 
   def _try_restore(self, step: int, abstract_state):
     """(state, metadata, None) or (None, None, error). Uses the item handlers directly: the
@@ -187,6 +213,17 @@ def _all_processes_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _shapes(tree) -> dict:
+  """{'a/b/c': shape} of a params tree (abstract arrays or Orbax ArrayMetadata leaves)."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {"/".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _first_line(e: Exception) -> str:

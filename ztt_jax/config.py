@@ -132,6 +132,11 @@ class CheckpointConfig:
   """Write checkpoints in a background thread while training continues."""
   allow_fresh_start: bool = False
   """If checkpoints exist but none can be restored, start from scratch instead of stopping."""
+  allow_config_change: bool = False
+  """Resume even though the config changed in a way that makes the checkpoint mean something else
+  (model shapes or layout, data source or order, seeds; see ztt_jax/resume.py). Without it such a
+  resume stops before compiling and lists each changed field; safe changes (steps, learning rate,
+  cadences, exit threshold) are always allowed and logged."""
 
   def validate(self):
     if self.every_steps < 1 or self.max_to_keep < 1:

@@ -11,3 +11,7 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint could be restored."""
+
+
+class OutputError(ConfigError):
+  """An output path would overwrite or delete something ztt_jax did not write (or its own input)."""

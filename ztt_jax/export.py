@@ -27,13 +27,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ztt_jax import outdir
 from ztt_jax.errors import CheckpointError, ConfigError
 from ztt_jax.model import ModelConfig, ZTTModel
 
@@ -131,15 +131,19 @@ def cast(params: Any, dtype: str) -> Any:
 # ------------------------------------------------------------------ save
 
 def save(path: str, model_cfg: Any, params: Any, *, storage: str = "safetensors", unscanned: bool = False,
-         dtype: Optional[str] = None, source: Optional[dict] = None) -> str:
+         dtype: Optional[str] = None, source: Optional[dict] = None, overwrite: bool = False,
+         sources: Optional[dict] = None, extra_files: Optional[dict] = None) -> str:
   """Writes an export of `params` (unboxed, host or device arrays) for `model_cfg` to directory `path`.
 
   dtype: cast every param to float32 or bfloat16 (None keeps them); the embedded config's
   param_dtype follows, so `load` builds a model that matches the stored params.
-  The export is written next to `path` and renamed into place, so an interrupted save never leaves
-  a half-written export under `path`. An existing export at `path` is replaced; any other existing
-  non-empty directory is refused.
+  The export is written next to `path` and swapped into place (ztt_jax.outdir), so an interrupted
+  save never leaves a half-written export under `path`. An existing non-empty `path` is refused
+  unless `overwrite`, and even then only an export written here (and nothing else) is replaced.
+  sources: {flag: path} of the inputs, which `path` may not be or lie inside (nor they inside it).
+  extra_files: {name: file} copied into the export (e.g. an imported model's tokenizer.json).
   """
+  path = check_out(path, overwrite=overwrite, sources=sources)
   if storage not in STORAGES:
     raise ConfigError(f"format={storage!r}: use one of {', '.join(STORAGES)}")
   cfg = ModelConfig.from_any(model_cfg)
@@ -157,16 +161,7 @@ def save(path: str, model_cfg: Any, params: Any, *, storage: str = "safetensors"
           "unscanned": bool(unscanned), "dtype": param_dtype, "source": source or {}}
   tree = unscan(params) if unscanned else params
 
-  path = os.path.abspath(path)
-  if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-    raise ExportError(f"--out={path} is a non-empty directory that is not an export; choose a new "
-                      "path or empty it.")
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ExportError(f"--out={path} exists and is not a directory; choose a new path.")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
+  def fill(tmp):
     if storage == "safetensors":
       from safetensors.numpy import save_file
       flat = {k: np.ascontiguousarray(v) for k, v in flatten(tree).items()}
@@ -175,16 +170,34 @@ def save(path: str, model_cfg: Any, params: Any, *, storage: str = "safetensors"
       import orbax.checkpoint as ocp
       with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, ORBAX_DIR), tree)
+    for name, file in (extra_files or {}).items():
+      shutil.copyfile(file, os.path.join(tmp, name))
     # config.json last: its presence marks a complete export.
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return path
+
+  return outdir.write_atomic(path, fill)
+
+
+# What an export directory may hold; anything else there is the user's, so --overwrite keeps off it.
+EXPORT_ENTRIES = (CONFIG_FILE, SAFETENSORS_FILE, ORBAX_DIR, "tokenizer.json")
+
+
+def is_export(path: str) -> Optional[str]:
+  """None if `path` is an export written by `save` holding nothing else, else why not."""
+  try:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      fmt = json.load(f).get("format")
+  except (OSError, ValueError, AttributeError):
+    return f"it has no readable {CONFIG_FILE} with format {FORMAT!r}"
+  if fmt != FORMAT:
+    return f"its {CONFIG_FILE} has format {fmt!r}, not {FORMAT!r}"
+  return outdir.only_known_entries(path, EXPORT_ENTRIES)
+
+
+def check_out(out: str, *, overwrite: bool = False, sources: Optional[dict] = None) -> str:
+  """Absolute `out` if an export may be written there, else OutputError (see ztt_jax.outdir)."""
+  return outdir.check(out, overwrite=overwrite, is_ours=is_export, sources=sources or {}, what="an export")
 
 
 # ------------------------------------------------------------------ load
@@ -306,24 +319,23 @@ def _check_tree(tree: dict, want: dict, where: str, any_dtype: bool) -> None:
 # ------------------------------------------------------------------ from a training run
 
 def export_run(workdir: str, out: str, step: Optional[int] = None, storage: str = "safetensors",
-               unscanned: bool = False, dtype: Optional[str] = None) -> str:
+               unscanned: bool = False, dtype: Optional[str] = None, overwrite: bool = False) -> str:
   """Exports checkpoint `step` (default: the newest) of the training run in `workdir`."""
   from ztt_jax.restore import load_trained
+  sources = {"--workdir": workdir}
+  check_out(out, overwrite=overwrite, sources=sources)  # before the minutes of loading the run
   # Local devices only: the export is written by this process, so every array must be addressable here.
   trained = load_trained(workdir, step, devices=jax.local_devices())
   source = {"kind": "training_run", "workdir": os.path.abspath(workdir), "step": int(trained.step)}
   return save(out, trained.cfg.model, trained.params, storage=storage, unscanned=unscanned, dtype=dtype,
-              source=source)
+              source=source, overwrite=overwrite, sources=sources)
 
 
 def main(argv):
   del argv
-  from absl import app, flags
+  from absl import flags
   f = flags.FLAGS
-  try:
-    path = export_run(f.workdir, f.out, f.step, f.format, f.unscan, f.dtype)
-  except (CheckpointError, ConfigError) as e:
-    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  path = export_run(f.workdir, f.out, f.step, f.format, f.unscan, f.dtype, overwrite=f.overwrite)
   meta = read_config(path)
   print(f"exported {meta['source'].get('workdir')} step {meta['source'].get('step')} -> {path} "
         f"({meta['storage']}, {'unscanned' if meta['unscanned'] else 'scanned'}, {meta['dtype']})")
@@ -337,9 +349,11 @@ def _define_flags():
   flags.DEFINE_enum("format", "safetensors", list(STORAGES), "Storage of the params.")
   flags.DEFINE_bool("unscan", False, "Store each layer of a stack under its own name.")
   flags.DEFINE_enum("dtype", None, list(DTYPES), "Cast params to this dtype; default keep.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out, if it is an export written by "
+                    "ztt_jax and holds nothing else.")
 
 
 if __name__ == "__main__":
-  from absl import app
+  from ztt_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -45,6 +45,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ztt_jax import export as export_lib
+from ztt_jax import outdir
 from ztt_jax.errors import ConfigError
 from ztt_jax.model import ModelConfig
 
@@ -233,8 +234,13 @@ def to_ztt(cfg: ModelConfig, top: dict, layers: list[dict], num_cycles: int = 2,
 
 def import_hf(hf_dir: str, out: str, to: str = "vanilla", num_cycles: int = 2,
               n_middle_layers: Optional[int] = None, middle_init: str = "copy", zero_bias_init: float = -10.0,
-              storage: str = "safetensors", dtype: str = "float32") -> str:
-  """Converts a local HF GPT-2 directory to an export at `out` (see the module docstring)."""
+              storage: str = "safetensors", dtype: str = "float32", overwrite: bool = False) -> str:
+  """Converts a local HF GPT-2 directory to an export at `out` (see the module docstring).
+
+  `out` follows `ztt_jax.export.save`'s rules: never the HF directory itself (or inside it), and an
+  existing non-empty `out` only with `overwrite` and only if it is an export written by ztt_jax."""
+  sources = {"--hf_dir": hf_dir}
+  export_lib.check_out(out, overwrite=overwrite, sources=sources)  # before reading the weights
   hf_cfg, tensors = read_hf(hf_dir)
   cfg = model_config_from_hf(hf_cfg)
   top, layers = hf_layers(cfg, tensors)
@@ -248,11 +254,11 @@ def import_hf(hf_dir: str, out: str, to: str = "vanilla", num_cycles: int = 2,
   if to == "ztt":
     source.update(middle_init=middle_init, num_cycles=num_cycles, n_middle_layers=cfg.n_middle_layers,
                   zero_bias_init=zero_bias_init)
-  path = export_lib.save(out, cfg, params, storage=storage, dtype=dtype, source=source)
   tok = os.path.join(hf_dir, "tokenizer.json")
-  if os.path.isfile(tok):  # so fine-tuning can use the model's own tokenizer (data.tokenizer)
-    shutil.copyfile(tok, os.path.join(path, "tokenizer.json"))
-  return path
+  # Copied so fine-tuning can use the model's own tokenizer (data.tokenizer); inside the atomic write.
+  extra = {"tokenizer.json": tok} if os.path.isfile(tok) else {}
+  return export_lib.save(out, cfg, params, storage=storage, dtype=dtype, source=source, overwrite=overwrite,
+                         sources=sources, extra_files=extra)
 
 
 # ------------------------------------------------------------------ export to HF
@@ -309,24 +315,49 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
   return hf_cfg, {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
-def export_hf(export_path: str, out: str) -> str:
-  """Writes `out`/config.json + `out`/model.safetensors from the export at `export_path`."""
+# Hugging Face's config.json is not ours to recognise a directory by, so --export_hf leaves this
+# marker beside it; --overwrite replaces only a directory that has it and nothing else of the user's.
+HF_MARKER = "ztt_jax_export_hf.json"
+HF_MARKER_FORMAT = "ztt_jax.export_hf"
+HF_ENTRIES = ("config.json", "model.safetensors", "tokenizer.json", HF_MARKER)
+
+
+def is_our_hf_export(path: str) -> Optional[str]:
+  """None if `path` was written by `export_hf` and holds nothing else, else why not."""
+  try:
+    with open(os.path.join(path, HF_MARKER)) as f:
+      fmt = json.load(f).get("format")
+  except (OSError, ValueError, AttributeError):
+    return f"it has no {HF_MARKER}, which --export_hf writes"
+  if fmt != HF_MARKER_FORMAT:
+    return f"its {HF_MARKER} has format {fmt!r}, not {HF_MARKER_FORMAT!r}"
+  return outdir.only_known_entries(path, HF_ENTRIES)
+
+
+def export_hf(export_path: str, out: str, overwrite: bool = False) -> str:
+  """Writes `out`/config.json + `out`/model.safetensors (+ tokenizer.json) from the export at
+  `export_path`, atomically: an existing `out` is replaced only with `overwrite` and only if an
+  earlier export_hf wrote it (its marker file), so a stale tokenizer.json is never left behind."""
+  sources = {"--from": export_path}
+  check = dict(overwrite=overwrite, is_ours=is_our_hf_export, sources=sources, what="a Hugging Face export")
+  out = outdir.check(out, **check)
   model, params = export_lib.load(export_path)
   meta = export_lib.read_config(export_path)
   base = meta.get("source", {}).get("hf_config")
   hf_cfg, tensors = to_hf(model.cfg, params, base)
-  out = os.path.abspath(out)
-  if os.path.isfile(out):
-    raise ConvertError(f"--out={out} is a file; give a directory for the Hugging Face model.")
-  os.makedirs(out, exist_ok=True)
-  from safetensors.numpy import save_file
-  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2, sort_keys=True)
   tok = os.path.join(os.path.abspath(export_path), "tokenizer.json")
-  if os.path.isfile(tok):
-    shutil.copyfile(tok, os.path.join(out, "tokenizer.json"))
-  return out
+
+  def fill(tmp):
+    from safetensors.numpy import save_file
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    if os.path.isfile(tok):
+      shutil.copyfile(tok, os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, HF_MARKER), "w") as f:
+      json.dump({"format": HF_MARKER_FORMAT, "version": 1, "from": os.path.abspath(export_path)}, f, indent=2)
+
+  return outdir.write_atomic(outdir.check(out, **check), fill)  # checked again: loading took a while
 
 
 # ------------------------------------------------------------------ CLI
@@ -343,21 +374,18 @@ def train_overrides(path: str) -> str:
 
 def main(argv):
   del argv
-  from absl import app, flags
+  from absl import flags
   f = flags.FLAGS
-  try:
-    if f.export_hf:
-      if not f["from"].value:
-        raise ConvertError("--export_hf needs --from=EXPORT_DIR (a vanilla GPT-2-form export).")
-      out = export_hf(f["from"].value, f.out)
-      print(f"wrote Hugging Face GPT-2 {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
-      return
-    if not f.hf_dir:
-      raise ConvertError("give --hf_dir=HF_DIR to import, or --export_hf --from=EXPORT_DIR to export.")
-    out = import_hf(f.hf_dir, f.out, f.to, f.num_cycles, f.n_middle_layers, f.middle_init, f.zero_bias_init,
-                    f.format, f.dtype)
-  except (ConfigError, export_lib.CheckpointError) as e:
-    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+  if f.export_hf:
+    if not f["from"].value:
+      raise ConvertError("--export_hf needs --from=EXPORT_DIR (a vanilla GPT-2-form export).")
+    out = export_hf(f["from"].value, f.out, overwrite=f.overwrite)
+    print(f"wrote Hugging Face GPT-2 {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
+    return
+  if not f.hf_dir:
+    raise ConvertError("give --hf_dir=HF_DIR to import, or --export_hf --from=EXPORT_DIR to export.")
+  out = import_hf(f.hf_dir, f.out, f.to, f.num_cycles, f.n_middle_layers, f.middle_init, f.zero_bias_init,
+                  f.format, f.dtype, overwrite=f.overwrite)
   print(f"wrote {out}\nfine-tune with: python -m ztt_jax.train --config=configs/finetune.py:{out} "
         f"--workdir=RUN --config.data.path=TEXT\n  (or any config plus: {train_overrides(out)})")
 
@@ -377,9 +405,11 @@ def _define_flags():
   flags.DEFINE_enum("dtype", "float32", list(export_lib.DTYPES), "Param dtype of the export.")
   flags.DEFINE_bool("export_hf", False, "Export --from (a vanilla export) to a Hugging Face directory --out.")
   flags.DEFINE_string("from", None, "--export_hf: the export directory to convert.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out, if ztt_jax wrote it (an export, or "
+                    "an --export_hf directory) and it holds nothing else.")
 
 
 if __name__ == "__main__":
-  from absl import app
+  from ztt_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)

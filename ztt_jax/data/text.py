@@ -4,10 +4,16 @@ The cache lives in `cache_dir` (never next to the input, which may be read-only)
 derived from the absolute path, size and mtime of every input file and the tokenizer's identity,
 so editing a file or switching tokenizer rebuilds it and nothing else does. With the byte
 tokenizer every file is followed by EOS so that documents do not run into each other.
+
+Every input file must be UTF-8 without NUL bytes: a binary file (an executable, an image, a
+compressed archive) would otherwise train without a word. The first bad file is named with the
+byte offset of the problem. The files and the token count read are logged at INFO.
 """
+import codecs
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 from typing import Optional, Union
@@ -17,7 +23,10 @@ import numpy as np
 from ztt_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from ztt_jax.errors import DataError
 
-_FORMAT = 'ztt-text-cache-v1'
+log = logging.getLogger(__name__)
+
+# v2: inputs are checked (UTF-8, no NUL) while the cache is built; a v1 cache may hold binary input.
+_FORMAT = 'ztt-text-cache-v2'
 _CHUNK_BYTES = 1 << 24
 _HF_LINES_PER_BATCH = 4096
 
@@ -78,6 +87,7 @@ def build_token_cache(path: str, tokenizer: Union[ByteTokenizer, HFTokenizer],
   if os.path.exists(meta_path) and os.path.exists(npy):
     with open(meta_path) as f:
       meta = json.load(f)
+    _log_read(path, files, meta['num_tokens'], f'the token cache {npy}')
     return TokenCache(npy, path, meta['num_tokens'], meta['max_id'], built=False)
 
   try:
@@ -88,10 +98,15 @@ def build_token_cache(path: str, tokenizer: Union[ByteTokenizer, HFTokenizer],
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
   # A per-process tmp name lets several processes build the same cache without clobbering.
   tmp = f'{npy}.{os.getpid()}.tmp.npy'
-  if isinstance(tokenizer, ByteTokenizer):
-    num_tokens, max_id = _write_bytes(files, tmp, dtype, tokenizer.eos_id)
-  else:
-    num_tokens, max_id = _write_hf(files, tmp, dtype, tokenizer)
+  try:
+    if isinstance(tokenizer, ByteTokenizer):
+      num_tokens, max_id = _write_bytes(files, tmp, dtype, tokenizer.eos_id)
+    else:
+      num_tokens, max_id = _write_hf(files, tmp, dtype, tokenizer)
+  except BaseException:
+    if os.path.exists(tmp):  # a bad file stops the build half-way; leave no partial cache behind
+      os.remove(tmp)
+    raise
   if num_tokens == 0:
     os.remove(tmp)
     raise DataError(f'data.path {path!r} tokenizes to 0 tokens. Use a file with text in it.')
@@ -103,7 +118,49 @@ def build_token_cache(path: str, tokenizer: Union[ByteTokenizer, HFTokenizer],
   with open(tmp_meta, 'w') as f:
     json.dump(meta, f)
   os.replace(tmp_meta, meta_path)
+  _log_read(path, files, num_tokens, f'tokenized into {npy}')
   return TokenCache(npy, path, num_tokens, max_id, built=True)
+
+
+_logged: set = set()
+
+
+def _log_read(path: str, files: list, num_tokens: int, how: str) -> None:
+  # Train and eval open the same source; one line per input is enough.
+  key = (os.path.abspath(path), num_tokens)
+  if key in _logged:
+    return
+  _logged.add(key)
+  names = ', '.join(str(f) for f in files[:5]) + (f' ... ({len(files)} files)' if len(files) > 5 else '')
+  log.info('Text data %s: %d file(s) (%s), %d tokens, %s.', path, len(files), names, num_tokens, how)
+
+
+class _TextCheck:
+  """Checks one file's bytes, fed in chunks: UTF-8, no NUL. Raises DataError naming the offset."""
+
+  def __init__(self, file):
+    self.file = file
+    self.offset = 0  # bytes fed so far
+    self.decoder = codecs.getincrementaldecoder('utf-8')()
+
+  def feed(self, chunk: bytes, final: bool = False) -> None:
+    nul = chunk.find(b'\0')
+    if nul >= 0:
+      self._fail(f'has a NUL byte at byte offset {self.offset + nul}: it is binary, not text')
+    pending = len(self.decoder.getstate()[0])  # an incomplete character carried over from the last chunk
+    try:
+      self.decoder.decode(chunk, final)
+    except UnicodeDecodeError as e:
+      self._fail(f'is not valid UTF-8 at byte offset {self.offset - pending + e.start} ({e.reason})')
+    self.offset += len(chunk)
+
+  def finish(self) -> None:
+    self.feed(b'', final=True)
+
+  def _fail(self, what: str):
+    raise DataError(f'{str(self.file)!r} (under data.path) {what}. data.kind=text '
+                    'reads UTF-8 text files only: re-encode it as UTF-8, remove it from the folder, or '
+                    "tokenize it yourself and use data.kind='tokens'.")
 
 
 def _write_bytes(files, out: str, dtype, eos_id: int) -> tuple[int, int]:
@@ -111,10 +168,13 @@ def _write_bytes(files, out: str, dtype, eos_id: int) -> tuple[int, int]:
   arr = np.lib.format.open_memmap(out, mode='w+', dtype=dtype, shape=(total,))
   pos = 0
   for f in files:
+    check = _TextCheck(f)
     with open(f, 'rb') as fh:
       while chunk := fh.read(_CHUNK_BYTES):
+        check.feed(chunk)
         arr[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
         pos += len(chunk)
+    check.finish()
     arr[pos] = eos_id
     pos += 1
   arr.flush()
@@ -125,11 +185,10 @@ def _write_bytes(files, out: str, dtype, eos_id: int) -> tuple[int, int]:
 def _write_hf(files, out: str, dtype, tokenizer: HFTokenizer) -> tuple[int, int]:
   pieces = []
   for f in files:
-    try:
-      lines = f.read_text(encoding='utf-8').splitlines(keepends=True)
-    except UnicodeDecodeError as e:
-      raise DataError(f'{str(f)!r} (under data.path) is not valid UTF-8: {e}. Re-encode it as UTF-8, or '
-                      "tokenize it yourself and use data.kind='tokens'.") from e
+    raw = f.read_bytes()
+    check = _TextCheck(f)
+    check.feed(raw, final=True)
+    lines = raw.decode('utf-8').splitlines(keepends=True)
     # Batches of lines keep memory bounded and let the Rust tokenizer use its threads.
     for i in range(0, len(lines), _HF_LINES_PER_BATCH):
       pieces.extend(tokenizer.encode_batch(lines[i:i + _HF_LINES_PER_BATCH]))

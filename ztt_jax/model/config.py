@@ -244,6 +244,18 @@ class ModelConfig:
       fail("zero_key_init_std", "must be >= 0")
     if not self.cycle_loss_weight >= 0:
       fail("cycle_loss_weight", "must be >= 0 (0 turns deep supervision off)")
-    if self.exit_threshold is not None and not isinstance(self.exit_threshold, (int, float)):
-      fail("exit_threshold", "must be a number or None (no exit)")
+    if self.exit_threshold is not None:
+      if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
+        fail("exit_threshold", "must be a number in [0, 1], or none (no exit)")
+      # tau is compared with a mean attention weight, which lies in [0, 1]: below 0 every token exits
+      # after min_cycles, above 1 none ever does; both are typos rather than choices.
+      if not 0.0 <= self.exit_threshold <= 1.0:
+        fail("exit_threshold", "must lie in [0, 1] (a zero-attention mass), or be none for no exit; "
+             "e.g. --config.model.exit_threshold=0.5")
+      # The threshold is the default of evaluation and generation, whose zero-attention exit needs
+      # the zero token; without one the first evaluation would fail after training had begun.
+      if not self.use_zero_token:
+        fail("exit_threshold", f"variant={self.variant!r} has no zero token, so there is no zero-attention "
+             "exit signal; pass --config.model.exit_threshold=none (or use variant=ztt, or "
+             "zero_token=True)")
     return self

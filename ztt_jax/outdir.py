@@ -1,0 +1,126 @@
+"""Output directories that never destroy what they did not write.
+
+Export, the GPT-2 import and `--export_hf` all write a whole directory. The rules, shared here:
+
+- An existing non-empty `--out` is refused unless `overwrite=True`, and even then it is replaced
+  only if it is one of ours: `is_ours(path)` recognises what the writer itself leaves there (the
+  export's config.json format key, or `--export_hf`'s marker file) and nothing else is in it.
+- `--out` may not be, or lie inside, a source it reads from (nor the source inside `--out`):
+  replacing it would delete the input.
+- The write is atomic: everything goes to a temporary directory beside `--out`, the old directory
+  is renamed aside, the new one renamed in, and only then is the old one deleted. An interrupted
+  write leaves the old directory (or nothing) under `--out`, never a mix.
+- Permissions follow the umask, as files written by `open()` do: `tempfile.mkdtemp` would leave
+  the directory owner-only (0700), unreadable to the rest of a shared cluster.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterable, Mapping, Optional
+
+from ztt_jax.errors import OutputError
+
+
+def umask() -> int:
+  mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+  os.umask(mask)
+  return mask
+
+
+def _real(path: str) -> str:
+  return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _inside(child: str, parent: str) -> bool:
+  return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check(out: Optional[str], *, overwrite: bool, is_ours: Callable[[str], Optional[str]],
+          sources: Mapping[str, Optional[str]] = (), what: str = "an export", flag: str = "--out") -> str:
+  """Absolute `out` if writing there is allowed, else OutputError naming the fix.
+
+  is_ours(path) -> None if `path` (an existing non-empty directory) was written by this writer and
+  holds nothing else, or a short reason why not (shown to the user).
+  sources: {flag name: path} of the inputs, e.g. {"--workdir": workdir}.
+  """
+  if not out or not str(out).strip():
+    raise OutputError(f"{flag} is empty; give the directory to write {what} to.")
+  path = os.path.abspath(os.path.expanduser(out))
+  real = _real(path)
+  for name, src in dict(sources).items():
+    if not src:
+      continue
+    src_real = _real(src)
+    if _inside(real, src_real):
+      where = "is" if real == src_real else "is inside"
+      raise OutputError(f"{flag}={path} {where} {name}={src}, the input it is made from; writing there "
+                        f"would destroy the input. Choose a {flag} outside {src}.")
+    if _inside(src_real, real):
+      raise OutputError(f"{name}={src} is inside {flag}={path}; replacing {path} would delete the input. "
+                        f"Choose a {flag} that does not contain {src}.")
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise OutputError(f"{flag}={path} exists and is not a directory; choose a new path.")
+  if os.path.isdir(path) and os.listdir(path):
+    if not overwrite:
+      raise OutputError(f"{flag}={path} exists and is not empty; choose a new path, or pass --overwrite "
+                        f"to replace it (only {what} written by ztt_jax is ever replaced).")
+    reason = is_ours(path)
+    if reason is not None:
+      raise OutputError(f"{flag}={path} is not {what} written by ztt_jax ({reason}); refusing to replace "
+                        "it even with --overwrite. Choose a new path, or move its contents away yourself.")
+  return path
+
+
+def only_known_entries(path: str, known: Iterable[str]) -> Optional[str]:
+  """None if every entry of `path` is in `known`, else a reason naming the others."""
+  extra = sorted(set(os.listdir(path)) - set(known))
+  if extra:
+    shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+    return f"it also holds {shown}, which ztt_jax did not write"
+  return None
+
+
+def write_atomic(path: str, fill: Callable[[str], None]) -> str:
+  """Runs fill(tmp_dir), then swaps tmp_dir in at `path` (see the module docstring)."""
+  path = os.path.abspath(path)
+  parent, base = os.path.dirname(path), os.path.basename(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  old = None
+  try:
+    fill(tmp)
+    _apply_umask(tmp)
+    if os.path.isdir(path):
+      # Renaming onto an empty directory replaces it atomically; mkdtemp gives a fresh name.
+      aside = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      try:
+        os.rename(path, aside)
+      except BaseException:
+        os.rmdir(aside)
+        raise
+      old = aside
+    try:
+      os.rename(tmp, path)
+    except BaseException:
+      if old is not None:
+        os.rename(old, path)  # put the previous output back
+        old = None
+      raise
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  return path
+
+
+def _apply_umask(root: str) -> None:
+  mask = umask()
+  os.chmod(root, 0o777 & ~mask)
+  for d, dirs, files in os.walk(root):
+    for name in dirs:
+      os.chmod(os.path.join(d, name), 0o777 & ~mask)
+    for name in files:
+      os.chmod(os.path.join(d, name), 0o666 & ~mask)
