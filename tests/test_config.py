@@ -88,3 +88,53 @@ def test_batch_not_divisible_by_data_parallel_degree():
   cfg.train.global_batch_size = 12
   with pytest.raises(ConfigError, match="data-parallel degree 8"):
     run_lib.build(config_lib.parse(cfg), jax.devices())
+
+
+def _cli_config(*overrides):
+  """The config as `python -m ztt_jax.train` gets it: ml_collections' config flag, parsing argv."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["train", f"--config={ROOT / 'configs' / 'default.py'}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def _optional_fields() -> list[str]:
+  import dataclasses
+  import typing
+
+  def optional(cls, name):
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+
+  out = []
+  for section in dataclasses.fields(config_lib.Config):
+    cls = type(section.default)
+    if dataclasses.is_dataclass(cls):
+      out += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if optional(cls, f.name)]
+    elif optional(config_lib.Config, section.name):
+      out.append(section.name)
+  return out
+
+
+@pytest.mark.parametrize("word", ["none", "None", "NONE", ""])
+def test_cli_turns_every_optional_field_off(word):
+  names = _optional_fields()
+  assert "model.exit_threshold" in names and "init_from" in names
+  cd = _cli_config(*(f"--config.{name}={word}" for name in names))
+  for name in names:
+    node = cd
+    for part in name.split("."):
+      node = node[part]
+    assert node is None, name
+  assert config_lib.parse(cd).model.exit_threshold is None  # the default ztt preset, without exits
+
+
+def test_cli_optional_fields_still_take_values():
+  cd = _cli_config("--config.model.exit_threshold=0.25", "--config.eval.batch_size=8",
+                   "--config.model.zero_token=true", "--config.model.remat_policy=none")
+  assert (cd.model.exit_threshold, cd.eval.batch_size, cd.model.zero_token) == (0.25, 8, True)
+  assert cd.model.remat_policy == "none"  # a str field whose value is the word none stays a str
+  with pytest.raises(Exception, match="could not convert string to float"):
+    _cli_config("--config.model.exit_threshold=abc")

@@ -12,7 +12,8 @@ import typing
 from typing import Any, Optional
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from ztt_jax.data.config import DataConfig
 from ztt_jax.errors import ConfigError
@@ -198,33 +199,61 @@ _SECTION_CLASSES = {f.name: f.default.__class__ for f in dataclasses.fields(Conf
                     if dataclasses.is_dataclass(f.default)}
 
 
+# ml_collections picks the parser of a `--config.a.b=v` flag by the field's type, and its float, int
+# and bool parsers reject "none", so an Optional field could never be turned off from the command
+# line. An Optional field's type is therefore a tuple of types: ConfigDict type-checks values with
+# isinstance, which takes a tuple, and each tuple has a parser that reads none, None and an empty
+# value as None. (float takes int values too, as ml_collections' own float fields do.)
+_OPTIONAL_FIELD_TYPES = {float: (float, int), int: (int,), bool: (bool,), str: (str,)}
+_NONE_WORDS = ("none", "")
+
+
+class _NoneOrParser(flags.ArgumentParser):
+  def __init__(self, inner: flags.ArgumentParser):
+    self._inner = inner
+
+  def parse(self, argument):
+    if argument is None or (isinstance(argument, str) and argument.strip().lower() in _NONE_WORDS):
+      return None
+    return self._inner.parse(argument)
+
+  def flag_type(self):
+    return f"{self._inner.flag_type()} or none"
+
+
+for _inner, _parser in ((float, flags.FloatParser()), (int, flags.IntegerParser()),
+                        (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+  config_flags.register_flag_parser_for_type(_OPTIONAL_FIELD_TYPES[_inner], _NoneOrParser(_parser))
+
+
+def _config_field(value, tp):
+  """A ConfigDict entry for a dataclass field of type `tp` holding `value`."""
+  inner = [a for a in typing.get_args(tp) if a is not type(None)]
+  if len(inner) == len(typing.get_args(tp)) or len(inner) != 1:
+    return value  # not Optional[T]
+  field_type = _OPTIONAL_FIELD_TYPES.get(inner[0], inner[0])
+  return config_dict.FieldReference(value, field_type=field_type)
+
+
 def _section_to_configdict(section) -> ml_collections.ConfigDict:
   cd = ml_collections.ConfigDict()
   hints = typing.get_type_hints(type(section))
   for f in dataclasses.fields(section):
-    value = getattr(section, f.name)
-    if value is None:
-      cd[f.name] = config_dict.placeholder(_optional_inner(hints[f.name]))
-    else:
-      cd[f.name] = value
+    cd[f.name] = _config_field(getattr(section, f.name), hints[f.name])
   return cd
-
-
-def _optional_inner(tp) -> type:
-  args = [a for a in typing.get_args(tp) if a is not type(None)]
-  return args[0] if args else object
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults; config files start here and change what they need."""
   cfg = ml_collections.ConfigDict()
   default = Config()
+  hints = typing.get_type_hints(Config)
   for f in dataclasses.fields(Config):
     value = getattr(default, f.name)
     if dataclasses.is_dataclass(value):
       cfg[f.name] = _section_to_configdict(value)
     else:
-      cfg[f.name] = config_dict.placeholder(str) if value is None else value
+      cfg[f.name] = _config_field(value, hints[f.name])
   return cfg
 
 
