@@ -241,7 +241,7 @@ def _parse_threshold(text: Optional[str]):
 
 def main(argv):
   del argv
-  from absl import app, flags
+  from absl import flags
   from ztt_jax import errors, restore
   FLAGS = flags.FLAGS
   logging.getLogger().setLevel(logging.WARNING)
@@ -268,7 +268,7 @@ def main(argv):
       if FLAGS.output:
         write_json(result, FLAGS.output)
   except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
-    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+    raise  # ztt_jax.cli prints it as one line (exit 2 for config/data errors, 1 for checkpoints)
 
 
 def _define_flags():
@@ -288,6 +288,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from ztt_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)

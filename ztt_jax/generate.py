@@ -44,7 +44,7 @@ def encode_prompt(cfg, prompt: str | None, prompt_ids: str | None, bos: str = "a
 
 def main(argv):
   del argv
-  from absl import app, flags
+  from absl import flags
   from ztt_jax import decoding, errors, restore
   FLAGS = flags.FLAGS
   logging.getLogger().setLevel(logging.WARNING)
@@ -69,7 +69,7 @@ def main(argv):
                             exit_threshold=tau, eos_id=eos, frozen_kv=FLAGS.frozen_kv)
     dt = time.perf_counter() - t0
   except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
-    raise app.UsageError(f"{type(e).__name__}: {e}") from None
+    raise  # ztt_jax.cli prints it as one line (exit 2 for config/data errors, 1 for checkpoints)
   new = gen.tokens[0, :gen.num_new]
   if eos is not None and (new == eos).any():
     new = new[: int(np.argmax(new == eos))]
@@ -103,6 +103,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from ztt_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)
