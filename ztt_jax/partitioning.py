@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,3 +73,35 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, pa
   return optax.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
       transform_non_params=lambda _: replicated(mesh))
+
+
+def indivisible_leaf(abstract_tree) -> Optional[str]:
+  """A message naming the first array whose sharded dimension the mesh does not divide, or None.
+
+  XLA's own error names the shape but not the parameter (and comes only after compiling); this
+  names the parameter, e.g. a tensor axis of 4 over a model with 2 heads. `abstract_tree` holds
+  `jax.ShapeDtypeStruct`s with `.sharding` (a Run's abstract_state)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+      continue
+    mesh, spec = sharding.mesh, sharding.spec
+    for dim, axes in enumerate(spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      parts = math.prod(mesh.shape[a] for a in axes)
+      if leaf.shape[dim] % parts:
+        name = jax.tree_util.keystr(path)
+        return (f"{name} has shape {leaf.shape}; its dimension {dim} ({leaf.shape[dim]}) is split over "
+                f"mesh axes {axes} = {parts} devices, which does not divide it. Change mesh.shape so "
+                f"the {'x'.join(axes)} size divides {leaf.shape[dim]}, or change the model size, or "
+                "map that logical axis to no mesh axis in mesh.logical_axis_rules.")
+  return None
+
+
+def check_divisible(abstract_tree) -> None:
+  """ConfigError if the mesh cannot split some array (see `indivisible_leaf`); run before compiling."""
+  problem = indivisible_leaf(abstract_tree)
+  if problem is not None:
+    raise ConfigError(f"mesh.shape does not fit the model: {problem}")
