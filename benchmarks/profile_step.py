@@ -1,0 +1,250 @@
+"""Where ztt_jax's CPU train step spends its time, from the optimized HLO (deterministic) and timing.
+
+  .venv/bin/python benchmarks/profile_step.py [--rows=baby,d256,ztt] [--variants=...] [--time]
+      [--json=FILE] [--dump_dir=DIR]
+
+For each row (the shapes of benchmarks/vs_torch.py) and each variant, compiles ztt_jax's real train
+step and reads the optimized HLO with benchmarks/hlo_stats.py: matmul FLOPs actually executed per
+step (loop trip counts included, so remat's recompute shows), top-level ops (each one a thunk XLA:CPU
+dispatches), while loops, bytes moved by copies and transposes (inside fusions and on their own),
+plus XLA's cost analysis (transcendentals) and memory analysis. None of that depends on how busy
+the machine is. `--time` also times the variants in alternating windows (noisy on a shared host).
+
+Variants (those that change code outside benchmarks/ patch it for this process only, to measure a
+proposal before anyone edits the file):
+  default       the config as it is (model.remat_policy default)
+  remat_none    model.remat_policy=none
+  unrolled      the layer scan unrolled (nn.scan(..., unroll=n_layers) in LayerStack; patch)
+  unrolled_none both
+  xla_attention vanilla only: jax.nn.dot_product_attention (implementation='xla') instead of the
+                hand-rolled zero-slot softmax (patch)
+  bf16          model.dtype=bfloat16
+  grain         not an HLO variant: the CPU time the trainer's Grain pipeline spends per batch
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flax.linen as flax_nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from hlo_stats import hlo_stats  # noqa: E402
+from ztt_step import ZttStep, make_config, token_batches  # noqa: E402
+from vs_torch import GPT2_FORM, ROWS, SHAPES, VOCAB, ZTT_LAYOUT  # noqa: E402
+from ztt_jax.flops import train_flops_per_token  # noqa: E402
+
+VARIANTS = ("default", "remat_none", "unrolled", "unrolled_none", "xla_attention", "bf16")
+
+
+@contextlib.contextmanager
+def unrolled_layer_scan():
+  """LayerStack calls `nn.scan` through ztt_jax.model.block's `nn`; give it a full unroll."""
+  from ztt_jax.model import block
+
+  class _NN:
+    def __getattr__(self, name):
+      return getattr(flax_nn, name)
+
+    @staticmethod
+    def scan(target, **kw):
+      kw.setdefault("unroll", kw.get("length") or 1)
+      return flax_nn.scan(target, **kw)
+
+  saved = block.nn
+  block.nn = _NN()
+  try:
+    yield
+  finally:
+    block.nn = saved
+
+
+@contextlib.contextmanager
+def xla_attention():
+  """Plain causal attention through jax.nn.dot_product_attention when there is no zero slot."""
+  from ztt_jax.model import attention
+  saved = attention.zero_slot_attention
+
+  def attn(q, k, v, zero_key=None, zero_bias=None, mask_zero_slot=None, valid_TxS=None):
+    if zero_key is not None or valid_TxS is not None:
+      return saved(q, k, v, zero_key, zero_bias, mask_zero_slot, valid_TxS)
+    B, T, H, _ = q.shape
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    return out, jnp.zeros((B, H, T), jnp.float32)
+
+  attention.zero_slot_attention = attn
+  try:
+    yield
+  finally:
+    attention.zero_slot_attention = saved
+
+
+def variant_setup(variant: str, layout: str):
+  """(model overrides, patch context) of a variant, or None where it does not apply."""
+  if variant == "default":
+    return {}, contextlib.nullcontext()
+  if variant == "remat_none":
+    return {"remat_policy": "none"}, contextlib.nullcontext()
+  if variant == "unrolled":
+    return {}, unrolled_layer_scan()
+  if variant == "unrolled_none":
+    return {"remat_policy": "none"}, unrolled_layer_scan()
+  if variant == "xla_attention":
+    return ({}, xla_attention()) if layout == "vanilla" else None
+  if variant == "bf16":
+    return {"dtype": "bfloat16"}, contextlib.nullcontext()
+  raise SystemExit(f"unknown variant {variant!r}; use {', '.join(VARIANTS)}")
+
+
+def row_model(row: str) -> tuple[dict, dict, str]:
+  shape_name, layout, _ = ROWS[row]
+  s = SHAPES[shape_name]
+  model = dict(variant="vanilla", d_model=s["d"], num_heads=s["heads"], mlp_dim=s["mlp"], vocab_size=VOCAB,
+               n_head_layers=0, n_middle_layers=s["layers"], n_tail_layers=0, num_cycles=1, **GPT2_FORM)
+  if layout == "ztt":
+    model.update(variant="ztt", **ZTT_LAYOUT)
+  return model, s, layout
+
+
+def analyse(step: ZttStep, T: int, tokens: int, dump_dir=None, name="") -> dict:
+  text = step.compiled.as_text()
+  if dump_dir:
+    os.makedirs(dump_dir, exist_ok=True)
+    with open(os.path.join(dump_dir, f"{name}.hlo.txt"), "w") as f:
+      f.write(text)
+  st = hlo_stats(text)
+  model_flops = train_flops_per_token(step.cfg.model, T) * tokens
+  ca = step.cost_analysis()
+  mem = step.memory_analysis()
+  return {
+      "model_flops": model_flops, "dot_flops": st.get("dot_flops", 0),
+      "dot_over_model_flops": st.get("dot_flops", 0) / model_flops,
+      "top_level_ops": st.get("top_level_ops", 0), "while_loops": st.get("while_loops", 0),
+      "copy_transpose_bytes_top_level": st.get("copies_top_level_bytes", 0) + st.get("transposes_top_level_bytes", 0),
+      "copy_transpose_bytes_in_fusion": st.get("copies_in_fusion_bytes", 0) + st.get("transposes_in_fusion_bytes", 0),
+      "copies_top_level": st.get("copies_top_level", 0),
+      "transcendentals_xla_body_once": ca.get("transcendentals"),
+      "temp_bytes": mem.get("temp_size_in_bytes"),
+      "top_level_by_op": st["top_level_by_op"],
+      "copy_transpose_sources": st["copy_transpose_sources"][:12],
+  }
+
+
+def grain_cost(seq_len: int, batch: int, n: int = 20) -> dict:
+  """CPU seconds per batch of the trainer's own Grain pipeline on byte text, and its thread count.
+
+  The step cannot use those cycles: on 2 cores a background reader competes with XLA's threads.
+  Measured as thread CPU time (time.thread_time in the consuming thread plus the process total),
+  which does not depend on wall-clock noise the way a tokens/s figure does."""
+  import tempfile
+  from ztt_jax import data as data_lib
+  from ztt_jax.config import base_config, parse
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "corpus.txt")
+    src = "/work/shared/data/tinyshakespeare.txt"
+    text = open(src).read() if os.path.exists(src) else "lorem ipsum dolor sit amet " * 40000
+    with open(path, "w") as f:
+      f.write(text)
+    cfg = base_config()
+    cfg.data.kind, cfg.data.path, cfg.data.seq_len, cfg.data.cache_dir = "text", path, seq_len, tmp
+    cfg.model.max_seq_len = seq_len
+    cfg.train.global_batch_size = batch
+    cfg = parse(cfg)
+    it = data_lib.make_train_iterator(cfg.data, global_batch_size=batch, vocab_size=cfg.model.vocab_size,
+                                      process_index=0, process_count=1)
+    next(it)
+    threads_before = threading.active_count()
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+      next(it)
+    cpu = (time.process_time() - c0) / n
+    wall = (time.perf_counter() - w0) / n
+    return {"cpu_s_per_batch": cpu, "wall_s_per_batch": wall, "python_threads": threads_before,
+            "read_threads": cfg.data.read_threads, "prefetch_batches": cfg.data.prefetch_batches}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--rows", default="baby,d256,ztt")
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--time", action="store_true", help="also time the variants (alternating windows)")
+  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--window_s", type=float, default=1.5)
+  ap.add_argument("--grain", action="store_true", help="measure the Grain pipeline's CPU per batch")
+  ap.add_argument("--dump_dir", default=None, help="write each variant's optimized HLO here")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+  out = {"jax": jax.__version__, "load": os.getloadavg(), "rows": {}}
+  for row in [r for r in args.rows.split(",") if r]:
+    model, s, layout = row_model(row)
+    tokens = s["B"] * s["T"]
+    batches = token_batches(4, s["B"], s["T"], VOCAB)
+    steps, res = {}, {}
+    for v in [v for v in args.variants.split(",") if v]:
+      setup = variant_setup(v, layout)
+      if setup is None:
+        continue
+      over, patch = setup
+      cfg = make_config(seq_len=s["T"], batch=s["B"], steps=1000, model={**model, **over})
+      with patch:
+        st = ZttStep(cfg, jax.devices("cpu")[0])
+        compile_s = st.compile(batches[0])
+      steps[v] = st
+      res[v] = {"compile_s": compile_s, **analyse(st, s["T"], tokens, args.dump_dir, f"{row}_{v}")}
+      r = res[v]
+      print(f"{row:5s} {v:14s} dot {r['dot_flops'] / 1e9:7.3f} GFLOP ({r['dot_over_model_flops']:.3f}x model) | "
+            f"{r['top_level_ops']:5d} top-level ops, {r['while_loops']} loops | copies+transposes "
+            f"{r['copy_transpose_bytes_in_fusion'] / 2**20:6.1f} MiB fused, "
+            f"{r['copy_transpose_bytes_top_level'] / 2**20:5.1f} MiB alone | temp {r['temp_bytes'] / 2**20:6.1f} MiB "
+            f"| compile {compile_s:.1f}s", flush=True)
+    if args.time and steps:
+      for st in steps.values():
+        for b in batches[:2]:
+          st.step(b)
+        st.sync()
+      per = {}
+      for k, st in steps.items():
+        t0 = time.perf_counter()
+        st.step(batches[0])
+        st.sync()
+        per[k] = time.perf_counter() - t0
+      n = max(2, int(args.window_s / max(per.values())))
+      windows = {k: [] for k in steps}
+      names = list(steps)
+      for r in range(args.rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+          t0 = time.perf_counter()
+          for i in range(n):
+            steps[k].step(batches[i % len(batches)])
+          steps[k].sync()
+          windows[k].append(n * tokens / (time.perf_counter() - t0))
+      for k in steps:
+        res[k]["tokens_per_sec"] = statistics.median(windows[k])
+        res[k]["tokens_per_sec_windows"] = windows[k]
+      base = res["default"]["tokens_per_sec"] if "default" in res else None
+      print(f"{row}: tokens/s (median of {args.rounds} alternating windows, load {os.getloadavg()[0]:.1f}): "
+            + ", ".join(f"{k} {res[k]['tokens_per_sec']:,.0f}" + (f" ({res[k]['tokens_per_sec'] / base:.2f}x)" if base else "")
+                        for k in steps), flush=True)
+    out["rows"][row] = {"shape": s, "variants": res}
+  if args.grain:
+    out["grain"] = {r: grain_cost(SHAPES[ROWS[r][0]]["T"], SHAPES[ROWS[r][0]]["B"]) for r in args.rows.split(",")}
+    for r, g in out["grain"].items():
+      print(f"grain {r}: {g['cpu_s_per_batch'] * 1e3:.2f} ms CPU per batch (wall {g['wall_s_per_batch'] * 1e3:.2f} ms), "
+            f"read_threads={g['read_threads']} prefetch={g['prefetch_batches']}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1, default=float)
+  return out
+
+
+if __name__ == "__main__":
+  main()

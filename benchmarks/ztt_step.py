@@ -1,0 +1,142 @@
+"""One adapter to ztt_jax's real train step, shared by benchmarks/vs_torch.py and benchmarks/gpu_bench.py.
+
+The step is built and jitted by the project's own code (`build` + `jit_train_step` + `to_global`).
+Those live in `ztt_jax.run` after the trainer refactor and in `ztt_jax.trainer` before it; this
+module takes whichever exists, so the benchmarks run on both sides of that change.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout, no install needed
+  sys.path.insert(0, str(ROOT))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ztt_jax.config import base_config, parse  # noqa: E402
+
+
+def train_api():
+  """(build, jit_train_step, to_global, module name) from ztt_jax.run if it has them, else ztt_jax.trainer."""
+  names = ("build", "jit_train_step", "to_global")
+  for mod_name in ("ztt_jax.run", "ztt_jax.trainer"):
+    if importlib.util.find_spec(mod_name) is None:
+      continue
+    mod = importlib.import_module(mod_name)
+    if all(hasattr(mod, n) for n in names):
+      return (*(getattr(mod, n) for n in names), mod_name)
+  raise ImportError("neither ztt_jax.run nor ztt_jax.trainer provides build / jit_train_step / to_global")
+
+
+def model_fields() -> set:
+  from ztt_jax.model.config import ModelConfig
+  return set(ModelConfig.field_names())
+
+
+def make_config(*, seq_len: int, batch: int, steps: int, model: dict, lr: float = 1e-3, warmup: int = 10,
+                seed: int = 0):
+  """A validated Config for a synthetic-batch benchmark (no eval, no checkpoints, no TensorBoard).
+  Keys of `model` that this checkout's ModelConfig lacks (e.g. attention_impl before it lands)
+  are dropped and reported by `dropped_model_keys`."""
+  cfg = base_config()
+  known = model_fields()
+  cfg.model.update({k: v for k, v in model.items() if k in known})
+  cfg.model.max_seq_len = model.get("max_seq_len", seq_len)  # the learned position table: seq_len rows
+  cfg.model.cycle_loss_weight = model.get("cycle_loss_weight", 0.0)
+  # The benchmarks feed their own batches; the data section only has to validate (it is never opened).
+  cfg.data.kind = "tokens"
+  cfg.data.path = "<batches fed by the benchmark>"
+  cfg.data.seq_len = seq_len
+  cfg.train.global_batch_size = batch
+  cfg.train.steps = steps
+  cfg.train.learning_rate = lr
+  cfg.train.warmup_steps = warmup
+  cfg.train.seed = seed
+  cfg.eval.max_batches = 0
+  cfg.log.tensorboard = False
+  return parse(cfg)
+
+
+def dropped_model_keys(model: dict) -> list:
+  return sorted(set(model) - model_fields())
+
+
+class ZttStep:
+  """ztt_jax's jitted, sharded train step on one device, fed numpy batches like the trainer feeds them.
+
+  `step(batch)` dispatches one step and returns at once (JAX dispatch is asynchronous, as in the
+  trainer's loop); `sync()` waits for it and returns the last loss as a float."""
+
+  def __init__(self, cfg, device=None):
+    build, jit_train_step, to_global, self.api = train_api()
+    self.cfg = cfg
+    self._to_global = to_global
+    device = device or jax.devices()[0]
+    self.run = build(cfg, [device])
+    with self._ctx():
+      self.state = self.run.init(jax.random.key(cfg.train.seed))
+    self.fn = jit_train_step(self.run)
+    self.metrics = None
+
+  def _ctx(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.run.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.run.axis_rules))
+    return stack
+
+  def params_numpy(self):
+    return jax.device_get(self.state.params)
+
+  def compile(self, batch) -> float:
+    """Lowers and compiles the step for this batch's shapes; returns the seconds it took."""
+    t0 = time.perf_counter()
+    with self._ctx():
+      self.compiled = self.fn.lower(self.state, self._to_global(batch, self.run.mesh)).compile()
+    return time.perf_counter() - t0
+
+  def cost_analysis(self) -> dict:
+    ca = self.compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return {k: float(v) for k, v in (ca or {}).items() if k in ("flops", "bytes accessed", "transcendentals")}
+
+  def memory_analysis(self) -> dict:
+    m = self.compiled.memory_analysis()
+    return {k: int(getattr(m, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                             "output_size_in_bytes", "alias_size_in_bytes") if hasattr(m, k)}
+
+  def step(self, batch) -> None:
+    # After compile() the compiled executable runs directly: no re-trace, so a program built under
+    # a temporary patch (benchmarks/profile_step.py) keeps running as it was compiled.
+    fn = getattr(self, "compiled", None) or self.fn
+    with self._ctx():
+      self.state, self.metrics = fn(self.state, self._to_global(batch, self.run.mesh))
+
+  def sync(self) -> float:
+    return float(jax.device_get(self.metrics["loss"]))
+
+
+def token_batches(n: int, batch: int, seq_len: int, vocab: int, *, data_path=None, seed: int = 0) -> list:
+  """n batches {'inputs','targets','weights'} of random windows of a byte file (Tiny Shakespeare, say),
+  or of uniform random tokens when no file is given. The same list feeds every framework."""
+  rng = np.random.default_rng(seed)
+  if data_path:
+    corpus = np.frombuffer(pathlib.Path(data_path).read_bytes(), np.uint8).astype(np.int32)
+    if corpus.size < seq_len + 2:
+      raise ValueError(f"--data={data_path}: {corpus.size} bytes is shorter than one window of {seq_len + 1}")
+  out = []
+  for _ in range(n):
+    if data_path:
+      starts = rng.integers(0, corpus.size - seq_len - 1, batch)
+      toks = np.stack([corpus[s:s + seq_len + 1] for s in starts])
+    else:
+      toks = rng.integers(0, min(vocab, 256), (batch, seq_len + 1)).astype(np.int32)
+    out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq_len), np.float32)})
+  return out
