@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ztt_jax.model import attention_impls
 from ztt_jax.model.config import ModelConfig
 from ztt_jax.model.layers import apply_rope, dtype_of, fan_in_init, logical_param
 
@@ -22,44 +23,23 @@ Array = jax.Array
 def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                         zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
                         mask_zero_slot: Optional[Array] = None,
-                        valid_TxS: Optional[Array] = None) -> tuple[Array, Array]:
+                        valid_TxS: Optional[Array] = None, *, q_positions_T: Optional[Array] = None,
+                        impl: str = "reference", block_size: int = 512) -> tuple[Array, Array]:
   """Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
 
-  valid_TxS: which keys each query may see; default causal with the queries as the last T keys.
-  Decoding passes it because its keys are a fixed-size cache whose tail is not written yet.
+  q_positions_T: absolute positions of the queries (key s is at position s); a query sees the keys
+    at positions <= its own. Default: causal with the queries as the last T keys. Decoding passes
+    it because its keys are a fixed-size cache whose tail is not written yet.
+  valid_TxS: an explicit [T, S] mask instead (dense: always runs the reference).
+  impl: model.attention_impl, auto | reference | chunked | cudnn | pallas; block_size: the chunked
+    implementation's block (model.attention_block_size). See ztt_jax/model/attention_impls.py.
 
-  The softmax is written out by hand rather than concatenating a column: with the zero logit at -inf
-  (`mask_zero_slot`), the arithmetic is then bit-identical to attention without a zero slot.
+  reference writes the softmax out by hand: with the zero logit at -inf (`mask_zero_slot`) its
+  arithmetic is then bit-identical to attention without a zero slot.
   """
-  B, T, H, K = q_BxTxHxK.shape
-  S = k_BxSxHxK.shape[1]
-  scale = 1.0 / jnp.sqrt(jnp.float32(K))
-  s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
-                         preferred_element_type=jnp.float32) * scale
-  causal_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :] if valid_TxS is None else valid_TxS
-  s_BxHxTxS = jnp.where(causal_TxS[None, None], s_BxHxTxS, -jnp.inf)
-  m_BxHxT = jnp.max(s_BxHxTxS, axis=-1)
-  if zero_key_HxK is not None:
-    z_BxHxT = jnp.einsum("bthk,hk->bht", q_BxTxHxK, zero_key_HxK.astype(q_BxTxHxK.dtype),
-                         preferred_element_type=jnp.float32) * scale
-    if zero_bias_H is not None:
-      z_BxHxT = z_BxHxT + zero_bias_H.astype(jnp.float32)[None, :, None]
-    if mask_zero_slot is not None:
-      z_BxHxT = jnp.where(mask_zero_slot, -jnp.inf, z_BxHxT)
-    m_BxHxT = jnp.maximum(m_BxHxT, z_BxHxT)
-  # Every row has its diagonal key, so m is finite and no row is all -inf.
-  m_BxHxT = jax.lax.stop_gradient(m_BxHxT)
-  e_BxHxTxS = jnp.exp(s_BxHxTxS - m_BxHxT[..., None])
-  denom_BxHxT = jnp.sum(e_BxHxTxS, axis=-1)
-  if zero_key_HxK is not None:
-    e0_BxHxT = jnp.exp(z_BxHxT - m_BxHxT)
-    denom_BxHxT = denom_BxHxT + e0_BxHxT
-    a0_BxHxT = e0_BxHxT / denom_BxHxT
-  else:
-    a0_BxHxT = jnp.zeros((B, H, T), jnp.float32)
-  p_BxHxTxS = e_BxHxTxS / denom_BxHxT[..., None]
-  out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", p_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
-  return out_BxTxHxK, a0_BxHxT
+  return attention_impls.attention(impl, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zero_bias_H,
+                                   mask_zero_slot, q_positions_T=q_positions_T, valid_TxS=valid_TxS,
+                                   block_size=block_size)
 
 
 class Attention(nn.Module):

@@ -28,6 +28,7 @@ FROZEN_KV = ("state", "stack")
 ZERO_TOKEN_LAYERS = ("middle", "all")
 ZERO_KEY_INITS = ("normal", "truncated_normal", "zeros")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "pallas")  # ztt_jax/model/attention_impls.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,16 @@ class ModelConfig:
   """Storage dtype of the params."""
   remat_policy: str = "dots_with_no_batch_dims_saveable"
   """Rematerialisation of each scanned layer: none | dots_with_no_batch_dims_saveable | nothing_saveable."""
+  attention_impl: str = "auto"
+  """Zero-slot attention kernel (ztt_jax/model/attention_impls.py), all the same function:
+  reference (dense [B,H,T,S] scores; the oracle), chunked (blockwise online softmax with a
+  flash-style backward in pure JAX: O(T * block) memory, any backend), cudnn (GPU fused kernel,
+  bfloat16/float16), pallas (TPU Pallas flash kernel), auto (cudnn on GPU where it supports the
+  dtype and head dim, else chunked; pallas on TPU; on CPU reference for short sequences and chunked
+  from attention_impls.CPU_CHUNKED_MIN_LEN keys on). cudnn/pallas run the full-sequence (training)
+  call; decoding against a KV cache uses chunked."""
+  attention_block_size: int = 512
+  """Query and key block length of attention_impl=chunked; any length works (padded and masked)."""
 
   exit_threshold: Optional[float] = None
   """Default tau for evaluation/generation. The model itself exits only when apply() is given an
@@ -207,7 +218,7 @@ class ModelConfig:
         fail(field, f"unknown value; use one of {', '.join(options)}")
 
     for field in ("vocab_size", "d_model", "num_heads", "mlp_dim", "n_middle_layers", "num_cycles",
-                  "max_seq_len", "min_cycles"):
+                  "max_seq_len", "min_cycles", "attention_block_size"):
       v = getattr(self, field)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         fail(field, "must be a positive integer")
@@ -230,6 +241,7 @@ class ModelConfig:
     choice("zero_token_layers", ZERO_TOKEN_LAYERS)
     choice("zero_key_init", ZERO_KEY_INITS)
     choice("dtype", DTYPES)
+    choice("attention_impl", ATTENTION_IMPLS)
     choice("param_dtype", DTYPES)
     for field in ("zero_token", "share_head_tail"):
       if getattr(self, field) not in (None, True, False):
