@@ -12,11 +12,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
-from ztt_jax import export
+from ztt_jax import export, restore
 from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import OutputError
@@ -66,7 +67,7 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("unscan", [False, True])
 def test_export_then_load_gives_equal_params_and_logits(run, tmp_path, storage, unscan):
   workdir, cfg, params = run
-  out = export.export_run(str(workdir), str(tmp_path / "exp"), storage=storage, unscanned=unscan)
+  out = restore.export_run(str(workdir), str(tmp_path / "exp"), storage=storage, unscanned=unscan)
   model, loaded = export.load(out)
   assert model.cfg == cfg.model  # config embedded: no training config needed
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
@@ -80,7 +81,7 @@ def test_export_then_load_gives_equal_params_and_logits(run, tmp_path, storage, 
   else:
     import orbax.checkpoint as ocp
     with ocp.PyTreeCheckpointer() as c:
-      names = set(export.flatten(c.restore(str(tmp_path / "exp" / export.ORBAX_DIR))))
+      names = set(traverse_util.flatten_dict(c.restore(str(tmp_path / "exp" / export.ORBAX_DIR)), sep="/"))
   k = cfg.model.n_middle_layers
   if unscan:  # each middle layer has its own tensors, without the stacked 'layers' axis
     assert {f"middle/layers_{i}/attn/q_kernel" for i in range(k)} <= names
@@ -125,7 +126,7 @@ def test_missing_and_damaged_exports_are_named(run, tmp_path):
   with pytest.raises(export.ExportError, match="export it first"):
     export.load(str(workdir))  # a training run, not an export
   with pytest.raises(export.CheckpointError, match="No checkpoints"):
-    export.export_run(str(tmp_path / "nope"), str(tmp_path / "x"))
+    restore.export_run(str(tmp_path / "nope"), str(tmp_path / "x"))
 
   good = export.save(str(tmp_path / "good"), cfg.model, params)
   file = os.path.join(good, export.SAFETENSORS_FILE)

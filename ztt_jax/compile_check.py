@@ -32,8 +32,17 @@ import subprocess
 import sys
 from typing import Any, Optional
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from ztt_jax import config as config_lib
+from ztt_jax import partitioning
+from ztt_jax import run as run_lib
+from ztt_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
                                           lock_config=True)
@@ -102,7 +111,6 @@ def parse_topology(topology: str) -> tuple[str, Any]:
 
 def topology_devices(topology: str) -> list:
   """The devices to compile for. For cpu:N this process must already have N CPU devices."""
-  import jax
   kind, arg = parse_topology(topology)
   if kind == "cpu":
     devices = jax.devices("cpu")
@@ -126,9 +134,6 @@ def topology_devices(topology: str) -> list:
 
 def abstract_batch(cfg, mesh):
   """Global-batch shapes the train step receives (what `run.to_global` builds)."""
-  import jax
-  import jax.numpy as jnp
-  from ztt_jax import partitioning
   b, t = cfg.train.global_batch_size, cfg.data.seq_len
   sharding = partitioning.batch_sharding(mesh)
   spec = {"inputs": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32),
@@ -141,30 +146,14 @@ def abstract_batch(cfg, mesh):
 def check(cfg, devices, *, topology: str = "in-process", num_hosts: int = 1,
           device_memory_gib: Optional[float] = None) -> Report:
   """Lowers and compiles the train step of `cfg` on `devices`; never raises for compile errors."""
-  import flax.linen as nn
-  import jax
-  import numpy as np
-  from ztt_jax import partitioning
-  from ztt_jax import run as run_lib
-  from ztt_jax.errors import ConfigError
-
   cfg.validate()
   shape = partitioning.resolve_mesh_shape(cfg.mesh.shape, len(devices))  # ConfigError if it can't
   report = Report(topology, len(devices), dict(zip(("data", "fsdp", "tensor"), shape)), num_hosts)
-  dp = shape[0] * shape[1]
-  # Each host feeds its own rows of the batch, so the batch must split evenly over hosts and the
-  # data-parallel groups must not straddle hosts in a way that asks one host for another's rows.
-  if cfg.train.global_batch_size % num_hosts:
-    raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-                      f"--num_hosts={num_hosts}; use a multiple of {num_hosts}.")
-  if num_hosts > 1 and dp % num_hosts:
-    raise ConfigError(
-        f"the data-parallel degree {dp} (mesh data x fsdp) is not a multiple of --num_hosts="
-        f"{num_hosts}: some hosts would hold no distinct batch rows. Put at least one data or fsdp "
-        "slice on every host.")
+  partitioning.check_batch_split(cfg.train.global_batch_size, num_hosts, data_parallel=shape[0] * shape[1],
+                                 microbatches=cfg.train.microbatches, processes_name=f"--num_hosts={num_hosts}")
   run = run_lib.build(cfg, devices)
   report.param_count = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(run.abstract_state.params)))
-  indivisible = _indivisible_leaf(run.abstract_state)
+  indivisible = partitioning.indivisible_leaf(run.abstract_state)
   if indivisible:
     report.error = indivisible
     return report
@@ -207,27 +196,6 @@ def check(cfg, devices, *, topology: str = "in-process", num_hosts: int = 1,
   return report
 
 
-def _indivisible_leaf(abstract_state) -> Optional[str]:
-  """XLA's own error names the shape but not the parameter; this names the parameter."""
-  import jax
-  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
-    mesh, spec = leaf.sharding.mesh, leaf.sharding.spec
-    for dim, axes in enumerate(spec):
-      if axes is None:
-        continue
-      axes = axes if isinstance(axes, tuple) else (axes,)
-      parts = 1
-      for a in axes:
-        parts *= mesh.shape[a]
-      if leaf.shape[dim] % parts:
-        name = jax.tree_util.keystr(path)
-        return (f"{name} has shape {leaf.shape}; its dimension {dim} ({leaf.shape[dim]}) is split over "
-                f"mesh axes {axes} = {parts} devices, which does not divide it. Change mesh.shape so "
-                f"the {'x'.join(axes)} size divides {leaf.shape[dim]}, or change the model size, or "
-                "map that logical axis to no mesh axis in mesh.logical_axis_rules.")
-  return None
-
-
 def _rerun_with_devices(n: int) -> int:
   """Fake CPU devices are fixed when jax starts, so a fresh interpreter gets the flag."""
   flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
@@ -245,8 +213,6 @@ def main(argv):
   if kind == "cpu" and os.environ.get(_CHILD_ENV) != "1":
     sys.exit(_rerun_with_devices(arg))
 
-  from ztt_jax import config as config_lib
-  from ztt_jax.errors import ConfigError
   try:
     cfg = config_lib.parse(_CONFIG.value)
     devices = topology_devices(_TOPOLOGY.value)

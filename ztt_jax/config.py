@@ -18,8 +18,7 @@ from ml_collections import config_dict, config_flags
 from ztt_jax.data.config import DataConfig
 from ztt_jax.errors import ConfigError
 from ztt_jax.model.config import ModelConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from ztt_jax.partitioning import MESH_AXES
 
 # FSDP shards params over `fsdp`, tensor parallelism splits heads/mlp/vocab over `tensor`, and the
 # batch is split over both data-parallel axes. Flax assigns a mesh axis at most once per array, so

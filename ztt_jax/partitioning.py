@@ -10,9 +10,9 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from ztt_jax.config import MESH_AXES, MeshConfig
-from ztt_jax.errors import ConfigError
+from ztt_jax.errors import ConfigError, DataError
 
+MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -34,7 +34,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
-def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The mesh of the config's mesh section (config.MeshConfig) over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
   # Auto axes: Flax linen code is GSPMD-style; Explicit axes (the make_mesh default) break nn.Embed.
@@ -42,13 +43,44 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
-def rules(mesh_cfg: MeshConfig) -> tuple:
+def rules(mesh_cfg) -> tuple:
+  """The config's logical axis rules (config.MeshConfig) as Flax takes them."""
   return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
                for name, ax in mesh_cfg.logical_axis_rules)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+class BatchSplitError(ConfigError, DataError):
+  """The global batch does not split over the processes or the data-parallel devices: a config
+  mistake, which the data pipeline meets too."""
+
+
+def check_batch_split(global_batch_size: int, processes: int, *, data_parallel: Optional[int] = None,
+                      microbatches: int = 1, processes_name: Optional[str] = None) -> None:
+  """Each process feeds its own rows of every global batch, so the batch splits evenly over the
+  processes; given the data-parallel degree (mesh data x fsdp), each microbatch splits evenly over
+  it, and no data-parallel group straddles two processes' rows. processes_name: how the message
+  names the process count (default "the process count N")."""
+  processes_name = processes_name or f"the process count {processes}"
+  if data_parallel is not None and (global_batch_size // microbatches) % data_parallel:
+    raise BatchSplitError(
+        f"train.global_batch_size={global_batch_size} / train.microbatches={microbatches} = "
+        f"{global_batch_size // microbatches} sequences per microbatch is not divisible by the "
+        f"data-parallel degree {data_parallel} (mesh data x fsdp). Use a global batch that is a "
+        f"multiple of {data_parallel * microbatches}.")
+  if global_batch_size < 1 or global_batch_size % processes:
+    raise BatchSplitError(
+        f"train.global_batch_size={global_batch_size} is not divisible by {processes_name}. "
+        f"Set it to a multiple of {processes}.")
+  if data_parallel is not None and data_parallel % processes:
+    # A batch split over fewer groups than processes would need the same rows on several processes.
+    raise BatchSplitError(
+        f"the data-parallel degree {data_parallel} (mesh data x fsdp) is smaller than, or not a "
+        f"multiple of, {processes_name}. Put at least one data or fsdp slice on each process, "
+        f"e.g. --config.mesh.shape='({processes},-1,1)'.")
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -1,5 +1,6 @@
 """Load a trained run from its work directory: the config stored in the checkpoint, the model and
-its params. Shared by evaluation, generation and export, which need no training config."""
+its params. Shared by evaluation, generation and export, which need no training config;
+`export_run` writes one of its checkpoints as a params-only export."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ from typing import Any, Optional
 import jax
 
 from ztt_jax import config as config_lib
+from ztt_jax import export
 from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError
@@ -48,3 +50,15 @@ def load_trained(workdir: str, step: Optional[int] = None, devices=None) -> Trai
   restored = probe.restore(run.abstract_state, None, step=step)
   probe.close()
   return TrainedRun(cfg, run, restored.state.params, restored.step)
+
+
+def export_run(workdir: str, out: str, step: Optional[int] = None, storage: str = "safetensors",
+               unscanned: bool = False, dtype: Optional[str] = None, overwrite: bool = False) -> str:
+  """Exports checkpoint `step` (default: the newest) of the training run in `workdir` to `out`."""
+  sources = {"--workdir": workdir}
+  export.check_out(out, overwrite=overwrite, sources=sources)  # before the minutes of loading the run
+  # Local devices only: the export is written by this process, so every array must be addressable here.
+  trained = load_trained(workdir, step, devices=jax.local_devices())
+  source = {"kind": "training_run", "workdir": os.path.abspath(workdir), "step": int(trained.step)}
+  return export.save(out, trained.cfg.model, trained.params, storage=storage, unscanned=unscanned,
+                     dtype=dtype, source=source, overwrite=overwrite, sources=sources)

@@ -37,32 +37,12 @@ class Run:
     return self.state_shardings.params
 
 
-def validate_batch(cfg: Config, mesh) -> None:
-  dp = partitioning.data_parallel_size(mesh)
-  micro = cfg.train.global_batch_size // cfg.train.microbatches
-  if micro % dp:
-    raise ConfigError(
-        f"train.global_batch_size={cfg.train.global_batch_size} / train.microbatches="
-        f"{cfg.train.microbatches} = {micro} sequences per microbatch is not divisible by the "
-        f"data-parallel degree {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}). "
-        f"Use a global batch that is a multiple of {dp * cfg.train.microbatches}.")
-  if cfg.train.global_batch_size % jax.process_count():
-    raise ConfigError(
-        f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
-        f"{jax.process_count()} processes.")
-  if dp % jax.process_count():
-    # Each process feeds only its own rows; a batch split over fewer groups than processes would
-    # need the same rows on several processes.
-    raise ConfigError(
-        f"the data-parallel degree {dp} (mesh data x fsdp) is smaller than, or not a multiple of, "
-        f"the {jax.process_count()} processes. Put at least one data or fsdp slice on each process, "
-        f"e.g. --config.mesh.shape='({jax.process_count()},-1,1)'.")
-
-
 def build(cfg: Config, devices=None) -> Run:
   """Mesh, model, optimizer and the shardings of the train state; compiles nothing."""
   mesh = partitioning.make_mesh(cfg.mesh, devices)
-  validate_batch(cfg, mesh)
+  partitioning.check_batch_split(cfg.train.global_batch_size, jax.process_count(),
+                                 data_parallel=partitioning.data_parallel_size(mesh),
+                                 microbatches=cfg.train.microbatches)
   axis_rules = partitioning.rules(cfg.mesh)
   model = ZTTModel(cfg.model)
   tx = make_optimizer(cfg.train)

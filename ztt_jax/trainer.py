@@ -1,19 +1,20 @@
-"""The training loop: set up (or resume) a sharded run, train, log, evaluate, checkpoint."""
+"""The training loop: set up (or resume) a sharded run, then step it. Logging, evaluation,
+checkpointing and stop requests are hooks, each with its own cadence."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
-import signal
 import time
-from typing import Any
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import psutil
-from jax.experimental import multihost_utils
 
 from ztt_jax import data as data_lib
 from ztt_jax import partitioning
@@ -22,7 +23,9 @@ from ztt_jax.config import Config
 from ztt_jax.evaluate import Evaluator
 from ztt_jax.flops import peak_flops, train_flops_per_token
 from ztt_jax.metrics import MetricsWriter
-from ztt_jax.run import build, compile_synced, init_from_export, jit_train_step, layout_metadata, to_global
+from ztt_jax.preemption import StopRequest
+from ztt_jax.run import Run, build, compile_synced, init_from_export, jit_train_step, layout_metadata, to_global
+from ztt_jax.train_step import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -31,59 +34,34 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _preemption_service_running() -> bool:
-  try:  # no public accessor; absent or renamed means "not running" and the fallback is used
-    from jax._src import distributed as jax_distributed
-    return jax_distributed.global_state.preemption_sync_manager is not None
-  except (ImportError, AttributeError):
-    return False
+@dataclasses.dataclass
+class StepInfo:
+  """What the hooks see after a step."""
+  step: int
+  state: TrainState
+  metrics: dict  # the step's metrics, still on device
+  is_last: bool
+  record: Optional[dict] = None  # what the step writes to metrics.jsonl; None: no line
+  stop: bool = False  # a hook ends the loop after this step
+
+  def log(self, scalars: dict):
+    self.record = {**(self.record or {}), **scalars}
 
 
-class _PreemptionFlag:
-  """A stop request (SIGTERM, or a preemption notice), seen by every process at the same step.
-
-  With several processes and JAX's preemption service (started by jax.distributed.initialize),
-  the service owns SIGTERM: a notice to any host becomes one agreed step on all of them through
-  `reached_preemption_sync_point`, with no per-step collective. Installing a Python handler there
-  would steal the signal from it. A single process handles SIGTERM itself; several processes
-  without the service fall back to a Python handler plus an allgather every step.
-  """
+class Hooks:
+  """Functions called after a step whose number is a multiple of their `every`, and after the last
+  step, in the order they were added (Levanter's `add_hook(fn, every=N)`)."""
 
   def __init__(self):
-    self.requested = False
-    self.step = None  # the step being run, for the log line
-    self._sync_service = jax.process_count() > 1 and _preemption_service_running()
-    self._previous = None
-    if not self._sync_service:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._hooks: list[tuple[Callable[[StepInfo], None], int]] = []
 
-  def _handle(self, signum, frame):
-    log.warning("SIGTERM received during step %s: will save a checkpoint after it and exit.", self.step)
-    self.requested = True
+  def add(self, fn: Callable[[StepInfo], None], every: int = 1):
+    self._hooks.append((fn, every))
 
-  def should_stop(self, step: int) -> bool:
-    if self._sync_service:
-      stop = multihost_utils.reached_preemption_sync_point(step)
-      if stop:
-        log.warning("Preemption sync point reached at step %d: saving a checkpoint and exiting.", step)
-      return stop
-    stop = self.requested
-    if jax.process_count() > 1:
-      # Every process must agree, or the ones that stop would leave the others hanging in a collective.
-      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-    return stop
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+  def __call__(self, info: StepInfo):
+    for fn, every in self._hooks:
+      if info.is_last or info.step % every == 0:
+        fn(info)
 
 
 def train(cfg: Config, workdir: str, devices=None) -> dict:
@@ -92,6 +70,47 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   `devices` defaults to all devices of all processes.
   """
   cfg.validate()
+  train_iter, eval_batches = _data(cfg)
+  run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
+  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint,
+                              repair=True)
+  state, start_step, resumed = _first_state(run, checkpointer, train_iter, workdir)
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
+  step_fn = compile_synced(jit_train_step(run))
+  guard = _FiniteGuard(cfg.train.nonfinite == "raise")
+  saver = _Saver(run, checkpointer, train_iter, guard, saved_step=start_step if resumed else None)
+  evaluation = _Evaluation(Evaluator(run, eval_batches))
+  progress = _Progress(cfg, start_step, guard, saver)
+  stop_request = StopRequest(last_step=start_step)
+  hooks = Hooks()
+  hooks.add(progress.log, every=cfg.log.every_steps)
+  hooks.add(evaluation, every=cfg.eval.every_steps)
+  hooks.add(_record_writer(writer))
+  hooks.add(progress.print_line, every=cfg.log.every_steps)
+  hooks.add(saver, every=cfg.checkpoint.every_steps)
+  hooks.add(_stop_hook(stop_request, saver))
+
+  # Exits in reverse: the checkpointer is closed (waiting for its last save) before the SIGTERM
+  # handler is put back, so a signal then cannot kill a save half-way.
+  with stop_request, contextlib.closing(writer), contextlib.closing(checkpointer), \
+      jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
+    for step in range(start_step + 1, cfg.train.steps + 1):
+      state, metrics = step_fn(state, to_global(next(train_iter), run.mesh))
+      guard.step_done(step, metrics)
+      info = StepInfo(step, state, metrics, is_last=step == cfg.train.steps)
+      hooks(info)
+      if info.stop:
+        return {"preempted_at": step, **evaluation.latest}
+
+  if not evaluation.latest and start_step >= cfg.train.steps:
+    evaluation.latest = evaluation.evaluator(state.params)
+  if jax.process_index() == 0:
+    print(summary(evaluation.latest), flush=True)
+  return evaluation.latest
+
+
+def _data(cfg: Config) -> tuple:
+  """This process's train iterator and held-out batches."""
   pid, nproc = jax.process_index(), jax.process_count()
   train_iter = data_lib.make_train_iterator(
       cfg.data, global_batch_size=cfg.train.global_batch_size, vocab_size=cfg.model.vocab_size,
@@ -100,131 +119,164 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
       cfg.data, global_batch_size=cfg.eval.batch_size or cfg.train.global_batch_size,
       vocab_size=cfg.model.vocab_size, process_index=pid, process_count=nproc,
       max_batches=cfg.eval.max_batches))
-  run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
+  return train_iter, eval_batches
 
-  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint,
-                              repair=True)
+
+def _first_state(run: Run, checkpointer: Checkpointer, train_iter, workdir: str) -> tuple:
+  """(state, its step, whether it was resumed): the newest good checkpoint, else init_from, else
+  a random init."""
+  cfg = run.cfg
   restored = checkpointer.restore(run.abstract_state, train_iter)
   if restored is not None:
-    state, start_step = restored.state, restored.step
-    log.info("Resumed from checkpoint step %d in %s", start_step, workdir)
+    log.info("Resumed from checkpoint step %d in %s", restored.step, workdir)
     saved_batch = restored.metadata.get("config", {}).get("train", {}).get("global_batch_size")
     if saved_batch and saved_batch != cfg.train.global_batch_size:
+      next_index = restored.metadata.get("data_iterator_state", {}).get("next_index", 0)
       log.warning(
           "train.global_batch_size changed from %d to %d: the data iterator counts global batches, so "
           "it resumes at example %d instead of %d (examples are skipped or repeated once).",
-          saved_batch, cfg.train.global_batch_size,
-          restored.metadata.get("data_iterator_state", {}).get("next_index", 0) * cfg.train.global_batch_size,
-          restored.metadata.get("data_iterator_state", {}).get("next_index", 0) * saved_batch)
-  else:
-    start_step = 0
-    if cfg.init_from:
-      state = init_from_export(cfg.init_from, run)
-      log.info("Initialised params from %s", cfg.init_from)
-    else:
-      state = compile_synced(run.init)(jax.random.key(cfg.train.seed))
+          saved_batch, cfg.train.global_batch_size, next_index * cfg.train.global_batch_size,
+          next_index * saved_batch)
+    return restored.state, restored.step, True
+  if cfg.init_from:
+    state = init_from_export(cfg.init_from, run)
+    log.info("Initialised params from %s", cfg.init_from)
+    return state, 0, False
+  return compile_synced(run.init)(jax.random.key(cfg.train.seed)), 0, False
 
-  writer = MetricsWriter(workdir, enabled=pid == 0, tensorboard=cfg.log.tensorboard)
-  metadata = layout_metadata(run)
-  step_fn = jit_train_step(run)
-  evaluator = Evaluator(run, eval_batches)
-  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-  flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-  peak = peak_flops(cfg.train.peak_flops_per_device) * nproc
-  preemption = _PreemptionFlag()
-  eval_metrics: dict = {}
-  pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch async
-  t_last, step_last = time.perf_counter(), start_step
-  step = start_step
 
-  def check_finite(step_done, metrics):
-    if cfg.train.nonfinite == "raise" and not bool(metrics["finite"]):
+class _FiniteGuard:
+  """train.nonfinite=raise: stops at the first step whose loss or gradient was non-finite (the
+  step itself dropped the update). A step's flag is read once the next step has been dispatched,
+  so reading it does not stall the device; log lines and checkpoints read their own step's."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = enabled
+    self._previous = None
+
+  def step_done(self, step: int, metrics: dict):
+    if self._previous is not None:
+      self.check(*self._previous)
+    self._previous = (step, metrics)
+
+  def check(self, step: int, metrics: dict):
+    if self.enabled and not bool(metrics["finite"]):
       raise NonFiniteLossError(
-          f"Non-finite loss or gradient at step {step_done} (loss={float(metrics['loss'])}); the update "
+          f"Non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); the update "
           "was not applied and nothing non-finite was saved. Lower train.learning_rate, check the data, "
           "or set --config.train.nonfinite=skip to drop such steps.")
 
-  step_fn = compile_synced(step_fn)
-  params_finite = compile_synced(jax.jit(_all_finite, out_shardings=partitioning.replicated(run.mesh)))
-  ckpt_block = [0.0]  # seconds the loop spent blocked in checkpoint saves since the last log line
-  saved_at = [start_step if restored is not None else None]
 
-  def save(step_done, force):
-    check_finite(*pending)  # raise mode: a step whose update was dropped never gets a checkpoint
-    if not bool(params_finite(state.params)):
+class _Saver:
+  """The checkpoint hook. Never saves a step whose update was dropped, nor non-finite params."""
+
+  def __init__(self, run: Run, checkpointer: Checkpointer, train_iter, guard: _FiniteGuard,
+               saved_step: Optional[int]):
+    self.checkpointer, self.train_iter, self.guard = checkpointer, train_iter, guard
+    self.metadata = layout_metadata(run)
+    self.params_finite = compile_synced(jax.jit(_all_finite, out_shardings=partitioning.replicated(run.mesh)))
+    self.saved_step = saved_step
+    self.blocked_s = 0.0  # seconds the loop waited on saves since the last log line
+
+  def __call__(self, info: StepInfo):
+    self.save(info, force=info.is_last)
+
+  def save(self, info: StepInfo, force: bool):
+    self.guard.check(info.step, info.metrics)
+    if not bool(self.params_finite(info.state.params)):
       # The step only guards the loss and gradient; an update can still overflow the params.
       raise NonFiniteLossError(
-          f"The params are non-finite after step {step_done} (an update overflowed); not saving it. "
+          f"The params are non-finite after step {info.step} (an update overflowed); not saving it. "
           "Lower train.learning_rate or tighten train.grad_clip_norm and resume from the last checkpoint.")
     t0 = time.perf_counter()
-    checkpointer.save(step_done, state, train_iter, metadata, force=force)
-    ckpt_block[0] += time.perf_counter() - t0
-    saved_at[0] = step_done
+    self.checkpointer.save(info.step, info.state, self.train_iter, self.metadata, force=force)
+    self.blocked_s += time.perf_counter() - t0
+    self.saved_step = info.step
 
-  try:
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
-      for step in range(start_step + 1, cfg.train.steps + 1):
-        preemption.step = step
-        batch = to_global(next(train_iter), run.mesh)
-        state, metrics = step_fn(state, batch)
-        if pending is not None:
-          check_finite(*pending)
-        pending = (step, metrics)
-        is_last = step == cfg.train.steps
+  def take_blocked_s(self) -> float:
+    blocked, self.blocked_s = self.blocked_s, 0.0
+    return blocked
 
-        if step % cfg.log.every_steps == 0 or is_last:
-          check_finite(*pending)
-          m = jax.device_get(metrics)
-          now = time.perf_counter()
-          tok_s = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
-          scalars = {
-              "train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
-              "train/tokens_per_sec": tok_s,
-              "train/mfu": flops_per_step / tokens_per_step * tok_s / peak,
-              "train/skipped_steps": m["skipped_steps"],
-              "train/checkpoint_block_sec": ckpt_block[0],
-              "train/rss_mb": psutil.Process().memory_info().rss / 2**20,
-          }
-          ckpt_block[0] = 0.0
-          if cfg.model.use_zero_token:
-            for c, v in enumerate(np.asarray(m["zero_attention_C"])):
-              scalars[f"train/zero_attention_cycle_{c}"] = v
-          if step % cfg.eval.every_steps == 0 or is_last:
-            eval_metrics = evaluator(state.params)
-            scalars.update(eval_metrics)
-          writer.write(step, scalars)
-          t_last = time.perf_counter()  # eval time is not training throughput
-          if pid == 0:
-            eta = (cfg.train.steps - step) * tokens_per_step / max(tok_s, 1e-9)
-            print(f"step {step}/{cfg.train.steps} | loss {m['loss']:.4f} | {tok_s:,.0f} tok/s | "
-                  f"MFU {100 * scalars['train/mfu']:.2f}% | ETA {_format_eta(eta)}"
-                  + (f" | eval loss {eval_metrics['eval/loss']:.4f}" if "eval/loss" in scalars else ""),
-                  flush=True)
-        elif step % cfg.eval.every_steps == 0:
-          eval_metrics = evaluator(state.params)
-          writer.write(step, eval_metrics)
 
-        if step % cfg.checkpoint.every_steps == 0 or is_last:
-          save(step, force=is_last)
-        if not is_last and preemption.should_stop(step):
-          if saved_at[0] != step:  # Orbax refuses a second save of the same step
-            save(step, force=True)
-          checkpointer.wait()
-          log.warning("Preempted: saved checkpoint at step %d; exiting.", step)
-          if pid == 0:
-            print(f"Preempted at step {step}: checkpoint saved, exiting cleanly.", flush=True)
-          return {"preempted_at": step, **eval_metrics}
-  finally:
-    checkpointer.close()
-    writer.close()
-    preemption.restore()
+def _record_writer(writer: MetricsWriter):
+  def hook(info: StepInfo):
+    if info.record is not None:
+      writer.write(info.step, info.record)
+  return hook
 
-  if not eval_metrics and start_step >= cfg.train.steps:
-    eval_metrics = evaluator(state.params)
-  if pid == 0:
-    print(summary(eval_metrics), flush=True)
-  return eval_metrics
+
+def _stop_hook(stop_request: StopRequest, saver: _Saver):
+  def hook(info: StepInfo):
+    if info.is_last or not stop_request.should_stop(info.step):
+      return
+    if saver.saved_step != info.step:  # Orbax refuses a second save of the same step
+      saver.save(info, force=True)
+    saver.checkpointer.wait()
+    log.warning("Preempted: saved checkpoint at step %d; exiting.", info.step)
+    if jax.process_index() == 0:
+      print(f"Preempted at step {info.step}: checkpoint saved, exiting cleanly.", flush=True)
+    info.stop = True
+  return hook
+
+
+class _Evaluation:
+  """The eval hook; keeps the latest metrics, which train() returns."""
+
+  def __init__(self, evaluator: Evaluator):
+    self.evaluator = evaluator
+    self.latest: dict = {}
+
+  def __call__(self, info: StepInfo):
+    self.latest = self.evaluator(info.state.params)
+    info.log(self.latest)
+
+
+class _Progress:
+  """The train/* scalars of a log step, and after the step's record is written its progress line."""
+
+  def __init__(self, cfg: Config, start_step: int, guard: _FiniteGuard, saver: _Saver):
+    self.cfg, self.guard, self.saver = cfg, guard, saver
+    self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
+    self.peak = peak_flops(cfg.train.peak_flops_per_device) * jax.process_count()
+    self._t, self._step = time.perf_counter(), start_step
+
+  def log(self, info: StepInfo):
+    self.guard.check(info.step, info.metrics)
+    m = jax.device_get(info.metrics)
+    now = time.perf_counter()
+    tok_s = self.tokens_per_step * (info.step - self._step) / max(now - self._t, 1e-9)
+    self._t, self._step = now, info.step
+    scalars = {
+        "train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
+        "train/tokens_per_sec": tok_s,
+        "train/mfu": self.flops_per_step / self.tokens_per_step * tok_s / self.peak,
+        "train/skipped_steps": m["skipped_steps"],
+        "train/checkpoint_block_sec": self.saver.take_blocked_s(),
+        "train/rss_mb": psutil.Process().memory_info().rss / 2**20,
+    }
+    if self.cfg.model.use_zero_token:
+      for c, v in enumerate(np.asarray(m["zero_attention_C"])):
+        scalars[f"train/zero_attention_cycle_{c}"] = v
+    info.log(scalars)
+
+  def print_line(self, info: StepInfo):
+    self._t = time.perf_counter()  # eval time is not training throughput
+    if jax.process_index() != 0:
+      return
+    r, steps = info.record, self.cfg.train.steps
+    eta = (steps - info.step) * self.tokens_per_step / max(r["train/tokens_per_sec"], 1e-9)
+    print(f"step {info.step}/{steps} | loss {r['train/loss']:.4f} | {r['train/tokens_per_sec']:,.0f} tok/s | "
+          f"MFU {100 * r['train/mfu']:.2f}% | ETA {_format_eta(eta)}"
+          + (f" | eval loss {r['eval/loss']:.4f}" if "eval/loss" in r else ""), flush=True)
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _all_finite(tree) -> jax.Array:

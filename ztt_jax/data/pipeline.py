@@ -14,6 +14,7 @@ from ztt_jax.data import multihop, sources, text
 from ztt_jax.data.config import DataConfig
 from ztt_jax.data.tokenizer import load_tokenizer
 from ztt_jax.errors import DataError
+from ztt_jax.partitioning import check_batch_split
 
 # Enough global batches for any run; indices stay far below int64 overflow.
 _MAX_BATCHES = 1 << 40
@@ -61,10 +62,7 @@ def local_batch_size(source: Source, global_batch_size: int, process_index: int,
   if process_count < 1 or not 0 <= process_index < process_count:
     raise DataError(f'process_index={process_index} is out of range for process_count={process_count} '
                     f'(reading {source.name}).')
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise DataError(
-        f'train.global_batch_size={global_batch_size} is not divisible by the process count {process_count} '
-        f'(reading {source.name}). Set it to a multiple of {process_count}.')
+  check_batch_split(global_batch_size, process_count)
   return global_batch_size // process_count
 
 

@@ -1,4 +1,7 @@
-"""Params-only checkpoints: `python -m ztt_jax.export --workdir=DIR --out=PATH`.
+"""Params-only checkpoints: the format, `save` and `load`. It depends on the model only, so
+training (init_from), conversion and loading need no training machinery. Exporting a training
+run's checkpoint is `restore.export_run`, on the command line `python -m ztt_jax.export
+--workdir=DIR --out=PATH` (ztt_jax/export/__main__.py).
 
 An export is a directory:
 
@@ -32,6 +35,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from ztt_jax import outdir
 from ztt_jax.errors import CheckpointError, ConfigError
@@ -53,29 +57,6 @@ class ExportError(CheckpointError):
 
 
 # ------------------------------------------------------------------ tree helpers
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """Nested dict -> {"a/b/c": leaf}."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, name + "/"))
-    else:
-      out[name] = v
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
 
 def unscan(params: dict) -> dict:
   """Splits each stack's 'layers' subtree [L, ...] into 'layers_0' ... 'layers_{L-1}'."""
@@ -164,7 +145,7 @@ def save(path: str, model_cfg: Any, params: Any, *, storage: str = "safetensors"
   def fill(tmp):
     if storage == "safetensors":
       from safetensors.numpy import save_file
-      flat = {k: np.ascontiguousarray(v) for k, v in flatten(tree).items()}
+      flat = {k: np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
       save_file(flat, os.path.join(tmp, SAFETENSORS_FILE), metadata={"ztt_jax_config": json.dumps(meta)})
     else:
       import orbax.checkpoint as ocp
@@ -253,7 +234,7 @@ def load(path: str) -> tuple[ZTTModel, dict]:
   path = os.path.abspath(path)
   if meta["storage"] == "safetensors":
     file = path if os.path.isfile(path) else os.path.join(path, SAFETENSORS_FILE)
-    tree = unflatten(_read_safetensors(file))
+    tree = traverse_util.unflatten_dict(_read_safetensors(file), sep="/")
   else:
     tree = _read_orbax(os.path.join(path, ORBAX_DIR))
   if meta.get("unscanned"):
@@ -302,7 +283,7 @@ def _read_orbax(directory: str) -> dict:
 
 def _check_tree(tree: dict, want: dict, where: str, any_dtype: bool) -> None:
   """Every expected tensor present with its shape (and dtype), nothing extra."""
-  got_flat, want_flat = flatten(tree), flatten(want)
+  got_flat, want_flat = traverse_util.flatten_dict(tree, sep="/"), traverse_util.flatten_dict(want, sep="/")
   missing = sorted(set(want_flat) - set(got_flat))
   extra = sorted(set(got_flat) - set(want_flat))
   bad = [f"{k}: {tuple(got_flat[k].shape)} {got_flat[k].dtype}, want {tuple(w.shape)}"
@@ -314,46 +295,3 @@ def _check_tree(tree: dict, want: dict, where: str, any_dtype: bool) -> None:
         + ([f"wrong shape/dtype: {'; '.join(bad)}"] if bad else [])
     raise ExportError(f"{where}: the stored params do not match the model config ({', '.join(parts)}). "
                       "The export is damaged or its config.json was edited; export it again.")
-
-
-# ------------------------------------------------------------------ from a training run
-
-def export_run(workdir: str, out: str, step: Optional[int] = None, storage: str = "safetensors",
-               unscanned: bool = False, dtype: Optional[str] = None, overwrite: bool = False) -> str:
-  """Exports checkpoint `step` (default: the newest) of the training run in `workdir`."""
-  from ztt_jax.restore import load_trained
-  sources = {"--workdir": workdir}
-  check_out(out, overwrite=overwrite, sources=sources)  # before the minutes of loading the run
-  # Local devices only: the export is written by this process, so every array must be addressable here.
-  trained = load_trained(workdir, step, devices=jax.local_devices())
-  source = {"kind": "training_run", "workdir": os.path.abspath(workdir), "step": int(trained.step)}
-  return save(out, trained.cfg.model, trained.params, storage=storage, unscanned=unscanned, dtype=dtype,
-              source=source, overwrite=overwrite, sources=sources)
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  path = export_run(f.workdir, f.out, f.step, f.format, f.unscan, f.dtype, overwrite=f.overwrite)
-  meta = read_config(path)
-  print(f"exported {meta['source'].get('workdir')} step {meta['source'].get('step')} -> {path} "
-        f"({meta['storage']}, {'unscanned' if meta['unscanned'] else 'scanned'}, {meta['dtype']})")
-
-
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).", required=True)
-  flags.DEFINE_string("out", None, "Export directory to write.", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
-  flags.DEFINE_enum("format", "safetensors", list(STORAGES), "Storage of the params.")
-  flags.DEFINE_bool("unscan", False, "Store each layer of a stack under its own name.")
-  flags.DEFINE_enum("dtype", None, list(DTYPES), "Cast params to this dtype; default keep.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out, if it is an export written by "
-                    "ztt_jax and holds nothing else.")
-
-
-if __name__ == "__main__":
-  from ztt_jax import cli
-  _define_flags()
-  cli.run(main)
