@@ -139,6 +139,79 @@ def analyse(step: ZttStep, T: int, tokens: int, dump_dir=None, name="") -> dict:
   }
 
 
+def _category(ins: dict) -> tuple[str, str]:
+  """(what kind of kernel, which part of the model) of one top-level HLO instruction."""
+  import re
+  op, tail = ins["op"], ins["tail"]
+  meta = re.search(r'op_name="([^"]*)"', ins["line"])
+  name = meta.group(1) if meta else ""
+  if op == "dot" or (op == "fusion" and ("__ynn_fusion" in tail or "kind=kCustom" in tail or "kind=kOutput" in tail)):
+    kind = "matmul"
+  elif op in ("copy", "transpose") or (op == "fusion" and ins["name"].startswith(("copy", "transpose"))):
+    kind = "copy/transpose"
+  elif op == "fusion" and ins["name"].startswith("wrapped_broadcast"):
+    kind = "fill (broadcast)"
+  elif op in ("dynamic-update-slice", "dynamic-slice") or "dynamic" in ins["name"]:
+    kind = "scan slicing"
+  else:
+    kind = "elementwise/reduce"
+  part = "optimizer/update"
+  if "ZTTModel" in name:
+    part = "other model"
+    for key, label in (("attn_norm", "norm"), ("mlp_norm", "norm"), ("final_norm", "norm"), ("/attn/", "attention"),
+                       ("/mlp/", "mlp"), ("embed", "embed/lm head")):
+      if key in name:
+        part = label
+        break
+  elif "cross_entropy" in name or "log_softmax" in name or "logsumexp" in name:
+    part = "loss"
+  if "rematted_computation" in name:
+    part += " (remat recompute)"
+  return kind, part
+
+
+def trace_step(step: ZttStep, batches, n_steps: int = 5) -> dict:
+  """Per-kernel time from jax.profiler (XLA:CPU names each thunk after its HLO instruction),
+  grouped by kernel kind and model part. Timing, so noisy in absolute terms; the split between
+  categories is what to read."""
+  import collections
+  import glob
+  import tempfile
+  from hlo_stats import parse
+  comps, _, _ = parse(step.compiled.as_text())
+  by_name = {ins["name"]: ins for c in comps.values() for ins in c}
+  for i in range(2):
+    step.step(batches[i % len(batches)])
+  step.sync()
+  with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    jax.profiler.start_trace(d)
+    for i in range(n_steps):
+      step.step(batches[i % len(batches)])
+    step.sync()
+    jax.profiler.stop_trace()
+    wall = (time.perf_counter() - t0) / n_steps
+    prof = jax.profiler.ProfileData.from_file(glob.glob(d + "/**/*.xplane.pb", recursive=True)[0])
+    kind_t, part_t, top = collections.Counter(), collections.Counter(), collections.Counter()
+    for plane in prof.planes:
+      for line in plane.lines:
+        if "XLAEigen" not in line.name and "PjRtCpu" not in line.name:
+          continue
+        for e in line.events:
+          ins = by_name.get(e.name)
+          if ins is None or ins["op"] in ("while", "conditional", "call"):
+            continue  # containers: their bodies' thunks are counted themselves
+          kind, part = _category(ins)
+          ms = e.duration_ns / 1e6 / n_steps
+          kind_t[kind] += ms
+          part_t[part] += ms
+          top[(e.name, kind, part)] += ms
+  busy = sum(kind_t.values())
+  return {"wall_ms_per_step": wall * 1e3, "kernel_ms_per_step": busy,
+          "by_kind_ms": dict(kind_t.most_common()), "by_part_ms": dict(part_t.most_common()),
+          "top_kernels": [{"name": n, "kind": k, "part": p, "ms": v} for (n, k, p), v in top.most_common(12)]}
+
+
 def grain_cost(seq_len: int, batch: int, n: int = 20) -> dict:
   """CPU seconds per batch of the trainer's own Grain pipeline on byte text, and its thread count.
 
@@ -179,6 +252,7 @@ def main(argv=None):
   ap.add_argument("--time", action="store_true", help="also time the variants (alternating windows)")
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--window_s", type=float, default=1.5)
+  ap.add_argument("--trace", action="store_true", help="jax.profiler trace of each variant: time per kernel kind")
   ap.add_argument("--grain", action="store_true", help="measure the Grain pipeline's CPU per batch")
   ap.add_argument("--dump_dir", default=None, help="write each variant's optimized HLO here")
   ap.add_argument("--json", default=None)
@@ -234,6 +308,12 @@ def main(argv=None):
       print(f"{row}: tokens/s (median of {args.rounds} alternating windows, load {os.getloadavg()[0]:.1f}): "
             + ", ".join(f"{k} {res[k]['tokens_per_sec']:,.0f}" + (f" ({res[k]['tokens_per_sec'] / base:.2f}x)" if base else "")
                         for k in steps), flush=True)
+    if args.trace:
+      for k, st in steps.items():
+        tr = res[k]["trace"] = trace_step(st, batches)
+        print(f"{row} {k} trace: {tr['wall_ms_per_step']:.1f} ms/step wall, kernels {tr['kernel_ms_per_step']:.1f} ms "
+              f"(both Eigen threads) | by kind: " + ", ".join(f"{n} {v:.1f}" for n, v in tr["by_kind_ms"].items())
+              + " | by part: " + ", ".join(f"{n} {v:.1f}" for n, v in tr["by_part_ms"].items()), flush=True)
     out["rows"][row] = {"shape": s, "variants": res}
   if args.grain:
     out["grain"] = {r: grain_cost(SHAPES[ROWS[r][0]]["T"], SHAPES[ROWS[r][0]]["B"]) for r in args.rows.split(",")}
