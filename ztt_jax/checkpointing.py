@@ -209,6 +209,24 @@ class Checkpointer:
       return False
 
 
+def saved_config(directory: str) -> Optional[tuple[int, dict]]:
+  """(step, config dict) of the newest finished checkpoint in `directory` whose JSON metadata can be
+  read, or None. Reads only that small file: the resume check runs before anything is built."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return None
+  # Finished checkpoints are bare step numbers; saves in progress carry a suffix.
+  steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      meta = ocp.JsonCheckpointHandler().restore(path / str(step) / "metadata", args=ocp.args.JsonRestore())
+    except Exception:  # noqa: BLE001 - unreadable metadata is damage; restoring reports it
+      continue
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+      return step, meta["config"]
+  return None
+
+
 def _all_processes_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok

@@ -38,11 +38,12 @@ def _verbose_flag():
   return flags.FLAGS["verbose"]
 
 
-def run(main: Callable, *, on_error: Optional[Callable[[str], None]] = None) -> None:
+def run(main: Callable, *, on_error: Optional[Callable[[str, int], None]] = None) -> None:
   """absl.app.run(main) with one-line errors (see the module docstring).
 
-  on_error(line): called with the error line before exiting (train uses it to fail fast when
-  several processes would otherwise wait on this one).
+  on_error(text, exit_code): called before exiting with the error line, or the traceback of an
+  error this module does not describe (train uses it to fail fast when several processes would
+  otherwise wait on this one).
   """
   from absl import app
   _verbose_flag()
@@ -64,9 +65,9 @@ def quiet_libraries(verbose_: bool) -> None:
   logging.getLogger("ztt_jax").setLevel(logging.INFO)
 
 
-def fail(line: str, code: int, on_error: Optional[Callable[[str], None]] = None):
+def fail(line: str, code: int, on_error: Optional[Callable[[str, int], None]] = None):
   if on_error is not None:
-    on_error(line)
+    on_error(line, code)
   sys.stdout.flush()
   print(line, file=sys.stderr, flush=True)
   sys.exit(code)
@@ -127,7 +128,7 @@ def _wrap(main: Callable, on_error):
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one we describe
       if not _caught(e):
         if on_error is not None:
-          on_error(traceback.format_exc())
+          on_error(traceback.format_exc(), EXIT_ERROR)
         raise
       if verbose_:
         traceback.print_exc()

@@ -233,4 +233,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from ztt_jax import cli  # a bad --topology or flag: one line, exit 2 (EXIT_CONFIG)
+  cli.run(main)

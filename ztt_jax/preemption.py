@@ -1,9 +1,19 @@
-"""Stop requests (SIGTERM, or a preemption notice), seen by every process at the same step, so the
-trainer saves that step and exits cleanly."""
+"""Stop requests (SIGTERM, Ctrl-C, or a preemption notice), seen by every process at the same step,
+so the trainer saves that step and exits cleanly.
+
+Ctrl-C (SIGINT) is a stop request like SIGTERM: the first one lets the running step finish, saves
+it, and the run exits 0 with a line saying where it saved and the command that resumes it. A
+second Ctrl-C aborts at once (KeyboardInterrupt; the CLI exits 130), for when the save itself is
+not wanted or hangs; a save it interrupts is removed as half-written by the next run.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import signal
+import sys
+from typing import Optional
 
 import jax
 import numpy as np
@@ -29,30 +39,55 @@ class StopRequest:
   would steal the signal from it. A single process handles SIGTERM itself; several processes
   without the service fall back to a Python handler plus an allgather every step.
 
+  Ctrl-C is always ours (the service listens to SIGTERM only). The first one becomes the same
+  request as a SIGTERM: with the service, by sending this process a SIGTERM, so every process still
+  stops at the one step the service agrees on; otherwise by setting the flag. The second one raises
+  KeyboardInterrupt.
+
   `last_step` is the last step asked about; the step running when a signal comes is the next one.
-  Use as a context manager: the handler is installed on entry and the previous one put back on exit.
+  Use as a context manager: the handlers are installed on entry and the previous ones put back on exit.
   """
 
   def __init__(self, last_step: int):
     self.requested = False
+    self.reason: Optional[str] = None  # "SIGTERM" or "SIGINT": what asked for the stop (this process)
     self.last_step = last_step
     self._sync_service = jax.process_count() > 1 and _preemption_service_running()
-    self._previous = None
+    self._previous: dict = {}
 
   def __enter__(self) -> StopRequest:
     if not self._sync_service:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle_term)
+    self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_int)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
-  def _handle(self, signum, frame):
+  def _handle_term(self, signum, frame):
     log.warning("SIGTERM received during step %s: will save a checkpoint after it and exit.",
                 self.last_step + 1)
     self.requested = True
+    self.reason = self.reason or "SIGTERM"
+
+  def _handle_int(self, signum, frame):
+    if self.reason == "SIGINT":
+      raise KeyboardInterrupt  # the second Ctrl-C: abort now, without the save
+    self.reason = "SIGINT"
+    log.warning("Ctrl-C (SIGINT) received during step %s: will save a checkpoint after it and exit; "
+                "press Ctrl-C again to abort at once without saving.", self.last_step + 1)
+    if self._sync_service:
+      os.kill(os.getpid(), signal.SIGTERM)  # the service's own notice, agreed on by every process
+    else:
+      self.requested = True
+
+  def stop_line(self, step: int, checkpoint_dir: str) -> str:
+    """What the run prints when it stops after saving `step`: where, and how to resume."""
+    what = "Interrupted (Ctrl-C)" if self.reason == "SIGINT" else "Preempted"
+    return (f"{what} at step {step}: checkpoint saved in {os.path.join(checkpoint_dir, str(step))}. "
+            f"Resume with: {resume_command() or 're-running the same command (same config and workdir)'}")
 
   def should_stop(self, step: int) -> bool:
     """Whether to stop after `step`; the same answer on every process."""
@@ -70,3 +105,11 @@ class StopRequest:
       return self.requested
     # Every process must agree, or the ones that stop would leave the others hanging in a collective.
     return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def resume_command() -> Optional[str]:
+  """The command line of this process if it is the train CLI (re-running it resumes), else None."""
+  argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+  if os.path.basename(argv0) != "train.py" or os.path.basename(os.path.dirname(argv0)) != "ztt_jax":
+    return None
+  return shlex.join([sys.executable, "-m", "ztt_jax.train", *sys.argv[1:]])

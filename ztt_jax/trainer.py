@@ -17,9 +17,10 @@ import numpy as np
 import psutil
 
 from ztt_jax import data as data_lib
-from ztt_jax import partitioning
-from ztt_jax.checkpointing import Checkpointer
+from ztt_jax import partitioning, resume
+from ztt_jax.checkpointing import Checkpointer, saved_config
 from ztt_jax.config import Config
+from ztt_jax.errors import ConfigError
 from ztt_jax.evaluate import Evaluator
 from ztt_jax.flops import peak_flops, train_flops_per_token
 from ztt_jax.metrics import MetricsWriter
@@ -70,11 +71,23 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   `devices` defaults to all devices of all processes.
   """
   cfg.validate()
+  workdir = check_workdir(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  _check_resume(ckpt_dir, cfg, workdir)  # first: a changed config is named before data or compiling
   train_iter, eval_batches = _data(cfg)
   run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
-  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.checkpoint,
-                              repair=True)
-  state, start_step, resumed = _first_state(run, checkpointer, train_iter, workdir)
+  partitioning.check_divisible(run.abstract_state)  # e.g. a tensor axis that does not divide the heads
+  try:
+    os.makedirs(ckpt_dir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be created ({e.strerror}: {e.filename}); choose a "
+                      "directory you can write.") from None
+  checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint, repair=True)
+  try:
+    state, start_step, resumed = _first_state(run, checkpointer, train_iter, workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
   step_fn = compile_synced(jit_train_step(run))
   guard = _FiniteGuard(cfg.train.nonfinite == "raise")
@@ -88,7 +101,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   hooks.add(_record_writer(writer))
   hooks.add(progress.print_line, every=cfg.log.every_steps)
   hooks.add(saver, every=cfg.checkpoint.every_steps)
-  hooks.add(_stop_hook(stop_request, saver))
+  hooks.add(_stop_hook(stop_request, saver, ckpt_dir))
 
   # Exits in reverse: the checkpointer is closed (waiting for its last save) before the SIGTERM
   # handler is put back, so a signal then cannot kill a save half-way.
@@ -107,6 +120,34 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   if jax.process_index() == 0:
     print(summary(evaluation.latest), flush=True)
   return evaluation.latest
+
+
+def check_workdir(workdir) -> str:
+  """The absolute work directory, or ConfigError if it is empty, a file, or cannot be written.
+  Creates nothing: a run stopped by a bad config leaves no empty directory behind."""
+  if workdir is None or not str(workdir).strip():
+    raise ConfigError("--workdir is empty; give the run's directory, e.g. --workdir=runs/my_run (it is "
+                      "created if missing; re-running the same command resumes from it).")
+  path = os.path.abspath(os.path.expanduser(str(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={path} is a file, not a directory; choose another path.")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir={path} cannot be created: {existing} is a file, not a directory.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={path} cannot be written: {existing} is not writable by this user; "
+                      "choose a directory you can write.")
+  return path
+
+
+def _check_resume(ckpt_dir: str, cfg: Config, workdir: str) -> None:
+  """Compares the config saved in the newest checkpoint with `cfg` (see ztt_jax/resume.py)."""
+  saved = saved_config(ckpt_dir)
+  if saved is not None:
+    step, saved_cfg = saved
+    resume.check(saved_cfg, cfg, workdir=workdir, step=step)
 
 
 def _data(cfg: Config) -> tuple:
@@ -205,7 +246,7 @@ def _record_writer(writer: MetricsWriter):
   return hook
 
 
-def _stop_hook(stop_request: StopRequest, saver: _Saver):
+def _stop_hook(stop_request: StopRequest, saver: _Saver, ckpt_dir: str):
   def hook(info: StepInfo):
     if info.is_last or not stop_request.should_stop(info.step):
       return
@@ -214,7 +255,7 @@ def _stop_hook(stop_request: StopRequest, saver: _Saver):
     saver.checkpointer.wait()
     log.warning("Preempted: saved checkpoint at step %d; exiting.", info.step)
     if jax.process_index() == 0:
-      print(f"Preempted at step {info.step}: checkpoint saved, exiting cleanly.", flush=True)
+      print(stop_request.stop_line(info.step, ckpt_dir), flush=True)
     info.stop = True
   return hook
 
