@@ -1,7 +1,6 @@
 """Exit trade-off of the ladder's trained ztt: the evaluation module's sweep, saved per seed."""
 from __future__ import annotations
 
-import json
 import os
 
 from ztt_jax import evaluate, restore
