@@ -65,6 +65,19 @@ def per_hop(scalars: Mapping[str, Any]) -> dict:
   return dict(sorted(hops.items()))
 
 
+def eval_summary(eval_metrics: Mapping[str, Any]) -> str:
+  """The final eval for the console; the per-hop results come from the structured "eval/per_hop"."""
+  if not eval_metrics:
+    return "final eval: off (eval.max_batches=0)"
+  lines = [f"final eval: loss {eval_metrics.get('eval/loss', float('nan')):.4f}, "
+           f"mean cycles used {eval_metrics.get('eval/mean_cycles', float('nan')):.2f}"]
+  if "eval/accuracy" in eval_metrics:
+    lines.append(f"  accuracy (all hops): {eval_metrics['eval/accuracy']:.3f}")
+    for h, hop in eval_metrics[PER_HOP].items():
+      lines.append(f"  hops={h}: accuracy {hop['accuracy']:.3f}, mean cycles {hop['mean_cycles']:.2f}")
+  return "\n".join(lines)
+
+
 def _to_float(v):
   v = float(v)
   return v if math.isfinite(v) else None if math.isnan(v) else (1e308 if v > 0 else -1e308)

@@ -12,6 +12,10 @@ Export, the GPT-2 import and `--export_hf` all write a whole directory. The rule
   write leaves the old directory (or nothing) under `--out`, never a mix.
 - Permissions follow the umask, as files written by `open()` do: `tempfile.mkdtemp` would leave
   the directory owner-only (0700), unreadable to the rest of a shared cluster.
+
+A training run's `--workdir` is the other kind: reused on purpose (re-running resumes from it), so
+`check_workdir` only checks that it can be one, and `make_workdir` creates it once the run's config
+has passed every check.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import shutil
 import tempfile
 from typing import Callable, Iterable, Mapping, Optional
 
-from ztt_jax.errors import OutputError
+from ztt_jax.errors import ConfigError, OutputError
 
 
 def umask() -> int:
@@ -124,3 +128,33 @@ def _apply_umask(root: str) -> None:
       os.chmod(os.path.join(d, name), 0o777 & ~mask)
     for name in files:
       os.chmod(os.path.join(d, name), 0o666 & ~mask)
+
+
+def check_workdir(workdir) -> str:
+  """The absolute work directory, or ConfigError if it is empty, a file, or cannot be written.
+  Creates nothing: a run stopped by a bad config leaves no empty directory behind."""
+  if workdir is None or not str(workdir).strip():
+    raise ConfigError("--workdir is empty; give the run's directory, e.g. --workdir=runs/my_run (it is "
+                      "created if missing; re-running the same command resumes from it).")
+  path = os.path.abspath(os.path.expanduser(str(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={path} is a file, not a directory; choose another path.")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"--workdir={path} cannot be created: {existing} is a file, not a directory.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={path} cannot be written: {existing} is not writable by this user; "
+                      "choose a directory you can write.")
+  return path
+
+
+def make_workdir(workdir: str, *subdirs: str) -> None:
+  """Creates the work directory (checked by `check_workdir`) and `subdirs` inside it."""
+  try:
+    for d in subdirs or (workdir,):
+      os.makedirs(d, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be created ({e.strerror}: {e.filename}); choose a "
+                      "directory you can write.") from None

@@ -17,13 +17,12 @@ import numpy as np
 import psutil
 
 from ztt_jax import data as data_lib
-from ztt_jax import partitioning, resume
+from ztt_jax import outdir, partitioning, resume
 from ztt_jax.checkpointing import Checkpointer, saved_config
 from ztt_jax.config import Config
-from ztt_jax.errors import ConfigError
 from ztt_jax.evaluate import Evaluator
 from ztt_jax.flops import peak_flops, train_flops_per_token
-from ztt_jax.metrics import MetricsWriter
+from ztt_jax.metrics import MetricsWriter, eval_summary
 from ztt_jax.preemption import StopRequest
 from ztt_jax.run import Run, build, compile_synced, init_from_export, jit_train_step, layout_metadata, to_global
 from ztt_jax.train_step import TrainState
@@ -71,17 +70,13 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   `devices` defaults to all devices of all processes.
   """
   cfg.validate()
-  workdir = check_workdir(workdir)
+  workdir = outdir.check_workdir(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   _check_resume(ckpt_dir, cfg, workdir)  # first: a changed config is named before data or compiling
   train_iter, eval_batches = _data(cfg)
   run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
   partitioning.check_divisible(run.abstract_state)  # e.g. a tensor axis that does not divide the heads
-  try:
-    os.makedirs(ckpt_dir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} cannot be created ({e.strerror}: {e.filename}); choose a "
-                      "directory you can write.") from None
+  outdir.make_workdir(workdir, ckpt_dir)  # only now: a run stopped by a bad config leaves nothing
   checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint, repair=True)
   try:
     state, start_step, resumed = _first_state(run, checkpointer, train_iter, workdir)
@@ -118,28 +113,8 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   if not evaluation.latest and start_step >= cfg.train.steps:
     evaluation.latest = evaluation.evaluator(state.params)
   if jax.process_index() == 0:
-    print(summary(evaluation.latest), flush=True)
+    print(eval_summary(evaluation.latest), flush=True)
   return evaluation.latest
-
-
-def check_workdir(workdir) -> str:
-  """The absolute work directory, or ConfigError if it is empty, a file, or cannot be written.
-  Creates nothing: a run stopped by a bad config leaves no empty directory behind."""
-  if workdir is None or not str(workdir).strip():
-    raise ConfigError("--workdir is empty; give the run's directory, e.g. --workdir=runs/my_run (it is "
-                      "created if missing; re-running the same command resumes from it).")
-  path = os.path.abspath(os.path.expanduser(str(workdir)))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f"--workdir={path} is a file, not a directory; choose another path.")
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ConfigError(f"--workdir={path} cannot be created: {existing} is a file, not a directory.")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir={path} cannot be written: {existing} is not writable by this user; "
-                      "choose a directory you can write.")
-  return path
 
 
 def _check_resume(ckpt_dir: str, cfg: Config, workdir: str) -> None:
@@ -322,15 +297,3 @@ def _format_eta(seconds: float) -> str:
 
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
-
-
-def summary(eval_metrics: dict) -> str:
-  if not eval_metrics:
-    return "final eval: off (eval.max_batches=0)"
-  lines = [f"final eval: loss {eval_metrics.get('eval/loss', float('nan')):.4f}, "
-           f"mean cycles used {eval_metrics.get('eval/mean_cycles', float('nan')):.2f}"]
-  if "eval/accuracy" in eval_metrics:
-    lines.append(f"  accuracy (all hops): {eval_metrics['eval/accuracy']:.3f}")
-    for h, hop in eval_metrics["eval/per_hop"].items():
-      lines.append(f"  hops={h}: accuracy {hop['accuracy']:.3f}, mean cycles {hop['mean_cycles']:.2f}")
-  return "\n".join(lines)
