@@ -47,6 +47,7 @@ def measure(args) -> dict:
   """Decode tokens/s with exit off and at the threshold that halves the mean cycles (also used by
   `python -m ztt_jax.bench --suite=exit`)."""
   from ztt_jax import decoding
+  from ztt_jax.model import ExitRule
   if args.workdir:
     from ztt_jax import restore
     t = restore.load_trained(args.workdir, devices=jax.devices()[:1])
@@ -62,8 +63,9 @@ def measure(args) -> dict:
 
   def run(tau, new):
     t0 = time.perf_counter()
-    g = decoding.generate(model, params, prompt, max_new_tokens=new, temperature=0.0, exit_threshold=tau,
-                          max_len=max_len)
+    rule = ExitRule.from_config(cfg, threshold=tau, granularity="token")
+    g = decoding.generate(model, params, prompt, max_new_tokens=new, sampling=decoding.Sampling(temperature=0.0),
+                          rule=rule, max_len=max_len)
     return time.perf_counter() - t0, g
 
   def mean_cycles(tau):

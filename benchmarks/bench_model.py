@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ztt_jax.bench import compile_seconds, timed  # noqa: E402  (shared with python -m ztt_jax.bench)
-from ztt_jax.model import ModelConfig, ZTTModel  # noqa: E402
+from ztt_jax.model import ExitRule, ModelConfig, ZTTModel  # noqa: E402
 
 
 def bench_compile(width, reps):
@@ -43,8 +43,8 @@ def bench_exit(width, T, B, n):
   toks = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
   params = jax.jit(lambda k: nn.unbox(model.init(k, toks)["params"]))(jax.random.key(0, impl="rbg"))
 
-  def run(**kw):
-    return jax.jit(lambda p, t, tau: model.apply({"params": p}, t, tau, **kw)[0])
+  def run(skip_exited=False):
+    return jax.jit(lambda p, t, tau: model.apply({"params": p}, t, ExitRule(threshold=tau, skip_exited=skip_exited))[0])
 
   full = timed(run(), params, toks, 2.0, n=n)                          # no token exits
   skip = timed(run(skip_exited=True), params, toks, -1.0, n=n)         # all exit after cycle 1

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ztt_jax.model import ModelConfig, ZTTModel
+from ztt_jax.model import ExitRule, ModelConfig, ZTTModel
 
 TINY = dict(vocab_size=32, d_model=16, num_heads=2, mlp_dim=32, n_head_layers=1, n_middle_layers=2,
             n_tail_layers=1, num_cycles=3, max_seq_len=16, zero_key_init_std=1.0)
@@ -49,12 +49,14 @@ def tokens(cfg, B=2, T=6, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_apply(model, **static):
-  """jit of model.apply with the static kwargs baked in; exit_threshold stays a traced argument."""
-  static = dict(static)
+def jitted_apply(model, num_cycles=None, **rule_fields):
+  """jit of model.apply with the exit rule ExitRule.from_config(cfg, **rule_fields) baked in; its
+  threshold stays a traced argument (None: no exit)."""
+  rule_fields = dict(rule_fields)
 
   def f(params, toks, exit_threshold=None):
-    return model.apply({"params": params}, toks, exit_threshold=exit_threshold, **static)
+    rule = ExitRule.from_config(model.cfg, threshold=exit_threshold, **rule_fields)
+    return model.apply({"params": params}, toks, rule, num_cycles)
 
   return jax.jit(f)
 

@@ -14,6 +14,7 @@ from ztt_jax import evaluate, plots, restore
 from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError, ConfigError
+from ztt_jax.model import ExitRule
 
 STEP = 7
 
@@ -58,7 +59,7 @@ def batches(trained):
 
 @pytest.fixture(scope="module")
 def no_exit(trained, batches):
-  return evaluate.evaluate(trained, None, batches=batches)
+  return evaluate.evaluate(trained, ExitRule.from_config(trained.cfg.model, threshold=None), batches=batches)
 
 
 def flops_fraction(m, seq_len, mean_cycles):
@@ -86,9 +87,10 @@ def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   cfg, run = trained.cfg, trained.run
   signals = evaluate.signal_values(trained, batches)["zero_attention"]
   tau = float(np.median(signals))
-  r = evaluate.evaluate(trained, tau, batches=batches)
+  r = evaluate.evaluate(trained, ExitRule.from_config(cfg.model, threshold=tau), batches=batches)
   # Directly: the model on the same batches, per-example answers and cycles in numpy.
-  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, exit_threshold=tau, frozen_kv="state"))
+  rule = ExitRule.from_config(cfg.model, threshold=tau, frozen_kv="state")
+  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, rule))
   b = batches[0]
   logits, aux = jax.device_get(fn(trained.params, b["inputs"]))
   w = b["weights"]
@@ -147,8 +149,8 @@ def test_bad_inputs_name_the_fix(trained, workdir, tmp_path):
   with pytest.raises(CheckpointError, match=f"available: \\[{STEP}\\]"):
     restore.load_trained(workdir, step=STEP + 1)
   with pytest.raises(ConfigError, match="none for no exit"):
-    evaluate.evaluate(trained, "abc", batches=[])
+    evaluate.evaluate(trained, ExitRule.from_config(trained.cfg.model, threshold="abc"), batches=[])
   with pytest.raises(ConfigError, match="a number"):
-    evaluate._parse_threshold("half")
-  assert evaluate._parse_threshold("none") is None and evaluate._parse_threshold(None) == evaluate.FROM_CONFIG
+    evaluate.threshold_flag("half")
+  assert evaluate.threshold_flag("none") == {"threshold": None} and evaluate.threshold_flag(None) == {}
 

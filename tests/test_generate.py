@@ -7,7 +7,9 @@ import pytest
 from model_numpy_ref import gap_thresholds
 from model_testutil import init_params, jitted_apply, tiny_cfg, tokens
 from ztt_jax import decoding
+from ztt_jax.decoding import Sampling
 from ztt_jax.errors import ConfigError
+from ztt_jax.model import ExitRule
 
 B, T, P = 2, 8, 3  # prompt P, then T - P positions decoded one token per step
 
@@ -27,15 +29,14 @@ def ztt():
   return model, params, toks, tau
 
 
-def decode_teacher_forced(model, params, toks, tau, frozen_kv, prefill):
+def decode_teacher_forced(model, params, toks, tau, frozen_kv, prefill, num_cycles=None):
   """Prefill `prefill` tokens, then feed the rest one per step; logits and cycles of every position."""
-  cache = decoding.init_cache(model.cfg, toks.shape[0], toks.shape[1])
-  logits, cache, aux = decoding.forward_cached_jit(model, params, toks[:, :prefill], cache, 0, tau,
-                                                   frozen_kv=frozen_kv)
+  rule = ExitRule.from_config(model.cfg, threshold=tau, frozen_kv=frozen_kv)
+  cache = decoding.init_cache(model.cfg, toks.shape[0], toks.shape[1], num_cycles)
+  logits, cache, aux = decoding.forward_cached_jit(model, params, toks[:, :prefill], cache, 0, rule)
   all_logits, all_cycles = [logits], [aux["cycles_used"]]
   for p in range(prefill, toks.shape[1]):
-    logits, cache, aux = decoding.forward_cached_jit(model, params, toks[:, p:p + 1], cache, p, tau,
-                                                     frozen_kv=frozen_kv)
+    logits, cache, aux = decoding.forward_cached_jit(model, params, toks[:, p:p + 1], cache, p, rule)
     all_logits.append(logits)
     all_cycles.append(aux["cycles_used"])
   return np.asarray(jnp.concatenate(all_logits, 1)), np.asarray(jnp.concatenate(all_cycles, 1))
@@ -63,11 +64,24 @@ def test_cached_decoding_matches_full_forward(ztt, exit_on, frozen_kv, prefill):
     assert np.max(np.abs(np.asarray(other) - np.asarray(ref))) > 1e-3
 
 
+def test_cached_decoding_runs_more_cycles_than_the_pool_holds(ztt):
+  # Cycles beyond the pool reuse its last row, in decoding as in the full forward.
+  model, params, toks, tau = ztt
+  C = model.cfg.cycles + 2
+  ref, aux = jitted_apply(model, num_cycles=C)(params, toks, tau)
+  got, cycles = decode_teacher_forced(model, params, toks, tau, "state", 1, num_cycles=C)
+  ref_cycles = np.asarray(aux["cycles_used"])
+  np.testing.assert_array_equal(cycles, ref_cycles)
+  np.testing.assert_allclose(got, np.asarray(ref), atol=2e-5, rtol=1e-5)
+  assert ref_cycles.max() > model.cfg.cycles and len(np.unique(ref_cycles)) >= 2, ref_cycles
+
+
 def test_greedy_generation_with_exit_is_deterministic_and_is_the_argmax_of_the_full_forward(ztt):
   model, params, toks, tau = ztt
   n = T - P + 1
-  runs = [decoding.generate(model, params, np.asarray(toks[:, :P]), max_new_tokens=n, temperature=0.0,
-                            seed=seed, exit_threshold=tau) for seed in (0, 1)]
+  rule = ExitRule.from_config(model.cfg, threshold=tau)
+  runs = [decoding.generate(model, params, np.asarray(toks[:, :P]), max_new_tokens=n,
+                            sampling=Sampling(temperature=0.0, seed=seed), rule=rule) for seed in (0, 1)]
   np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
   assert runs[0].num_new == n
   # Greedy token i is the argmax of the full forward at position P-1+i over prompt + tokens < i.
@@ -108,15 +122,16 @@ def test_bad_inputs_name_the_fix(ztt):
       (dict(prompt_BxP=ok, max_new_tokens=cfg.max_seq_len), "lower --max_new_tokens"),
       (dict(prompt_BxP=np.array([[1, cfg.vocab_size]]), max_new_tokens=1), "outside the model vocabulary"),
       (dict(prompt_BxP=ok, max_new_tokens=0), "max_new_tokens=0"),
-      (dict(prompt_BxP=ok, max_new_tokens=1, temperature=-1.0), "temperature"),
-      (dict(prompt_BxP=ok, max_new_tokens=1, top_k=-2), "top_k"),
-      (dict(prompt_BxP=ok, max_new_tokens=1, top_p=0.0), "top_p"),
-      (dict(prompt_BxP=ok, max_new_tokens=1, frozen_kv="bogus"), "frozen_kv"),
+      (dict(prompt_BxP=ok, max_new_tokens=1, sampling=Sampling(temperature=-1.0)), "temperature"),
+      (dict(prompt_BxP=ok, max_new_tokens=1, sampling=Sampling(top_k=-2)), "top_k"),
+      (dict(prompt_BxP=ok, max_new_tokens=1, sampling=Sampling(top_p=0.0)), "top_p"),
+      (dict(prompt_BxP=ok, max_new_tokens=1, rule=lambda: ExitRule.from_config(cfg, frozen_kv="bogus")), "frozen_kv"),
   ]
   for kw, words in cases:
     with pytest.raises(ConfigError, match=words):
+      kw = {k: v() if callable(v) else v for k, v in kw.items()}  # a bad rule fails as it is built
       decoding.generate(model, params, **kw)
   vanilla = tiny_cfg(variant="vanilla")
   vmodel, vparams = init_params(vanilla, 1, 2)
   with pytest.raises(ConfigError, match="no zero token"):
-    decoding.generate(vmodel, vparams, ok, max_new_tokens=1, exit_threshold=0.5)
+    decoding.generate(vmodel, vparams, ok, max_new_tokens=1, rule=ExitRule(threshold=0.5))

@@ -48,8 +48,8 @@ def hf_logits(model, toks):
 
 @functools.lru_cache(maxsize=None)
 def _apply(cfg):
-  model = ZTTModel(cfg)  # the mask is traced, so masked and unmasked share one compile
-  return jax.jit(lambda p, t, m: model.apply({"params": p}, t, mask_zero_slot=m))
+  # The mask is traced, so masked and unmasked share one compile.
+  return jax.jit(lambda p, t, m: ZTTModel(cfg, mask_zero_slot=m).apply({"params": p}, t))
 
 
 def ztt_logits(model, params, toks, mask_zero_slot=False):

@@ -7,7 +7,7 @@ import pytest
 
 import model_numpy_ref as ref
 from model_testutil import apply, init_params, tiny_cfg, tokens
-from ztt_jax.model import ZTTModel, count_params
+from ztt_jax.model import ExitRule, ZTTModel, count_params
 from ztt_jax.model.block import Block
 from ztt_jax.model.layers import Norm
 
@@ -70,7 +70,7 @@ def _unrolled_logits(cfg, p, middle_copies, pool_rows, toks):
   for c in range(cfg.cycles):
     for j in range(cfg.n_middle_layers):
       lp = jax.tree.map(lambda a: a[j], middle_copies[c]["layers"])
-      x, _ = blk.apply({"params": lp}, x, (pool_rows[c][j], None), None)
+      x = blk.apply({"params": lp}, x, (pool_rows[c][j], None), None).x
   x = norm.apply({"params": p["final_norm"]}, x)
   return x @ p["embed"]["embedding"].T
 
@@ -112,7 +112,7 @@ def _hlo_chars(cfg):
   model = ZTTModel(cfg)
   toks = jnp.zeros((2, 8), jnp.int32)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), toks)["params"]))
-  return len(jax.jit(lambda p, t: model.apply({"params": p}, t, exit_threshold=0.5)).lower(params, toks).as_text())
+  return len(jax.jit(lambda p, t: model.apply({"params": p}, t, ExitRule(threshold=0.5))).lower(params, toks).as_text())
 
 
 def test_hlo_does_not_grow_with_cycles_or_layers():

@@ -6,6 +6,7 @@ import pytest
 import model_numpy_ref as ref
 from model_testutil import apply, init_params, tiny_cfg, tokens
 from ztt_jax.errors import ConfigError
+from ztt_jax.model import ExitRule
 
 B, T = 3, 6
 
@@ -55,7 +56,7 @@ def test_token_exit_matches_reference_loop_and_freezes_state(min_cycles):
 def test_sequence_exit_matches_reference():
   cfg, model, params, toks, p = _setup()
   tau, (want_logits, _, want_used, _) = _tau_and_reference(cfg, p, toks, 1, granularity="sequence")
-  logits, aux = apply(model, params, toks, tau, exit_granularity="sequence")
+  logits, aux = apply(model, params, toks, tau, granularity="sequence")
   used = np.asarray(aux["cycles_used"])
   np.testing.assert_array_equal(used, want_used)
   assert (used == used[:, :1]).all() and len(np.unique(used)) >= 2
@@ -73,20 +74,20 @@ def test_skip_path_equals_where_path_and_contains_cond():
     np.testing.assert_array_equal(np.asarray(a1["zero_attention"]), np.asarray(a0["zero_attention"]))
     if all_used is not None:
       assert (np.asarray(a1["cycles_used"]) == all_used).all()
-  jaxpr = jax.make_jaxpr(lambda pr: model.apply({"params": pr}, toks, 0.5, skip_exited=True))(params)
+  jaxpr = jax.make_jaxpr(lambda pr: model.apply({"params": pr}, toks, ExitRule(threshold=0.5, skip_exited=True)))(params)
   assert "cond[" in str(jaxpr)
 
 
 def test_confidence_signal_exit_matches_reference():
   cfg, model, params, toks, p = _setup(variant="htc")
-  _, aux = apply(model, params, toks, None, exit_signal="confidence")
+  _, aux = apply(model, params, toks, None, signal="confidence")
   cyc = np.asarray(aux["cycle_logits"], np.float64)
   e = np.exp(cyc - cyc.max(-1, keepdims=True))
   np.testing.assert_allclose(np.asarray(aux["exit_signal"]), (e / e.sum(-1, keepdims=True)).max(-1),
                              rtol=1e-5, atol=1e-6)
   assert not np.asarray(aux["zero_attention"]).any()  # no zero token in htc
   tau, (want_logits, want_sig, want_used, _) = _tau_and_reference(cfg, p, toks, 1, signal="confidence")
-  logits, aux = apply(model, params, toks, tau, exit_signal="confidence")
+  logits, aux = apply(model, params, toks, tau, signal="confidence")
   np.testing.assert_array_equal(np.asarray(aux["cycles_used"]), want_used)
   assert len(np.unique(want_used)) >= 2
   np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-4)
@@ -96,4 +97,4 @@ def test_confidence_signal_exit_matches_reference():
 def test_zero_attention_exit_needs_the_zero_token():
   cfg, model, params, toks, _ = _setup(variant="htc")
   with pytest.raises(ConfigError, match="confidence"):
-    model.apply({"params": params}, toks, 0.5)
+    model.apply({"params": params}, toks, ExitRule(threshold=0.5))

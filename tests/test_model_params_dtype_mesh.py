@@ -57,7 +57,7 @@ def test_masked_zero_slot_gives_exactly_the_no_zero_token_logits():
   cfg = tiny_cfg(zero_token_layers="all")
   model, params = init_params(cfg, seed=4)
   toks = tokens(cfg, seed=4)
-  masked, aux = apply(model, params, toks, mask_zero_slot=True)
+  masked, aux = apply(ZTTModel(cfg, mask_zero_slot=True), params, toks)
   plain_cfg = cfg.replace(zero_token=False, zero_token_layers="middle")
   plain_params = {k: v for k, v in params.items() if k != "zero_key_pool"}
   for stack in ("head", "tail"):

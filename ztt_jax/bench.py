@@ -30,7 +30,7 @@ import numpy as np
 
 from ztt_jax.config import base_config, parse
 from ztt_jax.flops import measured_cpu_matmul_peak, peak_flops, train_flops_per_token
-from ztt_jax.model import ModelConfig, ZTTModel
+from ztt_jax.model import ExitRule, ModelConfig, ZTTModel
 from ztt_jax.run import build, jit_train_step, to_global
 
 SUITES = ("throughput", "compile", "exit", "remat", "mfu")
@@ -187,13 +187,13 @@ def suite_exit(q):
   # return the logits: returning only cycles_used would let XLA drop the read-out from one side.
   def fwd(k):
     def f(p, t):
-      logits, aux = model.apply({"params": p}, t, -1.0, min_cycles=k, skip_exited=True)
+      logits, aux = model.apply({"params": p}, t, ExitRule(threshold=-1.0, min_cycles=k, skip_exited=True))
       return logits, aux["cycles_used"]
     f = jax.jit(f)
     return lambda: f(params, toks)
 
   # Baseline: the same skip path with a threshold no a0 reaches, so only the exits differ.
-  skip_none = jax.jit(lambda p, t: model.apply({"params": p}, t, 2.0, skip_exited=True)[0])
+  skip_none = jax.jit(lambda p, t: model.apply({"params": p}, t, ExitRule(threshold=2.0, skip_exited=True))[0])
   plain = jax.jit(lambda p, t: model.apply({"params": p}, t, None)[0])  # no exit machinery at all
   ks = (1, 2, 4, 8)
   fns = {"full": lambda: skip_none(params, toks), "plain": lambda: plain(params, toks),

@@ -1,19 +1,21 @@
 """Autoregressive decoding with a KV cache and per-token early exit that really skips work.
 
+This module allocates the cache, samples, and runs the generate loop; the model maths (the cached
+forward and its early exit) is `ZTTModel.extend`, which runs the same cycle step as training.
+
 Cache layout (`init_cache`), RoPE'd keys and values in the compute dtype, M = cache length:
   head   {'k','v'}: [L_head, B, M, H, K]     one entry per unique head layer
-  middle {'k','v'}: [C, S, B, M, H, K]       one entry per (cycle, cycled layer)
+  middle {'k','v'}: [C, S, B, M, H, K]       one entry per (cycle, cycled layer); C = the cycles to
+                                             run, which may exceed the zero-key pool
   tail   {'k','v'}: [L_tail, B, M, H, K]
 
 `forward_cached` runs T new tokens at positions offset..offset+T-1 against the cache: T = prompt
-length for the prefill, T = 1 per decoding step. The cycles run in a `lax.while_loop` that stops as
-soon as every new token has exited, so a token that exits after cycle c runs no attention or MLP in
-cycles c+1..C. Its cache entries for those cycles are then the K/V projections of its frozen state
-with each layer's params (the middle params are shared by all cycles, so one projection per layer
-fills every skipped cycle). That is `ZTTModel.apply(..., frozen_kv='state')`, which the tests check
-logit for logit (the default, model.frozen_kv='state'). `frozen_kv='stack'` reproduces the other freeze semantics instead (a
-frozen token still runs each later cycle's stack so its deeper layers' K/V can be recomputed), and
-then nothing can be skipped.
+length for the prefill, T = 1 per decoding step. A token that exits after cycle c runs no attention
+or MLP in cycles c+1..C; its cache entries for those cycles are the K/V projections of its frozen
+state, which is what `ZTTModel.apply(..., rule)` computes with frozen_kv='state' (the tests check it
+logit for logit). frozen_kv='stack' reproduces the other freeze semantics instead (a frozen token
+still runs each later cycle's stack so its deeper layers' K/V can be recomputed), and then nothing
+can be skipped.
 
 Exit uses the zero-attention signal with token granularity: a decoding step has no later tokens, and
 the confidence signal would need a tail cache per cycle.
@@ -21,8 +23,8 @@ the confidence signal would need a tail cache per cycle.
 `generate` is one jitted program: prefill, then a `lax.while_loop` over steps that feeds each
 sampled token back. Compared with a Python loop over a jitted step, it has no per-token dispatch or
 host sync (which on an accelerator would dominate a small model's step) and still compiles once per
-(batch, prompt length, cache length); the number of new tokens, the sampling parameters and the
-threshold are traced, so changing them does not recompile.
+(batch, prompt length, cache length, exit rule's static fields); the number of new tokens, the
+sampling parameters and the threshold are traced, so changing them does not recompile.
 """
 from __future__ import annotations
 
@@ -30,22 +32,22 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ztt_jax.errors import ConfigError
 from ztt_jax.model import ZTTModel
-from ztt_jax.model.config import FROZEN_KV
-from ztt_jax.model.block import Block
-from ztt_jax.model.exit import update_exited
+from ztt_jax.model.exit import ExitRule
 from ztt_jax.model.layers import dtype_of
 
 Array = jax.Array
 
 
-def init_cache(cfg, batch: int, max_len: int) -> dict:
-  """Zeroed cache for `batch` rows and `max_len` positions (layout in the module docstring)."""
+def init_cache(cfg, batch: int, max_len: int, num_cycles: Optional[int] = None) -> dict:
+  """Zeroed cache for `batch` rows, `max_len` positions and `num_cycles` cycles (default
+  cfg.cycles; layout in the module docstring)."""
   dt = dtype_of(cfg.dtype)
   H, K = cfg.num_heads, cfg.head_dim
 
@@ -53,7 +55,7 @@ def init_cache(cfg, batch: int, max_len: int) -> dict:
     z = jnp.zeros((*lead, batch, max_len, H, K), dt)
     return {"k": z, "v": z}
 
-  cache = {"middle": kv(cfg.cycles, cfg.stack_layers)}
+  cache = {"middle": kv(cfg.cycles if num_cycles is None else int(num_cycles), cfg.stack_layers)}
   if cfg.unique_head_layers:
     cache["head"] = kv(cfg.unique_head_layers)
   if cfg.unique_tail_layers:
@@ -61,118 +63,18 @@ def init_cache(cfg, batch: int, max_len: int) -> dict:
   return cache
 
 
-def _run_stack(cfg, layers_params, x_BxTxD, zero_keys, zero_bias, mask, kv, positions_T, frozen=None):
-  """The stack's layers in order over the new tokens, reading and writing the layers' cache.
-
-  kv: {'k','v'} [L, B, M, H, K]. Returns (x, a0_LxBxT, kv)."""
-  block = Block(cfg)
-
-  def layer(x_BxTxD, xs):
-    p, zk, zb, k, v = xs
-    x_BxTxD, a0_BxT, (k, v) = block.apply({"params": p}, x_BxTxD, (zk, zb), mask, frozen,
-                                          positions_T=positions_T, kv_cache=(k, v))
-    return x_BxTxD, (a0_BxT, k, v)
-
-  x_BxTxD, (a0_LxBxT, k, v) = jax.lax.scan(layer, x_BxTxD, (layers_params, zero_keys, zero_bias, kv["k"], kv["v"]))
-  return x_BxTxD, a0_LxBxT, {"k": k, "v": v}
-
-
-def _frozen_kv(cfg, layers_params, x_BxTxD, positions_T):
-  """K/V of every cycled layer projected from the state x: [S, B, T, H, K] each."""
-  block = Block(cfg)
-
-  def layer(_, p):
-    return None, block.apply({"params": p}, x_BxTxD, (None, None), None, positions_T=positions_T, kv_only=True)
-
-  _, (k, v) = jax.lax.scan(layer, None, layers_params)
-  return k, v
-
-
-def forward_cached(model: ZTTModel, params, tokens_BxT: Array, cache: dict, offset, exit_threshold=None, *,
-                   frozen_kv: Optional[str] = None, min_cycles: Optional[int] = None):
+def forward_cached(model: ZTTModel, params, tokens_BxT: Array, cache: dict, offset,
+                   rule: Optional[ExitRule] = None):
   """Logits of T new tokens at positions offset.. given the cache of positions < offset.
 
-  Returns (logits_BxTxV float32, cache, aux) with aux cycles_used [B,T] int32 and zero_attention
-  [C,B,T] (0 for cycles a token did not run), as ZTTModel.apply with exit_granularity='token'.
-  exit_threshold: None (no exit) or tau (may be traced). Jit-able; `offset` may be traced.
+  Returns (logits_BxTxV float32, cache, aux); see ZTTModel.extend. rule: None (no exit) or an
+  ExitRule (its threshold may be traced). Jit-able; `offset` may be traced.
   """
-  cfg = model.cfg
-  frozen_kv = frozen_kv or cfg.frozen_kv
-  if frozen_kv not in FROZEN_KV:
-    raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
-  if exit_threshold is not None and not cfg.use_zero_token:
-    raise ConfigError(f"variant {cfg.variant!r} has no zero token, so decoding cannot exit on zero "
-                      "attention; pass exit_threshold=None (--exit_threshold=none)")
-  B, T = tokens_BxT.shape
-  C, S = cfg.cycles, cfg.stack_layers
-  min_c = cfg.min_cycles if min_cycles is None else int(min_cycles)
-  offset = jnp.asarray(offset, jnp.int32)
-  positions_T = offset + jnp.arange(T, dtype=jnp.int32)
-  mask = jnp.asarray(False) if cfg.use_zero_token else None  # as ZTTModel.__call__ passes it
-  tau = None if exit_threshold is None else jnp.asarray(exit_threshold, jnp.float32)
-  skip = tau is not None and frozen_kv == "state"
-  cache = dict(cache)
-
-  x_BxTxD = model.apply({"params": params}, tokens_BxT, offset, method=lambda m, t, o: m.embed.encode(t, o))
-  if cfg.unique_head_layers:
-    head = params["head"]
-    x_BxTxD, _, cache["head"] = _run_stack(cfg, head["layers"], x_BxTxD, head.get("zero_key"),
-                                           head.get("zero_bias"), mask, cache["head"], positions_T)
-
-  pool_CxSxHxK, bias_CxSxH = params.get("zero_key_pool"), params.get("zero_bias_pool")
-  middle = params["middle"]["layers"]
-
-  def cycle(carry):
-    c, x_BxTxD, exited_BxT, used_BxT, za_CxBxT, kv = carry
-    row = lambda a: None if a is None else a[c]
-    frozen = (exited_BxT, x_BxTxD) if skip else None
-    kv_c = jax.tree.map(row, kv)
-    new_BxTxD, a0_SxBxT, kv_c = _run_stack(cfg, middle, x_BxTxD, row(pool_CxSxHxK), row(bias_CxSxH), mask,
-                                           kv_c, positions_T, frozen)
-    kv = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, c, 0), kv, kv_c)
-    za_BxT = jnp.mean(a0_SxBxT, axis=0)
-    ran_BxT = ~exited_BxT
-    x_BxTxD = jnp.where(exited_BxT[..., None], x_BxTxD, new_BxTxD)
-    used_BxT = used_BxT + ran_BxT.astype(jnp.int32)
-    za_CxBxT = jax.lax.dynamic_update_index_in_dim(za_CxBxT, jnp.where(ran_BxT, za_BxT, 0.0), c, 0)
-    if tau is not None:
-      exited_BxT = update_exited(exited_BxT, za_BxT, c + 1, tau, min_c, "token")
-    return c + 1, x_BxTxD, exited_BxT, used_BxT, za_CxBxT, kv
-
-  def more(carry):
-    c, exited_BxT = carry[0], carry[2]
-    return (c < C) & ~jnp.all(exited_BxT) if skip else c < C
-
-  carry = (jnp.int32(0), x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32),
-           jnp.zeros((C, B, T), jnp.float32), cache["middle"])
-  c_end, x_BxTxD, _, used_BxT, za_CxBxT, kv = jax.lax.while_loop(more, cycle, carry)
-
-  if skip:
-    def fill(kv):
-      # Every token is frozen here, so cycles c_end.. would have projected K/V from x in each layer.
-      k_SxBxTxHxK, v_SxBxTxHxK = _frozen_kv(cfg, middle, x_BxTxD, positions_T)
-      later_C = (jnp.arange(C) >= c_end)[:, None, None, None, None, None]
-      start = (0, 0, 0, offset, 0, 0)
-
-      def put(a, new):
-        cur = jax.lax.dynamic_slice(a, start, (C, S, B, T) + a.shape[-2:])
-        return jax.lax.dynamic_update_slice(a, jnp.where(later_C, new[None].astype(a.dtype), cur), start)
-
-      return {"k": put(kv["k"], k_SxBxTxHxK), "v": put(kv["v"], v_SxBxTxHxK)}
-
-    kv = jax.lax.cond(c_end < C, fill, lambda kv: kv, kv)
-  cache["middle"] = kv
-
-  if cfg.unique_tail_layers:
-    tail = params["tail"]
-    x_BxTxD, _, cache["tail"] = _run_stack(cfg, tail["layers"], x_BxTxD, tail.get("zero_key"),
-                                           tail.get("zero_bias"), mask, cache["tail"], positions_T)
-  logits_BxTxV = model.apply({"params": params}, x_BxTxD, method=lambda m, x: m.embed.decode(m.final_norm(x)))
-  return logits_BxTxV, cache, {"cycles_used": used_BxT, "zero_attention": za_CxBxT}
+  return model.apply({"params": params}, tokens_BxT, cache, offset, rule, method=ZTTModel.extend)
 
 
-forward_cached_jit = jax.jit(forward_cached, static_argnames=("model", "frozen_kv", "min_cycles"))
-"""`forward_cached` compiled; one program per (T, cache shape, exit on/off, frozen_kv)."""
+forward_cached_jit = jax.jit(forward_cached, static_argnames=("model",))
+"""`forward_cached` compiled; one program per (T, cache shape, exit rule's static fields)."""
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -200,13 +102,27 @@ def sample_logits(rng, logits_BxV: Array, temperature, top_k, top_p) -> Array:
   return jnp.where(temperature > 0, sampled_B, greedy_B)
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-  if not (np.isfinite(temperature) and temperature >= 0):
-    raise ConfigError(f"temperature={temperature}: must be a finite number >= 0 (0 = greedy)")
-  if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
-    raise ConfigError(f"top_k={top_k}: must be an integer >= 0 (0 = no top-k filter)")
-  if not 0 < top_p <= 1:
-    raise ConfigError(f"top_p={top_p}: must be in (0, 1] (1 = no nucleus filter)")
+@flax.struct.dataclass
+class Sampling:
+  """How `generate` picks each token. Every field is traced, so changing them does not recompile.
+
+  temperature 0: argmax. top_k 0 and top_p 1 switch those filters off (see sample_logits).
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def checked(self) -> "Sampling":
+    """Validated, with Python types that keep jit's cache key the same for every value."""
+    t, k, p = self.temperature, self.top_k, self.top_p
+    if not (np.isfinite(t) and t >= 0):
+      raise ConfigError(f"temperature={t}: must be a finite number >= 0 (0 = greedy)")
+    if isinstance(k, bool) or int(k) != k or k < 0:
+      raise ConfigError(f"top_k={k}: must be an integer >= 0 (0 = no top-k filter)")
+    if not 0 < p <= 1:
+      raise ConfigError(f"top_p={p}: must be in (0, 1] (1 = no nucleus filter)")
+    return Sampling(float(t), int(k), float(p), int(self.seed))
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -224,14 +140,15 @@ class Generation:
   """Tokens generated (the loop stops early when every row has emitted eos_id)."""
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "exit_on", "frozen_kv"))
-def _generate(model, params, prompt_BxP, rng, max_new, temperature, top_k, top_p, tau, eos_id, *, max_len: int,
-              exit_on: bool, frozen_kv: str):
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "num_cycles"))
+def _generate(model, params, prompt_BxP, max_new, sampling: Sampling, rule: Optional[ExitRule], eos_id, *,
+              max_len: int, num_cycles: Optional[int]):
   B, P = prompt_BxP.shape
   N = max_len - P
-  tau = tau if exit_on else None
-  cache = init_cache(model.cfg, B, max_len)
-  logits_BxPxV, cache, aux = forward_cached(model, params, prompt_BxP, cache, 0, tau, frozen_kv=frozen_kv)
+  temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+  rng = jax.random.key(sampling.seed)
+  cache = init_cache(model.cfg, B, max_len, num_cycles)
+  logits_BxPxV, cache, aux = forward_cached(model, params, prompt_BxP, cache, 0, rule)
   rng, sub = jax.random.split(rng)
   tok_B = sample_logits(sub, logits_BxPxV[:, -1], temperature, top_k, top_p)
   # Rows stop at EOS, and the loop once all have: what is never written reads as EOS.
@@ -241,8 +158,7 @@ def _generate(model, params, prompt_BxP, rng, max_new, temperature, top_k, top_p
 
   def step(carry):
     i, tok_B, cache, rng, out_BxN, cyc_BxN, done_B = carry
-    logits_Bx1xV, cache, aux = forward_cached(model, params, tok_B[:, None], cache, P + i, tau,
-                                              frozen_kv=frozen_kv)
+    logits_Bx1xV, cache, aux = forward_cached(model, params, tok_B[:, None], cache, P + i, rule)
     rng, sub = jax.random.split(rng)
     nxt_B = jnp.where(done_B, eos_id, sample_logits(sub, logits_Bx1xV[:, 0], temperature, top_k, top_p))
     out_BxN = jax.lax.dynamic_update_index_in_dim(out_BxN, nxt_B, i + 1, 1)
@@ -282,34 +198,27 @@ def check_prompt(cfg, prompt_BxP, max_new_tokens: int) -> np.ndarray:
   return prompt_BxP.astype(np.int32)
 
 
-def generate(model: ZTTModel, params: Any, prompt_BxP, *, max_new_tokens: int, rng=None, seed: int = 0,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, exit_threshold: Optional[float] = None,
-             eos_id: Optional[int] = None, frozen_kv: Optional[str] = None, max_len: Optional[int] = None) -> Generation:
+def generate(model: ZTTModel, params: Any, prompt_BxP, *, max_new_tokens: int, sampling: Sampling = Sampling(),
+             rule: Optional[ExitRule] = None, eos_id: Optional[int] = None, max_len: Optional[int] = None,
+             num_cycles: Optional[int] = None) -> Generation:
   """Samples `max_new_tokens` tokens after each prompt row (all rows the same length P).
 
+  rule: the exit rule (None: no exit; the configured one is ExitRule.from_config(model.cfg)).
   max_len: cache length (default P + max_new_tokens). Keep it fixed to reuse one compile while
-  varying max_new_tokens (benchmarks).
+    varying max_new_tokens (benchmarks).
+  num_cycles: cycles per forward pass (default model.cfg.cycles; may exceed the zero-key pool).
   """
   cfg = model.cfg
   prompt_BxP = check_prompt(cfg, prompt_BxP, max_new_tokens)
-  check_sampling(temperature, top_k, top_p)
-  frozen_kv = frozen_kv or model.cfg.frozen_kv
-  if frozen_kv not in FROZEN_KV:
-    raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
+  sampling = sampling.checked()
   P = prompt_BxP.shape[1]
   max_len = P + max_new_tokens if max_len is None else int(max_len)
   if not P + max_new_tokens <= max_len <= cfg.max_seq_len:
     raise ConfigError(f"max_len={max_len}: must be between prompt + max_new_tokens ({P + max_new_tokens}) "
                       f"and model.max_seq_len ({cfg.max_seq_len})")
-  if exit_threshold is not None and not cfg.use_zero_token:
-    raise ConfigError(f"variant {cfg.variant!r} has no zero token, so it cannot exit on zero attention; "
-                      "generate without --exit_threshold")
-  rng = jax.random.key(seed) if rng is None else rng
   out, cyc, prompt_cyc, n = _generate(
-      model, params, jnp.asarray(prompt_BxP), rng, jnp.int32(max_new_tokens), temperature, int(top_k),
-      float(top_p), 0.0 if exit_threshold is None else float(exit_threshold),
-      -1 if eos_id is None else int(eos_id), max_len=max_len, exit_on=exit_threshold is not None,
-      frozen_kv=frozen_kv)
+      model, params, jnp.asarray(prompt_BxP), jnp.int32(max_new_tokens), sampling, rule,
+      -1 if eos_id is None else int(eos_id), max_len=max_len, num_cycles=num_cycles)
   n = int(n)
   out, cyc = np.asarray(out)[:, :max_new_tokens], np.asarray(cyc)[:, :max_new_tokens]
   return Generation(tokens=out, step_cycles=cyc, prompt_cycles=np.asarray(prompt_cyc), num_new=n)

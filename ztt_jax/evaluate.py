@@ -27,12 +27,11 @@ from ztt_jax import data as data_lib
 from ztt_jax import partitioning
 from ztt_jax.errors import ConfigError, DataError
 from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
+from ztt_jax.model.exit import ExitRule
 from ztt_jax.run import Run, compile_synced, to_global
 from ztt_jax.train_step import make_eval_step
 
 log = logging.getLogger(__name__)
-
-FROM_CONFIG = "config"
 
 
 def held_out_batches(cfg, max_batches: Optional[int] = None) -> list:
@@ -50,33 +49,33 @@ def held_out_batches(cfg, max_batches: Optional[int] = None) -> list:
 class Evaluator:
   """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count.
 
-  exit_threshold defaults to model.exit_threshold; calling with exit_threshold=tau evaluates
-  another threshold with the same compiled step (None: no exit, a second compile). num_cycles,
-  exit_signal and frozen_kv go to model.apply (ztt_jax.evaluate uses them for its baselines).
+  rule: the exit rule (model.exit.ExitRule); default the run's configured one,
+  ExitRule.from_config(run.cfg.model). Calling with another rule evaluates that one; when only its
+  threshold differs the compiled step is reused (exit off is a second compile). num_cycles goes to
+  model.apply (ztt_jax.evaluate uses it for the fixed-cut baseline).
   Returns {"eval/loss", "eval/mean_cycles"} and, for the multi-hop task, "eval/accuracy" and
   "eval/per_hop": {hops: {"accuracy", "mean_cycles"}} (flat names only in ztt_jax.metrics).
   """
 
-  def __init__(self, run: Run, batches: list, *, exit_threshold="config", num_cycles=None,
-               exit_signal="zero_attention", frozen_kv=None):
+  def __init__(self, run: Run, batches: list, rule: Optional[ExitRule] = None, *,
+               num_cycles: Optional[int] = None):
     self.run = run
     self.batches = batches
-    self.exit_threshold = run.cfg.model.exit_threshold if exit_threshold == "config" else exit_threshold
-    step = make_eval_step(run.model, None, num_cycles=num_cycles, exit_signal=exit_signal, frozen_kv=frozen_kv)
+    self.rule = ExitRule.from_config(run.cfg.model) if rule is None else rule
+    step = make_eval_step(run.model, num_cycles=num_cycles)
     repl = partitioning.replicated(run.mesh)
-    self._fn = compile_synced(jax.jit(lambda p, b, tau: (step(p, b, tau), b.get("hops")),
+    self._fn = compile_synced(jax.jit(lambda p, b, rule: (step(p, b, rule), b.get("hops")),
                                       in_shardings=(run.param_shardings, None, None), out_shardings=repl))
 
-  def __call__(self, params, exit_threshold="same") -> dict:
+  def __call__(self, params, rule: Optional[ExitRule] = None) -> dict:
     if not self.batches:  # eval.max_batches=0
       return {}
-    tau = self.exit_threshold if exit_threshold == "same" else exit_threshold
-    tau = None if tau is None else np.float32(tau)
+    rule = self.rule if rule is None else rule
     sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
     per_hop: dict[int, list] = {}
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
       for local in self.batches:
-        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh), tau))
+        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh), rule))
         valid = out["weight_B"] > 0
         sums["ce"] += float(out["ce_sum_B"].sum())
         sums["w"] += float(out["weight_B"].sum())
@@ -132,34 +131,17 @@ def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
   return out
 
 
-def _check_threshold(trained, exit_threshold, exit_signal="zero_attention"):
-  if exit_threshold is None:
-    return None
-  try:
-    tau = float(exit_threshold)
-  except (TypeError, ValueError):
-    raise ConfigError(f"exit_threshold={exit_threshold!r}: must be a number, or none for no exit") from None
-  if not math.isfinite(tau):
-    raise ConfigError(f"exit_threshold={exit_threshold!r}: must be finite (use none for no exit)")
-  if exit_signal == "zero_attention" and not trained.cfg.model.use_zero_token:
-    raise ConfigError(f"variant {trained.cfg.model.variant!r} has no zero token; evaluate it with "
-                      "--exit_threshold=none (or see the confidence rule in --sweep)")
-  return tau
-
-
-def evaluate(trained, exit_threshold=FROM_CONFIG, *, batches: Optional[list] = None, frozen_kv: Optional[str] = None,
+def evaluate(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None,
              max_batches: Optional[int] = None) -> dict:
-  """JSON-ready metrics of `trained` (restore.TrainedRun) with zero-attention exit at
-  exit_threshold (default: model.exit_threshold; None: no exit)."""
+  """JSON-ready metrics of `trained` (restore.TrainedRun) under the exit rule `rule` (default: the
+  run's configured one, ExitRule.from_config(trained.cfg.model); threshold None: no exit)."""
   cfg = trained.cfg
-  frozen_kv = frozen_kv or cfg.model.frozen_kv
-  tau = cfg.model.exit_threshold if exit_threshold == FROM_CONFIG else exit_threshold
-  tau = _check_threshold(trained, tau)
+  rule = ExitRule.from_config(cfg.model) if rule is None else rule
   batches = held_out_batches(cfg, max_batches) if batches is None else batches
-  metrics = Evaluator(trained.run, batches, exit_threshold=tau, frozen_kv=frozen_kv)(trained.params)
-  out = summarize(metrics, cfg, rule="zero_attention" if tau is not None else "none", parameter=tau)
-  return {"step": trained.step, "exit_threshold": tau, "exit_signal": "zero_attention", "frozen_kv": frozen_kv,
-          "num_cycles": cfg.model.cycles, "num_batches": len(batches), **out}
+  metrics = Evaluator(trained.run, batches, rule)(trained.params)
+  out = summarize(metrics, cfg, rule=rule.signal if rule.exits else "none", parameter=rule.threshold)
+  return {"step": trained.step, "exit_threshold": rule.threshold, "exit_signal": rule.signal,
+          "frozen_kv": rule.frozen_kv, "num_cycles": cfg.model.cycles, "num_batches": len(batches), **out}
 
 
 def signal_values(trained, batches: list) -> dict:
@@ -167,7 +149,7 @@ def signal_values(trained, batches: list) -> dict:
   {'zero_attention': [n], 'confidence': [n]} (cycles before the last; exiting after it saves nothing)."""
   run = trained.run
   C = trained.cfg.model.cycles
-  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, exit_signal="confidence")[1],
+  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, ExitRule(signal="confidence"))[1],
                in_shardings=(run.param_shardings, None))
   za, conf = [], []
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
@@ -192,13 +174,15 @@ def threshold_grid(values: np.ndarray, n: int) -> list[float]:
   return sorted({float(q) for q in qs} | {NEVER_EXIT})
 
 
-def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, frozen_kv: Optional[str] = None,
+def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None, num_thresholds: int = 8,
           max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
   """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint.
 
+  rule: the sweep varies its signal and threshold and keeps the rest (frozen_kv, min_cycles,
+    granularity); default the run's configured rule.
   thresholds: use these for both threshold rules instead of the quantile grids."""
   cfg = trained.cfg
-  frozen_kv = frozen_kv or cfg.model.frozen_kv
+  base = ExitRule.from_config(cfg.model) if rule is None else rule
   C = cfg.model.cycles
   if num_thresholds < 2:
     raise ConfigError(f"num_thresholds={num_thresholds}: must be >= 2")
@@ -206,16 +190,17 @@ def sweep(trained, *, batches: Optional[list] = None, num_thresholds: int = 8, f
   metric = "accuracy" if cfg.data.kind == "multihop" else "loss"
   points = []
   for c in range(1, C + 1):
-    ev = Evaluator(trained.run, batches, exit_threshold=None, num_cycles=c, frozen_kv=frozen_kv)
+    ev = Evaluator(trained.run, batches, base.replace(threshold=None), num_cycles=c)
     points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
   signals = signal_values(trained, batches)
   rules = ["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
-  for rule in rules:
-    grid = list(thresholds) if thresholds is not None else threshold_grid(signals[rule], num_thresholds)
-    ev = Evaluator(trained.run, batches, exit_threshold=0.0, exit_signal=rule, frozen_kv=frozen_kv)
+  for signal in rules:
+    grid = list(thresholds) if thresholds is not None else threshold_grid(signals[signal], num_thresholds)
+    ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0))
     for tau in grid:
-      points.append(summarize(ev(trained.params, float(tau)), cfg, rule=rule, parameter=float(tau)))
-  return {"step": trained.step, "metric": metric, "num_cycles": C, "frozen_kv": frozen_kv,
+      points.append(summarize(ev(trained.params, ev.rule.replace(threshold=float(tau))), cfg, rule=signal,
+                              parameter=float(tau)))
+  return {"step": trained.step, "metric": metric, "num_cycles": C, "frozen_kv": base.frozen_kv,
           "num_batches": len(batches), "data_kind": cfg.data.kind, "points": points}
 
 
@@ -228,13 +213,14 @@ def write_json(obj: dict, path: str) -> str:
 
 # ------------------------------------------------------------------------------------------ CLI
 
-def _parse_threshold(text: Optional[str]):
+def threshold_flag(text: Optional[str]) -> dict:
+  """--exit_threshold as ExitRule overrides: unset keeps model.exit_threshold, none turns exit off."""
   if text is None:
-    return FROM_CONFIG
+    return {}
   if text.strip().lower() in ("none", "off", ""):
-    return None
+    return {"threshold": None}
   try:
-    return float(text)
+    return {"threshold": float(text)}
   except ValueError:
     raise ConfigError(f"--exit_threshold={text!r}: give a number (e.g. 0.5) or none") from None
 
@@ -246,13 +232,15 @@ def main(argv):
   FLAGS = flags.FLAGS
   logging.getLogger().setLevel(logging.WARNING)
   try:
-    tau = _parse_threshold(FLAGS.exit_threshold)
+    overrides = threshold_flag(FLAGS.exit_threshold)
+    if FLAGS.frozen_kv:
+      overrides["frozen_kv"] = FLAGS.frozen_kv
     if FLAGS.max_batches is not None and FLAGS.max_batches < 1:
       raise ConfigError(f"--max_batches={FLAGS.max_batches}: must be >= 1 (omit it for the whole split)")
     trained = restore.load_trained(FLAGS.workdir, FLAGS.step)
+    rule = ExitRule.from_config(trained.cfg.model, **overrides)
     if FLAGS.sweep:
-      result = sweep(trained, num_thresholds=FLAGS.num_thresholds, frozen_kv=FLAGS.frozen_kv,
-                     max_batches=FLAGS.max_batches)
+      result = sweep(trained, rule, num_thresholds=FLAGS.num_thresholds, max_batches=FLAGS.max_batches)
       out = FLAGS.output or os.path.join(FLAGS.workdir, f"sweep_step{trained.step}.json")
       write_json(result, out)
       from ztt_jax.plots import plot_quality_vs_compute
@@ -262,7 +250,7 @@ def main(argv):
               f"mean cycles {p['mean_cycles']:.2f} | compute {p['compute_fraction']:.3f}")
       print(f"wrote {out} and {png}")
     else:
-      result = evaluate(trained, tau, frozen_kv=FLAGS.frozen_kv, max_batches=FLAGS.max_batches)
+      result = evaluate(trained, rule, max_batches=FLAGS.max_batches)
       text = json.dumps(result, indent=2)
       print(text)
       if FLAGS.output:

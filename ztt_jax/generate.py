@@ -46,27 +46,26 @@ def main(argv):
   del argv
   from absl import flags
   from ztt_jax import decoding, errors, restore
+  from ztt_jax.evaluate import threshold_flag
+  from ztt_jax.model.exit import ExitRule
   FLAGS = flags.FLAGS
   logging.getLogger().setLevel(logging.WARNING)
   try:
-    text = FLAGS.exit_threshold
+    overrides = threshold_flag(FLAGS.exit_threshold)
+    if FLAGS.frozen_kv:
+      overrides["frozen_kv"] = FLAGS.frozen_kv
     trained = restore.load_trained(FLAGS.workdir, FLAGS.step, devices=jax.devices()[:1])
     cfg = trained.cfg
-    if text is None:
-      tau = cfg.model.exit_threshold
-    elif text.strip().lower() in ("none", "off"):
-      tau = None
-    else:
-      try:
-        tau = float(text)
-      except ValueError:
-        raise ConfigError(f"--exit_threshold={text!r}: give a number (e.g. 0.5) or none") from None
+    # Decoding exits per token: a decoding step has no later tokens to wait for.
+    rule = ExitRule.from_config(cfg.model, granularity="token", **overrides)
+    tau = rule.threshold
     ids, tokenizer = encode_prompt(cfg, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.bos)
     eos = None if FLAGS.ignore_eos or tokenizer is None else tokenizer.eos_id
+    sampling = decoding.Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                                 seed=FLAGS.seed)
     t0 = time.perf_counter()
     gen = decoding.generate(trained.run.model, trained.params, ids, max_new_tokens=FLAGS.max_new_tokens,
-                            seed=FLAGS.seed, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                            exit_threshold=tau, eos_id=eos, frozen_kv=FLAGS.frozen_kv)
+                            sampling=sampling, rule=rule, eos_id=eos)
     dt = time.perf_counter() - t0
   except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
     raise  # ztt_jax.cli prints it as one line (exit 2 for config/data errors, 1 for checkpoints)

@@ -1,7 +1,7 @@
 """The loss, the sharded train step (with gradient accumulation), and the eval step."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -11,6 +11,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ztt_jax.config import Config
+from ztt_jax.model.exit import ExitRule
 from ztt_jax.partitioning import BATCH_AXES
 
 
@@ -114,17 +115,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
   return step
 
 
-def make_eval_step(model: nn.Module, exit_threshold, *, num_cycles=None, exit_signal="zero_attention",
-                   frozen_kv=None):
+def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None):
   """Per-example sums so the host can aggregate over batches and by hop count.
 
-  The step's optional third argument overrides exit_threshold; passed through jit it is traced, so
-  one compile serves a whole threshold sweep. The keywords go to model.apply (static).
+  rule: the exit rule (None: no exit); the step's optional third argument replaces it. Passed
+  through jit a rule's threshold is traced, so one compile serves a whole threshold sweep.
+  num_cycles: static, see ZTTModel.__call__.
   """
 
-  def eval_step(params, batch, exit_threshold=exit_threshold):
-    logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], exit_threshold=exit_threshold,
-                                    num_cycles=num_cycles, exit_signal=exit_signal, frozen_kv=frozen_kv)
+  def eval_step(params, batch, rule: Optional[ExitRule] = rule):
+    logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], rule, num_cycles)
     w_BxT = batch["weights"]
     ce_BxT = token_cross_entropy(logits_BxTxV, batch["targets"])
     hit_BxT = (jnp.argmax(logits_BxTxV, -1) == batch["targets"]) | (w_BxT == 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,22 +43,38 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                                    block_size=block_size)
 
 
+@flax.struct.dataclass
+class LayerOut:
+  """What Attention, Block and LayerStack return.
+
+  x: the output [B,T,D] (Attention: its projection, before the residual; Block/LayerStack: the new
+    state). None for kv_only.
+  a0: zero attention, float32: Attention [B,H,T]; Block [B,T] (mean over heads); LayerStack
+    [L,B,T]. None for kv_only.
+  kv: the K/V cache {'k', 'v'} after writing the new tokens (LayerStack: a leading layers axis), the
+    new tokens' own K/V for kv_only, or None without a cache.
+  """
+  x: Optional[Array]
+  a0: Optional[Array]
+  kv: Optional[dict] = None
+
+
 class Attention(nn.Module):
   """Projections q/k/v [embed, heads, kv], out [heads, kv, embed], optional biases, RoPE.
 
-  Decoding (ztt_jax/decoding.py) adds three keyword arguments; without them nothing changes:
+  Cached decoding (ZTTModel.extend) adds three keyword arguments; without them nothing changes:
   positions_T: absolute positions of the T inputs (RoPE), default 0..T-1.
-  kv_cache: (k_BxMxHxK, v_BxMxHxK), RoPE'd keys and values of positions 0..M-1. The new keys and
+  kv: {'k': k_BxMxHxK, 'v': v_BxMxHxK}, RoPE'd keys and values of positions 0..M-1. The new keys and
     values are written at positions_T (contiguous), the queries attend to cache positions <= their
-    own, and the call returns (y, a0, (k_cache, v_cache)).
-  kv_only: return just the new (k_BxTxHxK, v_BxTxHxK): the cache entries of a frozen token.
+    own, and out.kv is the written cache.
+  kv_only: compute just the new tokens' K/V (out.kv, [B,T,H,K] each): a frozen token's cache entries.
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: Array, zero_key_HxK: Optional[Array] = None,
                zero_bias_H: Optional[Array] = None, mask_zero_slot: Optional[Array] = None, *,
-               positions_T: Optional[Array] = None, kv_cache: Optional[tuple] = None, kv_only: bool = False):
+               positions_T: Optional[Array] = None, kv: Optional[dict] = None, kv_only: bool = False) -> LayerOut:
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -79,19 +96,16 @@ class Attention(nn.Module):
       k = apply_rope(k, pos_T, cfg.rope_theta)
       q = None if kv_only else apply_rope(q, pos_T, cfg.rope_theta)
     if kv_only:
-      return k, v
+      return LayerOut(None, None, {"k": k, "v": v})
     valid_TxS = None
-    if kv_cache is not None:
-      k_cache, v_cache = kv_cache
+    if kv is not None:
       start = (0, pos_T[0], 0, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
+      v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
       valid_TxS = jnp.arange(k.shape[1])[None, :] <= pos_T[:, None]
     o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot, valid_TxS)
     wo_HxKxD = logical_param(self, "o_kernel", fan_in_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, wo_HxKxD.astype(dt))
     if cfg.use_bias:
       y_BxTxD = y_BxTxD + logical_param(self, "o_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
-    if kv_cache is not None:
-      return y_BxTxD, a0_BxHxT, (k, v)
-    return y_BxTxD, a0_BxHxT
+    return LayerOut(y_BxTxD, a0_BxHxT, None if kv is None else {"k": k, "v": v})

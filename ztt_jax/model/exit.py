@@ -1,14 +1,28 @@
-"""Exit signals and the exit rule; pure functions on float32 signals."""
+"""Exit signals and the exit rule.
+
+`ExitRule` says when a token stops cycling and what it shows the other tokens afterwards. Every
+caller (training, evaluation, the sweep, cached decoding, generation) passes one rule instead of
+loose flags; it is checked once, here.
+"""
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any, Optional
+
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ztt_jax.errors import ConfigError
+from ztt_jax.model.config import EXIT_GRANULARITIES, FROZEN_KV
 
 Array = jax.Array
 
 EXIT_SIGNALS = ("zero_attention", "confidence")
+
+_static = lambda default: flax.struct.field(pytree_node=False, default=default)  # noqa: E731
 
 
 def confidence(logits_BxTxV: Array) -> Array:
@@ -16,18 +30,79 @@ def confidence(logits_BxTxV: Array) -> Array:
   return jnp.max(jax.nn.softmax(logits_BxTxV.astype(jnp.float32), axis=-1), axis=-1)
 
 
-def update_exited(exited_BxT: Array, signal_BxT: Array, cycles_run, threshold, min_cycles: int,
-                  granularity: str) -> Array:
-  """Tokens that have exited after `cycles_run` (1-based) cycles. Exit is sticky.
+@flax.struct.dataclass
+class ExitRule:
+  """A token exits once its signal reaches `threshold` (after at least `min_cycles` cycles); its state
+  is then frozen. Exit is sticky.
 
-  token: a token exits once its own signal >= threshold (causal: its signal depends only on tokens
-  <= it). sequence: every token of a sequence exits once the mean signal over the sequence >= threshold.
+  It is a pytree whose only leaf is `threshold`: passed into a jitted function the threshold is
+  traced, so one compile serves a whole threshold sweep, while the other fields are static (part of
+  the compile key). threshold None means no exit, a different program.
+
+  Build it with `ExitRule.from_config(model_cfg, **overrides)`, change it with
+  `rule.replace(threshold=0.6)`. The bare constructor's defaults are ModelConfig's defaults, not a
+  particular run's.
+
+  signal: 'zero_attention' (mean a0 over heads and cycled layers) or 'confidence' (max softmax
+    probability of tail + LM head applied to the cycle's state).
+  granularity: 'token' (each token on its own signal; causal) or 'sequence' (every token of a
+    sequence once the mean signal over the sequence reaches the threshold).
+  frozen_kv: what an exited token shows the other tokens in later cycles. 'state': every cycled
+    layer projects its K/V from the frozen state, so those cycles need no attention or MLP work for
+    it (what cached decoding computes; it really skips them). 'stack': it still runs through each
+    later cycle's stack (its own result is discarded), so layers after the first see recomputed
+    states. The two agree when the stack has one layer.
+  skip_exited: ZTTModel.__call__ skips the remaining cycles with lax.cond once every token of the
+    batch has exited (inference; same results). Cached decoding always skips.
   """
-  if granularity == "sequence":
-    s_Bx1 = jnp.mean(signal_BxT, axis=1, keepdims=True)
-    hit_BxT = jnp.broadcast_to(s_Bx1 >= threshold, signal_BxT.shape)
-  elif granularity == "token":
-    hit_BxT = signal_BxT >= threshold
-  else:
-    raise ConfigError(f"exit_granularity={granularity!r}: use 'token' or 'sequence'")
-  return exited_BxT | (hit_BxT & (cycles_run >= min_cycles))
+  signal: str = _static("zero_attention")
+  threshold: Optional[Any] = None
+  min_cycles: int = _static(1)
+  granularity: str = _static("token")
+  frozen_kv: str = _static("state")
+  skip_exited: bool = _static(False)
+
+  def __post_init__(self):
+    # Runs again whenever JAX rebuilds the pytree (then threshold may be a tracer), so only Python
+    # numbers are checked and normalized: a float keeps jit's cache key the same for every value.
+    t = self.threshold
+    if isinstance(t, (str, bool)) or (isinstance(t, numbers.Number) and not isinstance(t, numbers.Real)):
+      raise ConfigError(f"exit threshold={t!r}: must be a number, or none for no exit")
+    if isinstance(t, (numbers.Real, np.ndarray)) and np.ndim(t) == 0 and not isinstance(t, bool):
+      if not math.isfinite(float(t)):
+        raise ConfigError(f"exit threshold={t!r}: must be finite (use none for no exit)")
+      if isinstance(t, (int, float)):
+        object.__setattr__(self, "threshold", float(t))
+    for name, allowed in (("signal", EXIT_SIGNALS), ("granularity", EXIT_GRANULARITIES),
+                          ("frozen_kv", FROZEN_KV)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"exit {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+    if isinstance(self.min_cycles, bool) or int(self.min_cycles) != self.min_cycles or self.min_cycles < 1:
+      raise ConfigError(f"exit min_cycles={self.min_cycles!r}: must be an integer >= 1")
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides) -> "ExitRule":
+    """The rule a ModelConfig (or the `model` section) describes, with `overrides` applied."""
+    fields = dict(threshold=model_cfg.exit_threshold, min_cycles=model_cfg.min_cycles,
+                  granularity=model_cfg.exit_granularity, frozen_kv=model_cfg.frozen_kv)
+    return cls(**{**fields, **overrides})
+
+  @property
+  def exits(self) -> bool:
+    return self.threshold is not None
+
+  def check(self, model_cfg) -> None:
+    """The rule can run on this model."""
+    if self.exits and self.signal == "zero_attention" and not model_cfg.use_zero_token:
+      raise ConfigError(f"variant {model_cfg.variant!r} has no zero token, so it cannot exit on zero "
+                        "attention; turn exit off (threshold None, --exit_threshold=none) or exit on "
+                        "signal='confidence' (the sweep's confidence rule)")
+
+  def update(self, exited_BxT: Array, signal_BxT: Array, cycles_run) -> Array:
+    """Who has exited after `cycles_run` (1-based) cycles, given this cycle's float32 signal."""
+    if self.granularity == "sequence":
+      s_Bx1 = jnp.mean(signal_BxT, axis=1, keepdims=True)
+      hit_BxT = jnp.broadcast_to(s_Bx1 >= self.threshold, signal_BxT.shape)
+    else:
+      hit_BxT = signal_BxT >= self.threshold
+    return exited_BxT | (hit_BxT & (cycles_run >= self.min_cycles))

@@ -29,25 +29,29 @@ Block params under `<stack>/layers/` (each with the leading 'layers' axis):
 S = k, or L_head + k + L_tail when share_head_tail (basic_cycling: no head/ and tail/ subtrees).
 
 Pool rows: cycle c uses row min(c, C - 1), so running more cycles than the pool holds reuses the
-last row. Zero keys get no RoPE and their value is zero (see attention.py).
+last row (training, evaluation and cached decoding alike). Zero keys get no RoPE and their value is
+zero (see attention.py).
+
+Training (`__call__`) and cached decoding (`extend`) run the same cycle step, `ZTTModel.cycle`: the
+one place where a cycle updates the state and the exits.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ztt_jax.errors import ConfigError
 from ztt_jax.model.block import LayerStack, zero_key_init
-from ztt_jax.model.config import FROZEN_KV, ModelConfig
-from ztt_jax.model.exit import EXIT_SIGNALS, confidence, update_exited
+from ztt_jax.model.config import ModelConfig
+from ztt_jax.model.exit import ExitRule, confidence
 from ztt_jax.model.layers import Embedder, Norm, logical_param
 
 Array = jax.Array
-
 
 
 def count_params(params: Any, include_pool: bool = True) -> int:
@@ -59,12 +63,43 @@ def count_params(params: Any, include_pool: bool = True) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+@flax.struct.dataclass
+class CycleState:
+  """What one cycle hands the next."""
+  x_BxTxD: Array
+  """The state; an exited token's stays the one it had when it exited."""
+  exited_BxT: Array
+  """bool; exit is sticky."""
+  used_BxT: Array
+  """int32: cycles each token has run."""
+
+  @classmethod
+  def start(cls, x_BxTxD: Array) -> "CycleState":
+    B, T = x_BxTxD.shape[:2]
+    return cls(x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32))
+
+
+@flax.struct.dataclass
+class CycleOut:
+  """What one cycle reports besides the new state."""
+  zero_attention_BxT: Array
+  """Mean a0 over heads and cycled layers; 0 for tokens that did not run this cycle."""
+  signal_BxT: Array
+  """The signal the rule used, same masking."""
+  kv: Optional[dict] = None
+  """The cycle's K/V cache {'k','v'} [S, B, M, H, K] after writing (cached decoding only)."""
+
+
 class ZTTModel(nn.Module):
   """Decoder-only LM with head/tail-decoupled cycling and the zero-token exit signal.
 
   `cfg` may be a ModelConfig, a dict or an ml_collections ConfigDict (the `model` section).
+  mask_zero_slot: ablation and test hook; every zero slot's logit becomes -inf (a0 = 0), which makes
+    the arithmetic that of attention without a zero slot. Params are the same. A bool, or a traced
+    bool array (then build the module inside the jitted function; one compile serves both values).
   """
   cfg: Any
+  mask_zero_slot: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "cfg", ModelConfig.from_any(self.cfg))
@@ -98,105 +133,183 @@ class ZTTModel(nn.Module):
       self.tail = LayerStack(cfg, cfg.unique_tail_layers, own_zero_key=own)
     self.final_norm = Norm(cfg)
 
-  def readout(self, x_BxTxD: Array, mask: Optional[Array] = None) -> Array:
-    """tail -> final norm -> LM head; float32 logits."""
-    if self.cfg.unique_tail_layers:
-      x_BxTxD, _ = self.tail(x_BxTxD, mask_zero_slot=mask)
+  # ---------------------------------------------------------------- pieces
+
+  def _mask(self) -> Optional[Array]:
+    return jnp.asarray(self.mask_zero_slot, bool) if self.cfg.use_zero_token else None
+
+  def _rule(self, rule: Optional[ExitRule]) -> ExitRule:
+    """rule None: no exit. The threshold becomes a float32 array (traced if it came in traced)."""
+    rule = ExitRule() if rule is None else rule
+    rule.check(self.cfg)
+    return rule.replace(threshold=jnp.asarray(rule.threshold, jnp.float32)) if rule.exits else rule
+
+  def _zero_xs(self, c: Array):
+    """(zero keys, zero bias) of cycle(s) c (int32, any shape): pool row min(c, C_pool - 1)."""
+    cfg = self.cfg
+    if not cfg.use_zero_token:
+      return None, None
+    row = jnp.minimum(c, cfg.cycles - 1)
+    return self.zero_key_pool[row], (self.zero_bias_pool[row] if cfg.zero_bias else None)
+
+  def lm_logits(self, x_BxTxD: Array) -> Array:
+    """final norm -> LM head; float32 logits."""
     return self.embed.decode(self.final_norm(x_BxTxD))
 
-  def __call__(self, tokens_BxT: Array, exit_threshold: Optional[float] = None, *,
-               num_cycles: Optional[int] = None, exit_signal: str = "zero_attention",
-               skip_exited: bool = False, mask_zero_slot: bool = False,
-               min_cycles: Optional[int] = None, exit_granularity: Optional[str] = None,
-               frozen_kv: Optional[str] = None):
+  def readout(self, x_BxTxD: Array) -> Array:
+    """tail -> final norm -> LM head; float32 logits."""
+    if self.cfg.unique_tail_layers:
+      x_BxTxD = self.tail(x_BxTxD, mask_zero_slot=self._mask()).x
+    return self.lm_logits(x_BxTxD)
+
+  def cycle(self, state: CycleState, c: Array, zero_xs, rule: ExitRule, *, kv: Optional[dict] = None,
+            positions_T: Optional[Array] = None) -> tuple[CycleState, CycleOut]:
+    """Cycle c (0-based) of the middle stack: the one place where a cycle updates the state and the
+    exit bookkeeping, for training and cached decoding alike.
+
+    A token that has exited keeps its state and its cycle count; with frozen_kv='state' each layer
+    also sees it as its frozen state (so its K/V are projections of that state). kv, positions_T:
+    this cycle's cache and the new tokens' positions (cached decoding).
+    """
+    frozen = (state.exited_BxT, state.x_BxTxD) if rule.exits and rule.frozen_kv == "state" else None
+    out = self.middle(state.x_BxTxD, *zero_xs, self._mask(), frozen, kv=kv, positions_T=positions_T)
+    za_BxT = jnp.mean(out.a0, axis=0)
+    sig_BxT = confidence(self.readout(out.x)) if rule.signal == "confidence" else za_BxT
+    ran_BxT = ~state.exited_BxT
+    x_BxTxD = jnp.where(state.exited_BxT[..., None], state.x_BxTxD, out.x)
+    used_BxT = state.used_BxT + ran_BxT.astype(jnp.int32)
+    exited_BxT = rule.update(state.exited_BxT, sig_BxT, c + 1) if rule.exits else state.exited_BxT
+    report = CycleOut(jnp.where(ran_BxT, za_BxT, 0.0), jnp.where(ran_BxT, sig_BxT, 0.0), out.kv)
+    return CycleState(x_BxTxD, exited_BxT, used_BxT), report
+
+  # ---------------------------------------------------------------- training and evaluation
+
+  def __call__(self, tokens_BxT: Array, rule: Optional[ExitRule] = None, num_cycles: Optional[int] = None):
     """Returns (logits_BxTxV float32, aux).
 
-    exit_threshold: tau; None = no exit. (cfg.exit_threshold is the default callers pass here.)
+    rule: the exit rule (model.exit.ExitRule); None = no exit (training). Its threshold may be
+      traced. Build the configured one with ExitRule.from_config(cfg).
     num_cycles: cycles to run (static int); default cfg.cycles. Rows beyond the pool reuse the last.
-    exit_signal: 'zero_attention' (mean a0 over heads and cycled layers) or 'confidence' (max softmax
-      prob of tail + LM head applied to the cycle's state).
-    skip_exited: inference path; once every token of the batch has exited, the remaining cycles are
-      skipped with lax.cond (not differentiable; same logits and cycles_used).
-    mask_zero_slot: test hook; the zero slot's logit becomes -inf (a0 = 0).
-    min_cycles, exit_granularity: override the config's values.
-    frozen_kv: override cfg.frozen_kv, what an exited token shows the other tokens in the cycles
-      after its exit. 'stack': it still runs through each later cycle's stack (its own result is discarded), so
-      its K/V in middle layer l > 0 come from its recomputed intermediate state. 'state': every
-      middle layer of every later cycle projects its K/V from the frozen state itself, so those
-      cycles need no attention or MLP work for it; this is what cached decoding with real skipping
-      computes (ztt_jax/decoding.py). The two agree when the stack has one layer.
 
     aux: zero_attention [C,B,T] (mean a0 of the cycle; 0 for cycles a token did not run and for
     variants without the zero token), exit_signal [C,B,T] (the signal the rule used, same masking),
     cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0.
     """
     cfg: ModelConfig = self.cfg
+    rule = self._rule(rule)
     C = cfg.cycles if num_cycles is None else int(num_cycles)
     if C < 1:
       raise ConfigError(f"num_cycles={num_cycles}: must be >= 1")
-    frozen_kv = frozen_kv or cfg.frozen_kv
-    if frozen_kv not in FROZEN_KV:
-      raise ConfigError(f"frozen_kv={frozen_kv!r}: use one of {', '.join(FROZEN_KV)}")
-    if exit_signal not in EXIT_SIGNALS:
-      raise ConfigError(f"exit_signal={exit_signal!r}: use one of {', '.join(EXIT_SIGNALS)}")
-    zt = cfg.use_zero_token
-    if exit_threshold is not None and exit_signal == "zero_attention" and not zt:
-      raise ConfigError(f"variant {cfg.variant!r} has no zero token, so exit_signal='zero_attention' is "
-                        "undefined; use exit_signal='confidence' or a variant with zero_token=True")
-    min_c = cfg.min_cycles if min_cycles is None else int(min_cycles)
-    granularity = exit_granularity or cfg.exit_granularity
     collect_states = cfg.cycle_loss_weight > 0
-    B, T = tokens_BxT.shape
-
-    mask = jnp.asarray(mask_zero_slot, bool) if zt else None
     x_BxTxD = self.embed.encode(tokens_BxT)
     if cfg.unique_head_layers:
-      x_BxTxD, _ = self.head(x_BxTxD, mask_zero_slot=mask)
-
-    keys_CxSxHxK = bias_CxSxH = None
-    if zt:
-      rows_C = jnp.minimum(jnp.arange(C), cfg.cycles - 1)
-      keys_CxSxHxK = self.zero_key_pool[rows_C]
-      if cfg.zero_bias:
-        bias_CxSxH = self.zero_bias_pool[rows_C]
-
-    def run_cycle(mdl, x_BxTxD, exited_BxT, used_BxT, c, keys, bias, tau, mask):
-      frozen = (exited_BxT, x_BxTxD) if frozen_kv == "state" and tau is not None else None
-      new_BxTxD, a0_SxBxT = mdl.middle(x_BxTxD, keys, bias, mask, frozen)
-      za_BxT = jnp.mean(a0_SxBxT, axis=0)
-      sig_BxT = confidence(mdl.readout(new_BxTxD, mask)) if exit_signal == "confidence" else za_BxT
-      ran_BxT = ~exited_BxT
-      x_BxTxD = jnp.where(exited_BxT[..., None], x_BxTxD, new_BxTxD)
-      used_BxT = used_BxT + ran_BxT.astype(jnp.int32)
-      if tau is not None:
-        exited_BxT = update_exited(exited_BxT, sig_BxT, c + 1, tau, min_c, granularity)
-      ys = (jnp.where(ran_BxT, za_BxT, 0.0), jnp.where(ran_BxT, sig_BxT, 0.0),
-            x_BxTxD if collect_states else None)
-      return (x_BxTxD, exited_BxT, used_BxT), ys
-
-    def skip_cycle(mdl, x_BxTxD, exited_BxT, used_BxT, c, keys, bias, tau, mask):
-      zeros_BxT = jnp.zeros((B, T), jnp.float32)
-      return (x_BxTxD, exited_BxT, used_BxT), (zeros_BxT, zeros_BxT, x_BxTxD if collect_states else None)
-
-    def cycle(mdl, carry, xs, bcast):
-      c, keys, bias = xs
-      tau, mask = bcast
-      args = (*carry, c, keys, bias, tau, mask)
-      if skip_exited and not self.is_initializing():
-        return nn.cond(jnp.all(carry[1]), skip_cycle, run_cycle, mdl, *args)
-      return run_cycle(mdl, *args)
-
-    scan = nn.scan(cycle, variable_broadcast="params", split_rngs={"params": False},
-                   in_axes=(0, nn.broadcast), length=C)
-    carry = (x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32))
-    tau = None if exit_threshold is None else jnp.asarray(exit_threshold, jnp.float32)
-    (x_BxTxD, _, used_BxT), (za_CxBxT, sig_CxBxT, states_CxBxTxD) = scan(
-        self, carry, (jnp.arange(C, dtype=jnp.int32), keys_CxSxHxK, bias_CxSxH), (tau, mask))
-
-    aux = {"zero_attention": za_CxBxT, "exit_signal": sig_CxBxT, "cycles_used": used_BxT}
+      x_BxTxD = self.head(x_BxTxD, mask_zero_slot=self._mask()).x
+    state, (za_CxBxT, sig_CxBxT, states_CxBxTxD) = self._scan_cycles(CycleState.start(x_BxTxD), C, rule,
+                                                                     collect_states)
+    aux = {"zero_attention": za_CxBxT, "exit_signal": sig_CxBxT, "cycles_used": state.used_BxT}
     if collect_states:
-      D = x_BxTxD.shape[-1]
-      cyc_CxBxTxV = self.readout(states_CxBxTxD.reshape(C * B, T, D), mask).reshape(C, B, T, -1)
+      B, T, D = state.x_BxTxD.shape
+      cyc_CxBxTxV = self.readout(states_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
       aux["cycle_logits"] = cyc_CxBxTxV
       return cyc_CxBxTxV[-1], aux
-    return self.readout(x_BxTxD, mask), aux
+    return self.readout(state.x_BxTxD), aux
+
+  def _scan_cycles(self, state: CycleState, C: int, rule: ExitRule, collect_states: bool):
+    """C cycles in one nn.scan (params broadcast: every cycle shares them)."""
+
+    def run(mdl, state, xs, rule):
+      c, zero_xs = xs
+      state, out = mdl.cycle(state, c, zero_xs, rule)
+      return state, (out.zero_attention_BxT, out.signal_BxT, state.x_BxTxD if collect_states else None)
+
+    def skip(mdl, state, xs, rule):
+      zeros_BxT = jnp.zeros(state.exited_BxT.shape, jnp.float32)
+      return state, (zeros_BxT, zeros_BxT, state.x_BxTxD if collect_states else None)
+
+    def body(mdl, state, xs, rule):
+      # Skipping is not differentiable, and at init every cycle must run to create the params.
+      if rule.skip_exited and not self.is_initializing():
+        return nn.cond(jnp.all(state.exited_BxT), skip, run, mdl, state, xs, rule)
+      return run(mdl, state, xs, rule)
+
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=(0, nn.broadcast), length=C)
+    c_C = jnp.arange(C, dtype=jnp.int32)
+    return scan(self, state, (c_C, self._zero_xs(c_C)), rule)
+
+  # ---------------------------------------------------------------- cached decoding
+
+  def extend(self, tokens_BxT: Array, cache: dict, offset, rule: Optional[ExitRule] = None):
+    """Cached decoding: logits of T new tokens at positions offset.. given the K/V cache of the
+    positions before (ztt_jax/decoding.py allocates it; layout there). Jit-able; offset may be traced.
+
+    The cycles run in a while loop that stops as soon as every new token has exited
+    (frozen_kv='state'), so a token that exits after cycle c runs no attention or MLP in the cycles
+    after. Their cache entries are filled from its frozen state, which is what `__call__` computes
+    with the same rule. The cache holds one entry per cycle to run (its middle leading axis), which
+    may exceed the pool. Params must exist (`init` runs `__call__`).
+
+    rule: None = no exit; exits on zero attention per token (a decoding step has no later tokens).
+    Returns (logits_BxTxV float32, cache, aux) with aux cycles_used [B,T] int32 and zero_attention
+    [C,B,T] (0 for cycles a token did not run), as `__call__`.
+    """
+    cfg = self.cfg
+    rule = self._rule(rule)
+    if rule.signal != "zero_attention" or (rule.exits and rule.granularity != "token"):
+      raise ConfigError(f"cached decoding exits per token on zero attention; got signal={rule.signal!r}, "
+                        f"granularity={rule.granularity!r}")
+    offset = jnp.asarray(offset, jnp.int32)
+    positions_T = offset + jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)
+    cache = dict(cache)
+    x_BxTxD = self.embed.encode(tokens_BxT, offset)
+    if cfg.unique_head_layers:
+      out = self.head(x_BxTxD, mask_zero_slot=self._mask(), kv=cache["head"], positions_T=positions_T)
+      x_BxTxD, cache["head"] = out.x, out.kv
+    state, za_CxBxT, cache["middle"] = self._while_cycles(CycleState.start(x_BxTxD), cache["middle"],
+                                                          positions_T, rule)
+    x_BxTxD = state.x_BxTxD
+    if cfg.unique_tail_layers:
+      out = self.tail(x_BxTxD, mask_zero_slot=self._mask(), kv=cache["tail"], positions_T=positions_T)
+      x_BxTxD, cache["tail"] = out.x, out.kv
+    return self.lm_logits(x_BxTxD), cache, {"cycles_used": state.used_BxT, "zero_attention": za_CxBxT}
+
+  def _while_cycles(self, state: CycleState, kv: dict, positions_T: Array, rule: ExitRule):
+    """The cycles of `extend`: kv {'k','v'} [C, S, B, M, H, K] holds every cycle's cache."""
+    C = kv["k"].shape[0]
+    skip = rule.exits and rule.frozen_kv == "state"
+
+    def body(mdl, carry):
+      c, state, za_CxBxT, kv = carry
+      kv_c = jax.tree.map(lambda a: a[c], kv)
+      state, out = mdl.cycle(state, c, mdl._zero_xs(c), rule, kv=kv_c, positions_T=positions_T)
+      kv = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, c, 0), kv, out.kv)
+      za_CxBxT = jax.lax.dynamic_update_index_in_dim(za_CxBxT, out.zero_attention_BxT, c, 0)
+      return c + 1, state, za_CxBxT, kv
+
+    def more(mdl, carry):
+      c, state = carry[0], carry[1]
+      return (c < C) & ~jnp.all(state.exited_BxT) if skip else c < C
+
+    za_CxBxT = jnp.zeros((C,) + state.exited_BxT.shape, jnp.float32)
+    c_end, state, za_CxBxT, kv = nn.while_loop(more, body, self, (jnp.int32(0), state, za_CxBxT, kv))
+    if skip:
+      kv = nn.cond(c_end < C, _fill_frozen_kv, lambda mdl, kv, *_: kv, self, kv, state.x_BxTxD, c_end,
+                   positions_T)
+    return state, za_CxBxT, kv
+
+
+def _fill_frozen_kv(mdl: ZTTModel, kv: dict, x_BxTxD: Array, c_end: Array, positions_T: Array) -> dict:
+  """Cache entries of cycles c_end.. when every new token is frozen in x: each of those cycles would
+  project each layer's K/V from x, and the middle params are shared by all cycles, so one projection
+  per layer fills every skipped cycle."""
+  new = mdl.middle(x_BxTxD, positions_T=positions_T, kv_only=True).kv  # [S, B, T, H, K] each
+  C, S = kv["k"].shape[:2]
+  B, T = x_BxTxD.shape[:2]
+  later_C = (jnp.arange(C) >= c_end)[:, None, None, None, None, None]
+  start = (0, 0, 0, positions_T[0], 0, 0)
+
+  def put(a, new):
+    cur = jax.lax.dynamic_slice(a, start, (C, S, B, T) + a.shape[-2:])
+    return jax.lax.dynamic_update_slice(a, jnp.where(later_C, new[None].astype(a.dtype), cur), start)
+
+  return jax.tree.map(put, kv, new)
