@@ -8,7 +8,7 @@ from jax.sharding import AxisType
 
 import model_numpy_ref as ref
 from model_testutil import apply, init_params, tiny_cfg, tokens
-from ztt_jax.model import ZTTModel
+from ztt_jax.model import ExitRule, ZTTModel
 
 AXES = {"embed", "vocab", "heads", "kv", "mlp", "layers", "cycles", "length"}
 RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
@@ -91,7 +91,7 @@ def test_sharded_under_set_mesh_gives_the_same_logits():
   toks = tokens(cfg, B, T, seed=1)
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   _, host = init_params(cfg, B, T, seed=1)
-  fwd = lambda p, t: model.apply({"params": p}, t, 0.4)
+  fwd = lambda p, t: model.apply({"params": p}, t, ExitRule(threshold=0.4))
   with nn.logical_axis_rules(RULES):
     abstract = jax.eval_shape(model.init, jax.random.key(0), toks)["params"]
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, RULES)

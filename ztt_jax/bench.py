@@ -48,7 +48,7 @@ def compile_seconds(cfg, toks, grad):
   params = abstract_params(model, toks)
 
   def fwd(p, t):
-    logits, aux = model.apply({"params": p}, t, 0.5)
+    logits, aux = model.apply({"params": p}, t, ExitRule(threshold=0.5))
     return jnp.mean(logits) + jnp.mean(aux["zero_attention"])
 
   fn = jax.grad(fwd) if grad else fwd

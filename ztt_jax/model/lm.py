@@ -141,6 +141,8 @@ class ZTTModel(nn.Module):
   def _rule(self, rule: Optional[ExitRule]) -> ExitRule:
     """rule None: no exit. The threshold becomes a float32 array (traced if it came in traced)."""
     rule = ExitRule() if rule is None else rule
+    if not isinstance(rule, ExitRule):
+      raise TypeError(f"rule={rule!r}: pass an ExitRule, e.g. ExitRule.from_config(cfg, threshold=0.5)")
     rule.check(self.cfg)
     return rule.replace(threshold=jnp.asarray(rule.threshold, jnp.float32)) if rule.exits else rule
 
