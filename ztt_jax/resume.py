@@ -14,9 +14,10 @@ checkpoint may no longer be the run the user thinks it is. Each changed field is
 
 A fatal field whose value does not matter under either config (e.g. data.path for the built-in
 multi-hop task, model.rope_theta with learned positions) counts as safe. Fields absent from an
-older checkpoint's config compare as their default. The mesh is never fatal: restoring reshards.
-`train.global_batch_size` is safe with a warning: the data iterator counts global batches, so the
-resumed run skips or repeats some examples once (README, "Data order across process counts").
+older checkpoint's config compare as their default; fields the code no longer has are ignored.
+The mesh is never fatal: restoring reshards. `train.global_batch_size` is safe with a warning (the
+trainer's): the data iterator counts global batches, so the resumed run skips or repeats some
+examples once (README, "Data order across process counts").
 
 This module is pure: it reads dicts and returns/raises; `check` is what the trainer calls.
 """
@@ -119,16 +120,18 @@ def compare(saved: dict, new: dict, defaults: Optional[dict] = None) -> list[Cha
     d_val = defaults.get(section)
     if isinstance(s_val, dict) or isinstance(n_val, dict) or isinstance(d_val, dict):
       s_val, n_val, d_val = s_val or {}, n_val or {}, d_val or {}
-      for field in sorted(set(s_val) | set(n_val)):
+      # The new config's fields: one the code no longer has means nothing now, and one added since
+      # the checkpoint compares as its default (what the old code did without it).
+      for field in sorted(n_val):
         if (section, field) in _NOT_COMPARED:
           continue
-        old, cur = s_val.get(field, d_val.get(field)), n_val.get(field, d_val.get(field))
+        old, cur = s_val.get(field, d_val.get(field)), n_val[field]
         if _same(section, field, old, cur):
           continue
         rule = FATAL.get(section, {}).get(field)
         fatal = rule is not None and rule([saved, new])
         changes.append(Change(section, field, old, cur, fatal, _WARN.get((section, field), "")))
-    elif not _same("", section, s_val if section in saved else d_val, n_val if section in new else d_val):
+    elif section in new and not _same("", section, s_val if section in saved else d_val, n_val):
       changes.append(Change("", section, s_val, n_val, False, _IGNORED.get(("", section), "")))
   return changes
 
