@@ -13,6 +13,11 @@ Export (a `vanilla` GPT-2-form export back to a directory `transformers.GPT2LMHe
 Both directions write what `ztt_jax.export` writes/reads, so `ztt_jax.export.load(DIR)` and
 `python -m ztt_jax.train ... --config.init_from=DIR` take an imported model as it is.
 
+Neither direction destroys what it did not write (ztt_jax.outdir): an existing non-empty --out needs
+--overwrite and is replaced only if ztt_jax wrote it (an export's config.json format key; for
+--export_hf the marker file ztt_jax_export_hf.json, since Hugging Face's config.json is not ours),
+--out may not be or lie inside --hf_dir/--from, and the directory is swapped in atomically.
+
 Mapping (GPT-2 form: norm=layernorm, position=learned, mlp=gelu with the tanh approximation,
 use_bias=True; Conv1D weights are [in, out], the same orientation as ours):
   wte -> embed/embedding, wpe -> embed/pos_embedding, ln_f -> final_norm, lm_head (untied only) -> embed/lm_head^T
