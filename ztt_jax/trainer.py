@@ -21,7 +21,7 @@ from ztt_jax import outdir, partitioning, resume
 from ztt_jax.checkpointing import Checkpointer, saved_config
 from ztt_jax.config import Config
 from ztt_jax.evaluate import Evaluator
-from ztt_jax.flops import peak_flops, train_flops_per_token
+from ztt_jax.flops import peak_flops_info, train_flops_per_token
 from ztt_jax.metrics import MetricsWriter, eval_summary
 from ztt_jax.preemption import StopRequest
 from ztt_jax.run import Run, build, compile_synced, init_from_export, jit_train_step, layout_metadata, to_global
@@ -254,7 +254,11 @@ class _Progress:
     self.cfg, self.guard, self.saver = cfg, guard, saver
     self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
-    self.peak = peak_flops(cfg.train.peak_flops_per_device) * jax.process_count()
+    # Cached per machine (ztt_jax.flops), so two runs of one shape report comparable MFU; the
+    # peak used goes into every log record. Compute-dtype peak: bf16 matmuls have their own.
+    peak = peak_flops_info(cfg.train.peak_flops_per_device, dtype=cfg.model.dtype)
+    self.peak = peak["total"] * jax.process_count()
+    self.peak_per_device = peak["per_device"]
     self._t, self._step = time.perf_counter(), start_step
 
   def log(self, info: StepInfo):
@@ -267,6 +271,7 @@ class _Progress:
         "train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
         "train/tokens_per_sec": tok_s,
         "train/mfu": self.flops_per_step / self.tokens_per_step * tok_s / self.peak,
+        "train/peak_flops_per_device": self.peak_per_device,
         "train/skipped_steps": m["skipped_steps"],
         "train/checkpoint_block_sec": self.saver.take_blocked_s(),
         "train/rss_mb": psutil.Process().memory_info().rss / 2**20,
