@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Downloads the wheels benchmarks/gpu.sh installs on a GPU machine that has no network.
+#
+#   benchmarks/gpu_wheels.sh [DIR]        # default build/gpu_wheels (ignored by git)
+#
+# Run it here, where PyPI is reachable. The GPU machine already has Python 3.12 with jax/jaxlib
+# (+ CUDA plugin), flax, optax, orbax-checkpoint and tensorstore, and with them absl-py, etils,
+# numpy, protobuf, PyYAML, msgpack, rich, psutil. What ztt_jax needs beyond that is downloaded as
+# cp312 manylinux x86_64 (or pure-Python) wheels, without dependencies, at the versions of
+# requirements.txt, so nothing here can replace the machine's own jax or numpy. The bundle must
+# stay under 64 MiB (what a device run may carry); the script checks that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:-build/gpu_wheels}
+PY=${PYTHON:-.venv/bin/python}
+LIMIT_MIB=64
+
+# name==version from requirements.txt, so the GPU run uses what the test suite passed with.
+pin() { grep -iE "^$1==" requirements.txt | head -1; }
+
+# What ztt_jax imports that the GPU image lacks, and their own missing dependencies:
+#   grain (data pipeline, checkpointed iterators) <- array_record, cloudpickle, portpicker
+#   ml_collections (config), tensorboardX (metrics), safetensors (export), tqdm, psutil
+#   tokenizers (HF tokenizer files; installed --no-deps: huggingface-hub is only for downloads)
+PACKAGES=(
+  "$(pin grain)" "$(pin array_record)" "cloudpickle==3.1.3" "portpicker==1.6.0"
+  "$(pin ml_collections)" "$(pin tensorboardX)" "$(pin safetensors)" "$(pin tqdm)" "$(pin psutil)"
+  "$(pin tokenizers)"
+)
+
+rm -rf "$DIR"
+mkdir -p "$DIR"
+"$PY" -m pip download --quiet --dest "$DIR" --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform any "${PACKAGES[@]}"
+
+# gpu.sh installs exactly these names; tokenizers goes in without its dependencies.
+printf '%s\n' "${PACKAGES[@]}" | grep -v '^tokenizers==' > "$DIR/requirements.txt"
+printf '%s\n' "${PACKAGES[@]}" | grep '^tokenizers==' > "$DIR/requirements-nodeps.txt"
+
+ls -l "$DIR"
+size_kib=$(du -sk "$DIR" | cut -f1)
+echo "wheel bundle: $((size_kib / 1024)) MiB ($size_kib KiB) in $DIR"
+if (( size_kib > LIMIT_MIB * 1024 )); then
+  echo "error: the bundle exceeds $LIMIT_MIB MiB" >&2
+  exit 1
+fi
