@@ -96,6 +96,13 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _load_1m() -> Optional[float]:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except (AttributeError, OSError):
+    return None
+
+
 def _cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -183,9 +190,16 @@ def measured_peak(device=None, dtype: str = "float32", *, remeasure: bool = Fals
       return {**entry, "cache": path, "from_cache": True}
     log.warning("Peak-FLOPs cache %s has a bad entry for %s (%r); measuring the peak again.", path, key, entry)
   log.info("Measuring the %s matmul peak of %s (once per machine; cached in %s).", dtype, key, path)
+  load_1m = _load_1m()
   m = measure_matmul_peak(device, dtype)
   entry = {"flops": m["flops"], "per_size": m["per_size"], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "method": "max over square matmul sizes of the median FLOP/s (>= 5 calls, >= 0.2 s each)"}
+           "method": "max over square matmul sizes of the median FLOP/s (>= 5 calls, >= 0.2 s each)",
+           "load_avg_1m": load_1m}
+  if device.platform == "cpu" and load_1m is not None and load_1m > _usable_cores():
+    # The figure stays (a changing peak is what made MFU untrustworthy), but say how to refresh it.
+    log.warning("Measured the CPU peak (%.1f GFLOP/s) while the load average was %.1f on %d cores; it may be "
+                "low. On a quiet machine, refresh it with: python -m ztt_jax.flops --remeasure",
+                m["flops"] / 1e9, load_1m, _usable_cores())
   data[key] = entry
   _write_cache(path, data)
   return {**entry, "cache": path, "from_cache": False}
@@ -245,8 +259,10 @@ def main(argv=None) -> None:
   dev = jax.local_devices()[0]
   m = measured_peak(dev, args.dtype, remeasure=args.remeasure)
   sizes = ", ".join(f"{k}: {v / 1e9:.1f}" for k, v in sorted(m["per_size"].items(), key=lambda kv: int(kv[0])))
+  load = m.get("load_avg_1m")
   print(f"{peak_cache_key(dev, args.dtype)}\n  peak {m['flops'] / 1e9:.1f} GFLOP/s "
-        f"({'from cache' if m['from_cache'] else 'measured now'}; per size GFLOP/s {sizes})\n  cache {m['cache']}")
+        f"({'from cache' if m['from_cache'] else 'measured now'} at {m.get('measured_at', '?')}, load average "
+        f"{'?' if load is None else load}; per size GFLOP/s {sizes})\n  cache {m['cache']}")
   table = datasheet_peak(dev.device_kind) if dev.platform != "cpu" else None
   if table:
     print(f"  MFU uses the datasheet dense bf16 peak instead: {table / 1e12:.0f} TFLOP/s per chip")
