@@ -22,11 +22,13 @@ pin() { grep -iE "^$1==" requirements.txt | head -1; }
 #   grain (data pipeline, checkpointed iterators) <- array_record, cloudpickle, portpicker
 #   ml_collections (config), tensorboardX (metrics), safetensors (export), tqdm, psutil
 #   tokenizers (HF tokenizer files; installed --no-deps: huggingface-hub is only for downloads)
-PACKAGES=(
-  "$(pin grain)" "$(pin array_record)" "cloudpickle==3.1.3" "portpicker==1.6.0"
-  "$(pin ml_collections)" "$(pin tensorboardX)" "$(pin safetensors)" "$(pin tqdm)" "$(pin psutil)"
-  "$(pin tokenizers)"
-)
+#   packaging (tensorboardX)
+PINNED=("$(pin grain)" "$(pin array_record)" "$(pin ml_collections)" "$(pin tensorboardX)" "$(pin safetensors)")
+# Common enough that the image may have them: gpu.sh asks for them unpinned, so an installed copy
+# is kept and the bundle's is used only where there is none.
+COMMON=("cloudpickle==3.1.3" "portpicker==1.6.0" "$(pin tqdm)" "$(pin psutil)" "packaging==26.4")
+NODEPS=("$(pin tokenizers)")
+PACKAGES=("${PINNED[@]}" "${COMMON[@]}" "${NODEPS[@]}")
 
 rm -rf "$DIR"
 mkdir -p "$DIR"
@@ -35,9 +37,10 @@ mkdir -p "$DIR"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any "${PACKAGES[@]}"
 
-# gpu.sh installs exactly these names; tokenizers goes in without its dependencies.
-printf '%s\n' "${PACKAGES[@]}" | grep -v '^tokenizers==' > "$DIR/requirements.txt"
-printf '%s\n' "${PACKAGES[@]}" | grep '^tokenizers==' > "$DIR/requirements-nodeps.txt"
+# What gpu.sh installs: the pinned ones as pinned, the common ones by name; tokenizers without
+# its dependencies.
+{ printf '%s\n' "${PINNED[@]}"; printf '%s\n' "${COMMON[@]%%==*}"; } > "$DIR/requirements.txt"
+printf '%s\n' "${NODEPS[@]}" > "$DIR/requirements-nodeps.txt"
 
 ls -l "$DIR"
 size_kib=$(du -sk "$DIR" | cut -f1)
