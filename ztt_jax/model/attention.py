@@ -25,7 +25,7 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                         zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
                         mask_zero_slot: Optional[Array] = None,
                         valid_TxS: Optional[Array] = None, *, q_positions_T: Optional[Array] = None,
-                        impl: str = "reference", block_size: int = 512) -> tuple[Array, Array]:
+                        impl: str = "reference", block_size: int = 0) -> tuple[Array, Array]:
   """Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
 
   q_positions_T: absolute positions of the queries (key s is at position s); a query sees the keys
@@ -97,13 +97,15 @@ class Attention(nn.Module):
       q = None if kv_only else apply_rope(q, pos_T, cfg.rope_theta)
     if kv_only:
       return LayerOut(None, None, {"k": k, "v": v})
-    valid_TxS = None
+    q_positions_T = None
     if kv is not None:
       start = (0, pos_T[0], 0, 0)
       k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
       v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
-      valid_TxS = jnp.arange(k.shape[1])[None, :] <= pos_T[:, None]
-    o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot, valid_TxS)
+      q_positions_T = pos_T  # the cache's unwritten tail lies after every query
+    o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot,
+                                              q_positions_T=q_positions_T, impl=cfg.attention_impl,
+                                              block_size=cfg.attention_block_size)
     wo_HxKxD = logical_param(self, "o_kernel", fan_in_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, wo_HxKxD.astype(dt))
     if cfg.use_bias:

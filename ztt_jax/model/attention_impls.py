@@ -64,11 +64,11 @@ cudnn (GPU) and pallas (TPU): one exact construction on a standard causal flash 
   dynamic trip counts also skip the unwritten tail of the cache.
   Numerics on the devices are checked by benchmarks/gpu.sh through `check_against_reference`; on
   CPU the tests run the same construction through jax.nn.dot_product_attention(implementation='xla')
-  and the Pallas TPU kernel in interpret mode.
+  and (opt-in, ~30 s: ZTT_TEST_PALLAS_INTERPRET=1) the Pallas TPU kernel in interpret mode.
 
 auto (the default)
-  GPU: cudnn where supported (bf16/fp16, head dim), else chunked. TPU: pallas. CPU: reference below
-  `CPU_CHUNKED_MIN_LEN` keys, chunked from there on (see that constant for the measurement).
+  GPU: cudnn where supported (bf16/fp16, head dim), else chunked. TPU: pallas. CPU: chunked, which
+  measured at least as fast as reference from T=64 on (`CPU_CHUNKED_MIN_LEN` has the figures).
 """
 from __future__ import annotations
 
@@ -85,12 +85,18 @@ from ztt_jax.model.config import ATTENTION_IMPLS
 
 Array = jax.Array
 
-# CPU, `auto`: below this many keys the dense reference is used, from here on chunked.
-# Measured with benchmarks-style train steps of configs/text.py:ztt (d128, 4 heads, batch 4), see
-# the report in docs/ or the module docstring of the commit that set it: at T=256 chunked ran at
-# CPU_MEASURED_RATIO_256 of the reference's speed, at T=2048 faster, and from T~4096 the reference's
-# [B,H,T,T] temporaries are the bigger cost anyway. Set by measurement, see `_cpu_auto`.
-CPU_CHUNKED_MIN_LEN = 1024
+# CPU, `auto`: below this many keys the dense reference runs, from here on chunked. 0: chunked
+# always. Train steps of configs/text.py:ztt (d128, 4 heads, 4 layers x 3 cycles, AdamW, float32),
+# min over interleaved repeats on the shared 2-core machine (load 10-19), block 128:
+#   T=64 (batch 12): chunked 1.01x reference;  T=256 (batch 4): 1.14x and 1.58x (two runs);
+#   T=2048 (batch 4): 2.46x (the reference's [B,H,T,T] float32 passes are memory-bound).
+# Attention alone (fwd+bwd, B4 H4 K32): T=256 0.0051 s vs 0.0066 s; T=2048 0.22 s vs 2.0 s.
+CPU_CHUNKED_MIN_LEN = 0
+
+# attention_block_size=0: CPU keeps a [B,H,128,128] float32 block in cache (block 512 was 4x slower
+# than 128 at T=2048 there); accelerators want fewer, larger loop iterations.
+DEFAULT_BLOCK = {"cpu": 128}
+DEFAULT_BLOCK_OTHER = 512
 
 _NEG_BIG = -1e9  # the masked zero slot's logit in the fused construction (exp underflows to 0)
 
@@ -159,11 +165,12 @@ def _block(n: int, block: int) -> int:
 def chunked_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                       zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
                       mask_zero_slot: Optional[Array] = None, *, q_positions_T: Optional[Array] = None,
-                      block_size: int = 512) -> tuple[Array, Array]:
+                      block_size: int = 0) -> tuple[Array, Array]:
   """Blockwise online-softmax zero-slot attention with a flash-style custom VJP (module docstring).
 
   q_positions_T: absolute (non-decreasing) positions of the queries; key s sits at position s.
     Default: the queries are the last T of the S keys.
+  block_size: query and key block; 0 = the backend's default (DEFAULT_BLOCK).
   Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
   """
   B, T, H, K = q_BxTxHxK.shape
@@ -178,6 +185,8 @@ def chunked_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   else:
     # A query past the last key sees all keys; clamping keeps every position inside the key range.
     pos_T = jnp.minimum(jnp.asarray(q_positions_T, jnp.int32), S - 1)
+  if block_size <= 0:
+    block_size = DEFAULT_BLOCK.get(_backend(), DEFAULT_BLOCK_OTHER)
   bq, bk = _block(T, block_size), _block(S, block_size)
   Tp, Sp = _round_up(T, bq), _round_up(S, bk)
   # [B, H, T, K]: each block is then a contiguous slice for the batched matmuls.
@@ -313,9 +322,8 @@ def _flash_bwd(bq, bk, scale, res, cotangents):
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
-# checkpoint_name()s of the chunked forward's outputs: a layer remat policy that saves these
-# (jax.checkpoint_policies.save_from_both_policies(policy, save_only_these_names(*SAVED_NAMES)))
-# keeps the O(T) residuals instead of re-running the forward loop in the backward pass.
+# checkpoint_name()s of the chunked forward's outputs. `remat_policy` saves them, so a remat'd layer
+# keeps these O(T) residuals instead of re-running the forward loop in the backward pass.
 SAVED_NAMES = ("zero_slot_attention_out", "zero_slot_attention_lse", "zero_slot_attention_a0")
 
 
@@ -457,7 +465,7 @@ def resolve(impl: str, *, seq_len: int, dtype, head_dim: int, zero_slot: bool = 
 
 
 def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zero_bias_H=None,
-              mask_zero_slot=None, *, q_positions_T=None, valid_TxS=None, block_size: int = 512):
+              mask_zero_slot=None, *, q_positions_T=None, valid_TxS=None, block_size: int = 0):
   """Dispatch to one implementation (see `ztt_jax.model.attention.zero_slot_attention`)."""
   T, S = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
   K = q_BxTxHxK.shape[-1]
@@ -478,7 +486,7 @@ def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zer
 
 def check_against_reference(impl: str, *, batch: int = 2, seq_len: int = 1024, num_heads: int = 4,
                             head_dim: int = 64, dtype: str = "bfloat16", zero_bias: bool = True,
-                            block_size: int = 512, seed: int = 0) -> dict:
+                            block_size: int = 0, seed: int = 0) -> dict:
   """Max |impl - reference| of out, a0 and the gradients (q, k, v, zero key, zero bias) on random
   inputs, on the default backend; the reference runs in float32 on the same (rounded) inputs.
 
@@ -516,3 +524,19 @@ def check_against_reference(impl: str, *, batch: int = 2, seq_len: int = 1024, n
   resolved = resolve(impl, seq_len=T, dtype=dt, head_dim=K)
   return {"impl": impl, "resolved": resolved, "backend": _backend(), "dtype": dt.name,
           "shape": [B, T, H, K], "errors": errors(run(impl, dt)), "chunked_errors": errors(run("chunked", dt))}
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy for model.remat_policy=`name` ('none' -> None).
+
+  Under dots_with_no_batch_dims_saveable the chunked forward's outputs (SAVED_NAMES: out, lse, a0,
+  O(T) each) are kept as well: without them remat re-runs the whole blockwise forward in the
+  backward pass just to rebuild its residuals. nothing_saveable keeps nothing, as it says.
+  """
+  if name == "none":
+    return None
+  policy = getattr(jax.checkpoint_policies, name)
+  if name == "dots_with_no_batch_dims_saveable":
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES))
+  return policy

@@ -104,11 +104,13 @@ class ModelConfig:
   reference (dense [B,H,T,S] scores; the oracle), chunked (blockwise online softmax with a
   flash-style backward in pure JAX: O(T * block) memory, any backend), cudnn (GPU fused kernel,
   bfloat16/float16), pallas (TPU Pallas flash kernel), auto (cudnn on GPU where it supports the
-  dtype and head dim, else chunked; pallas on TPU; on CPU reference for short sequences and chunked
-  from attention_impls.CPU_CHUNKED_MIN_LEN keys on). cudnn/pallas run the full-sequence (training)
-  call; decoding against a KV cache uses chunked."""
-  attention_block_size: int = 512
-  """Query and key block length of attention_impl=chunked; any length works (padded and masked)."""
+  dtype and head dim, else chunked; pallas on TPU; chunked on CPU, where it measured as fast as
+  reference at T=256 and faster beyond). cudnn/pallas run the full-sequence (training) call;
+  decoding against a KV cache uses chunked."""
+  attention_block_size: int = 0
+  """Query and key block length of attention_impl=chunked; any sequence length works (padded and
+  masked). 0: the backend's default, 128 on CPU (fastest there: the [B,H,128,128] block stays in
+  cache), 512 on GPU/TPU (fewer loop iterations)."""
 
   exit_threshold: Optional[float] = None
   """Default tau for evaluation/generation. The model itself exits only when apply() is given an
@@ -218,11 +220,11 @@ class ModelConfig:
         fail(field, f"unknown value; use one of {', '.join(options)}")
 
     for field in ("vocab_size", "d_model", "num_heads", "mlp_dim", "n_middle_layers", "num_cycles",
-                  "max_seq_len", "min_cycles", "attention_block_size"):
+                  "max_seq_len", "min_cycles"):
       v = getattr(self, field)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         fail(field, "must be a positive integer")
-    for field in ("n_head_layers", "n_tail_layers"):
+    for field in ("n_head_layers", "n_tail_layers", "attention_block_size"):
       v = getattr(self, field)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         fail(field, "must be an integer >= 0")
