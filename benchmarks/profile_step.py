@@ -12,12 +12,15 @@ the machine is. `--time` also times the variants in alternating windows (noisy o
 
 Variants (those that change code outside benchmarks/ patch it for this process only, to measure a
 proposal before anyone edits the file):
-  default       the config as it is (model.remat_policy default)
+  default       the config as it is (model.remat_policy and model.attention_impl defaults)
+  reference     model.attention_impl=reference (dense [B,H,T,T] scores, the hand-rolled softmax)
+  chunked       model.attention_impl=chunked (blockwise online softmax)
   remat_none    model.remat_policy=none
+  remat_nothing model.remat_policy=nothing_saveable
   unrolled      the layer scan unrolled (nn.scan(..., unroll=n_layers) in LayerStack; patch)
   unrolled_none both
-  xla_attention vanilla only: jax.nn.dot_product_attention (implementation='xla') instead of the
-                hand-rolled zero-slot softmax (patch)
+  xla_attention vanilla only: jax.nn.dot_product_attention (implementation='xla') in place of
+                zero_slot_attention (patch)
   bf16          model.dtype=bfloat16
   grain         not an HLO variant: the CPU time the trainer's Grain pipeline spends per batch
 """
@@ -43,7 +46,8 @@ from ztt_step import ZttStep, make_config, token_batches  # noqa: E402
 from vs_torch import GPT2_FORM, ROWS, SHAPES, VOCAB, ZTT_LAYOUT  # noqa: E402
 from ztt_jax.flops import train_flops_per_token  # noqa: E402
 
-VARIANTS = ("default", "remat_none", "unrolled", "unrolled_none", "xla_attention", "bf16")
+VARIANTS = ("default", "reference", "chunked", "remat_none", "remat_nothing", "unrolled", "unrolled_none",
+            "xla_attention", "bf16")
 
 
 @contextlib.contextmanager
@@ -74,9 +78,9 @@ def xla_attention():
   from ztt_jax.model import attention
   saved = attention.zero_slot_attention
 
-  def attn(q, k, v, zero_key=None, zero_bias=None, mask_zero_slot=None, valid_TxS=None):
-    if zero_key is not None or valid_TxS is not None:
-      return saved(q, k, v, zero_key, zero_bias, mask_zero_slot, valid_TxS)
+  def attn(q, k, v, zero_key=None, zero_bias=None, mask_zero_slot=None, valid_TxS=None, **kw):
+    if zero_key is not None or valid_TxS is not None or kw.get("q_positions_T") is not None:
+      return saved(q, k, v, zero_key, zero_bias, mask_zero_slot, valid_TxS, **kw)
     B, T, H, _ = q.shape
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     return out, jnp.zeros((B, H, T), jnp.float32)
@@ -92,8 +96,13 @@ def variant_setup(variant: str, layout: str):
   """(model overrides, patch context) of a variant, or None where it does not apply."""
   if variant == "default":
     return {}, contextlib.nullcontext()
+  if variant in ("reference", "chunked"):
+    from ztt_step import model_fields
+    return ({"attention_impl": variant}, contextlib.nullcontext()) if "attention_impl" in model_fields() else None
   if variant == "remat_none":
     return {"remat_policy": "none"}, contextlib.nullcontext()
+  if variant == "remat_nothing":
+    return {"remat_policy": "nothing_saveable"}, contextlib.nullcontext()
   if variant == "unrolled":
     return {}, unrolled_layer_scan()
   if variant == "unrolled_none":
