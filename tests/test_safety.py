@@ -118,7 +118,7 @@ def gpt2(tmp_path_factory):
 
 def test_cli_errors_are_one_line_with_the_right_exit_code(text_run, gpt2, tmp_path):
   workdir, _, _ = text_run
-  ours, hf = gpt2
+  _, hf = gpt2
   hf_before = snapshot(hf)
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(:\n")
@@ -142,7 +142,7 @@ def test_cli_errors_are_one_line_with_the_right_exit_code(text_run, gpt2, tmp_pa
       "broken config": (train + [w, f"--config={broken}"], 2, r"syntax error at line 1"),
       "empty workdir": (train + ["--workdir=", f"--config={TINY}"], 2, r"--workdir is empty"),
       "workdir is a file": (train + [f"--workdir={a_file}", f"--config={TINY}"], 2, r"not a directory"),
-      "unwritable workdir": (train + [f"--workdir={unwritable}", f"--config={TINY}"], 2, r"cannot be (created|written)"),
+      "unwritable workdir": (train + [f"--workdir={unwritable}", f"--config={TINY}"], 2, r"cannot be written"),
       "tensor axis vs heads": (train + [w, f"--config={TINY}", "--config.mesh.shape=(2,1,4)"], 2,
                                r"mesh\.shape does not fit the model.*tensor"),
       "htc with a threshold": (train + [w, f"--config={ROOT / 'configs' / 'default.py'}",
@@ -157,12 +157,8 @@ def test_cli_errors_are_one_line_with_the_right_exit_code(text_run, gpt2, tmp_pa
                        r"--topology='gpu:8': use cpu:N"),
       "export into HF dir": ([sys.executable, "-m", "ztt_jax.export", f"--workdir={workdir}", f"--out={hf}"], 2,
                              r"exists and is not empty.*--overwrite"),
-      "export over HF dir": ([sys.executable, "-m", "ztt_jax.export", f"--workdir={workdir}", f"--out={hf}",
-                              "--overwrite"], 2, r"not an export written by ztt_jax.*even with --overwrite"),
       "import onto itself": ([sys.executable, "-m", "ztt_jax.convert.hf_gpt2", f"--hf_dir={hf}", f"--out={hf}",
                               "--overwrite"], 2, r"--out=\S+ is --hf_dir=\S+, the input"),
-      "export_hf over HF dir": ([sys.executable, "-m", "ztt_jax.convert.hf_gpt2", "--export_hf", f"--from={ours}",
-                                 f"--out={hf}", "--overwrite"], 2, r"no ztt_jax_export_hf\.json"),
   }
   results = run_all([c for c, _, _ in cases.values()], cwd=cwd)
   for (name, (cmd, code, pattern)), r in zip(cases.items(), results):

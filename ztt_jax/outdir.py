@@ -144,9 +144,11 @@ def check_workdir(workdir) -> str:
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise ConfigError(f"--workdir={path} cannot be created: {existing} is a file, not a directory.")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir={path} cannot be written: {existing} is not writable by this user; "
-                      "choose a directory you can write.")
+  try:  # a real write, not os.access: root, ACLs and read-only mounts make access() say yes wrongly
+    os.rmdir(tempfile.mkdtemp(prefix=".ztt_jax_write_check-", dir=existing))
+  except OSError as e:
+    raise ConfigError(f"--workdir={path} cannot be written: {existing} refuses new entries "
+                      f"({e.strerror}); choose a directory you can write.") from None
   return path
 
 
