@@ -259,6 +259,19 @@ def time_row(runners, batches, info, args):
     loss0[k] = run(k, 1)
   for k in runners:
     run(k, args.warmup_steps)
+  torch_threads = {}
+  if args.threads == "best":
+    # OpenMP with one thread per core degrades badly when anything else wants a core (every
+    # parallel region waits at a barrier for a descheduled thread); give torch its faster setting.
+    for n_threads in sorted({1, _cores()}, reverse=True):
+      torch.set_num_threads(n_threads)
+      run("torch", 1)
+      t0 = time.perf_counter()
+      run("torch", 3)
+      torch_threads[n_threads] = (time.perf_counter() - t0) / 3
+    torch.set_num_threads(min(torch_threads, key=torch_threads.get))
+    for k in runners:  # the same number of steps on every side, for the loss comparison
+      run(k, cursor["torch"] - cursor[k])
   per_step = {}
   for k in runners:
     t0 = time.perf_counter()
@@ -276,15 +289,20 @@ def time_row(runners, batches, info, args):
   final_loss = {k: runners[k].sync() for k in runners}
   steps_done = {k: cursor[k] for k in runners}
   assert len(set(steps_done.values())) == 1, steps_done
-  return {"window_steps": n, "steps": steps_done["torch"], "loss0": loss0, "final_loss": final_loss,
+  return {"torch_threads": torch.get_num_threads(), "torch_threads_tried_step_s": torch_threads,
+          "window_steps": n, "steps": steps_done["torch"], "loss0": loss0, "final_loss": final_loss,
           "tokens_per_sec": {k: statistics.median(v) for k, v in windows.items()},
           "tokens_per_sec_windows": windows}
 
 
 # ------------------------------------------------------------------------------------ report
 
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def thread_report() -> dict:
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = _cores()
   return {
       "cores_usable": cores, "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
       "torch": {"version": torch.__version__, "num_threads": torch.get_num_threads(),
@@ -342,7 +360,9 @@ def main(argv=None):
   ap.add_argument("--num_batches", type=int, default=32, help="distinct batches, cycled")
   ap.add_argument("--nominal_steps", type=int, default=2000, help="length of the LR schedule (warmup 10)")
   ap.add_argument("--remat", default=None, help="ztt_jax model.remat_policy (default: the config default)")
-  ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: usable cores)")
+  ap.add_argument("--threads", default=None,
+                  help="torch.set_num_threads: a number, or 'best' (time 1 and all cores per row, keep the "
+                       "faster; for a shared machine). Default: the usable cores")
   ap.add_argument("--torch_fused", type=int, default=1, help="torch AdamW fused=True (its fastest CPU path)")
   ap.add_argument("--json", default=None, help="write the results here")
   ap.add_argument("--quick", action="store_true", help="2 rounds of short windows (a smoke run)")
@@ -353,9 +373,14 @@ def main(argv=None):
     from ztt_jax.model.config import ModelConfig
     args.remat = ModelConfig().remat_policy
   threads = thread_report()
-  torch.set_num_threads(args.threads or threads["cores_usable"])
+  torch.set_num_threads(threads["cores_usable"] if args.threads in (None, "best") else int(args.threads))
   threads = thread_report()
   load_before = uptime()
+  load_1m = os.getloadavg()[0]
+  if load_1m > 0.5 * threads["cores_usable"]:
+    print(f"WARNING: load average {load_1m:.1f} on {threads['cores_usable']} cores: other work shares them. torch's "
+          "OpenMP threads slow down many-fold when a core is taken (ztt_jax's thread pool much less), so the "
+          "ratios below overstate ztt_jax. Run on an idle machine, or pass --threads=best.")
   print(f"torch {torch.__version__}: {threads['torch']['num_threads']} threads "
         f"({threads['torch']['parallel_backend']}), interop {threads['torch']['num_interop_threads']}, "
         f"AdamW fused={bool(args.torch_fused)} | jax {jax.__version__} {threads['jax']['backend']}: "
@@ -372,7 +397,7 @@ def main(argv=None):
     results.append(res)
     tps = res["tokens_per_sec"]
     print(f"  {name}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items())
-          + f" ({res['window_steps']} steps/window, {args.rounds} rounds; params {res['params']:,}; "
+          + f" (torch {res['torch_threads']} threads; {res['window_steps']} steps/window, {args.rounds} rounds; params {res['params']:,}; "
           f"loss0 torch {res['loss0']['torch']:.6f} jax {res['loss0']['ztt_jax']:.6f})", flush=True)
   load_after = uptime()
   print()

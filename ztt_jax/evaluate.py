@@ -8,7 +8,8 @@ digit), so loss, mean_cycles and compute_fraction describe the same tokens.
 
 The sweep compares three exit rules on the same params: zero attention (a threshold range), a fixed
 cut after c = 1..C cycles (apply's num_cycles), and CALM's confidence (max softmax probability of
-the cycle's read-out; a threshold range). Threshold grids are quantiles of the signal measured on
+the cycle's read-out; a threshold range); a fourth, the learned exit gate's CDF (a threshold
+range), when the model has one (model.exit_gate). Threshold grids are quantiles of the signal measured on
 the eval batches with every cycle run, so each rule's curve spans its own range.
 """
 from __future__ import annotations
@@ -146,20 +147,24 @@ def evaluate(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list
 
 def signal_values(trained, batches: list) -> dict:
   """Per-cycle exit signals of the loss-weighted tokens with every cycle run:
-  {'zero_attention': [n], 'confidence': [n]} (cycles before the last; exiting after it saves nothing)."""
+  {'zero_attention': [n], 'confidence': [n]} and 'gate' [n] for a model with the learned exit gate
+  (cycles before the last; exiting after it saves nothing)."""
   run = trained.run
   C = trained.cfg.model.cycles
-  fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, ExitRule(signal="confidence"))[1],
-               in_shardings=(run.param_shardings, None))
-  za, conf = [], []
+  signals = ["zero_attention", "confidence"] + (["gate"] if trained.cfg.model.exit_gate else [])
+  fn = jax.jit(lambda p, x, rule: run.model.apply({"params": p}, x, rule)[1],
+               in_shardings=(run.param_shardings, None, None))
+  values = {s: [] for s in signals}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     for local in batches:
       b = to_global(local, run.mesh)
-      aux = jax.device_get(fn(trained.params, b["inputs"]))
       w = np.asarray(jax.device_get(b["weights"])) > 0
-      za.append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
-      conf.append(np.asarray(aux["exit_signal"])[: max(C - 1, 1), w].ravel())
-  return {"zero_attention": np.concatenate(za), "confidence": np.concatenate(conf)}
+      for signal in signals[1:]:
+        aux = jax.device_get(fn(trained.params, b["inputs"], ExitRule(signal=signal)))
+        values[signal].append(np.asarray(aux["exit_signal"])[: max(C - 1, 1), w].ravel())
+        if signal == "confidence":
+          values["zero_attention"].append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
+  return {s: np.concatenate(v) for s, v in values.items()}
 
 
 NEVER_EXIT = 1.001
@@ -176,7 +181,8 @@ def threshold_grid(values: np.ndarray, n: int) -> list[float]:
 
 def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None, num_thresholds: int = 8,
           max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
-  """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint.
+  """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint,
+  and the learned exit gate's (signal 'gate', its exit CDF) when the model has one.
 
   rule: the sweep varies its signal and threshold and keeps the rest (frozen_kv, min_cycles,
     granularity); default the run's configured rule.
@@ -193,7 +199,8 @@ def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] =
     ev = Evaluator(trained.run, batches, base.replace(threshold=None), num_cycles=c)
     points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
   signals = signal_values(trained, batches)
-  rules = ["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
+  rules = (["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
+           + (["gate"] if cfg.model.exit_gate else []))
   for signal in rules:
     grid = list(thresholds) if thresholds is not None else threshold_grid(signals[signal], num_thresholds)
     ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0))

@@ -1,17 +1,19 @@
 """The loss, the sharded train step (with gradient accumulation), and the eval step."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ztt_jax.config import Config
-from ztt_jax.model.exit import ExitRule
+from ztt_jax.model.exit import ExitRule, halting_distribution, kl_to_uniform
 from ztt_jax.partitioning import BATCH_AXES
 
 
@@ -27,25 +29,46 @@ def token_cross_entropy(logits_BxTxV, targets_BxT):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
 
 
-def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float):
+def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float,
+                       num_cycles: Optional[int] = None):
   """Sums (not means) over weighted tokens, so microbatches add up exactly to the full batch.
 
   Returns (loss_sum, stats) where loss_sum includes the deep-supervision term
-  `cycle_loss_weight * mean_c(loss_c)` and stats holds per-cycle zero-attention sums.
+  `cycle_loss_weight * mean_c(loss_c)` and, with the exit gate (model.exit_gate), its terms (see
+  gate_loss_sums); stats holds per-cycle zero-attention sums. num_cycles: static, see
+  ZTTModel.__call__ (a sampled cycle count, train.cycles_distribution).
   """
-  logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"])
+  logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], None, num_cycles)
   w_BxT = batch["weights"]
   ce_sum = jnp.sum(token_cross_entropy(logits_BxTxV, batch["targets"]) * w_BxT)
   loss_sum = ce_sum
-  if cycle_loss_weight > 0:
-    cycle_ce_CxBxT = jax.vmap(token_cross_entropy, in_axes=(0, None))(
-        aux["cycle_logits"], batch["targets"])
-    loss_sum = loss_sum + cycle_loss_weight * jnp.mean(jnp.sum(cycle_ce_CxBxT * w_BxT, axis=(1, 2)))
   stats = {
       "ce_sum": ce_sum,
       "zero_attention_sum_C": jnp.sum(aux["zero_attention"].astype(jnp.float32) * w_BxT, axis=(1, 2)),
   }
+  if "cycle_logits" in aux:
+    cycle_ce_CxBxT = jax.vmap(token_cross_entropy, in_axes=(0, None))(
+        aux["cycle_logits"], batch["targets"])
+    if cycle_loss_weight > 0:
+      loss_sum = loss_sum + cycle_loss_weight * jnp.mean(jnp.sum(cycle_ce_CxBxT * w_BxT, axis=(1, 2)))
+    if "exit_gate" in aux:
+      gate_sum, gate_stats = gate_loss_sums(model.cfg, aux["exit_gate"], cycle_ce_CxBxT, w_BxT)
+      loss_sum = loss_sum + gate_sum
+      stats.update(gate_stats)
   return loss_sum, stats
+
+
+def gate_loss_sums(model_cfg, lam_CxBxT, cycle_ce_CxBxT, w_BxT):
+  """The learned exit gate's training terms, summed over weighted tokens (Ouro / LoopLM):
+  exit_gate_loss_weight * sum_c p(c) loss_c (the expected loss under the gate's exit distribution)
+  + exit_gate_kl_weight * KL(p || uniform). Both reach the gate and, through loss_c, the model."""
+  p_CxBxT = halting_distribution(lam_CxBxT)
+  expected_sum = jnp.sum(jnp.sum(p_CxBxT * cycle_ce_CxBxT, axis=0) * w_BxT)
+  kl_sum = jnp.sum(kl_to_uniform(p_CxBxT) * w_BxT)
+  exit_C = jnp.arange(1, p_CxBxT.shape[0] + 1, dtype=jnp.float32)
+  stats = {"gate_kl_sum": kl_sum, "gate_expected_ce_sum": expected_sum,
+           "gate_exit_cycle_sum": jnp.sum(jnp.einsum("c,cbt->bt", exit_C, p_CxBxT) * w_BxT)}
+  return model_cfg.exit_gate_loss_weight * expected_sum + model_cfg.exit_gate_kl_weight * kl_sum, stats
 
 
 def _split_microbatches(batch, num_micro: int, mesh):
@@ -57,18 +80,43 @@ def _split_microbatches(batch, num_micro: int, mesh):
   return jax.tree.map(split, batch)
 
 
+def sampled_cycles(cfg: Config, step: int) -> Optional[int]:
+  """The cycle count of train step `step` (train.cycles_distribution); None when it is off.
+
+  A pure function of (train.seed, step): numpy's Generator seeded with both, so a resumed run (or
+  another process) draws the same count for the same step without any state to checkpoint."""
+  t = cfg.train
+  if t.cycles_distribution == "none":
+    return None
+  c_max = t.cycles_max or cfg.model.cycles
+  mean = (1 + c_max) / 2 if t.cycles_mean is None else t.cycles_mean
+  rng = np.random.default_rng([t.seed, step])
+  rate = mean - 1.0
+  if t.cycles_distribution == "lognormal_poisson":
+    # E[exp(sigma z - sigma^2 / 2)] = 1, so the mean stays `mean` before clipping.
+    rate *= math.exp(t.cycles_sigma * rng.standard_normal() - t.cycles_sigma ** 2 / 2)
+  return int(min(max(1 + rng.poisson(rate), 1), c_max))
+
+
+TRAIN_STEP_STATIC = (2,)
+"""The train step's static positional arguments (num_cycles): jit them, and pass them to
+run.compile_synced, as static."""
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh,
                     lr_fn: Callable[[jax.Array], jax.Array]):
-  """Unjitted step(state, batch) -> (state, metrics); the trainer jits it with shardings."""
+  """Unjitted step(state, batch, num_cycles=None) -> (state, metrics); the trainer jits it with
+  shardings. num_cycles: static, the cycles to run this step (None: model.num_cycles); the trainer
+  passes the count it sampled (train.cycles_distribution), and jit keeps one program per count."""
   num_micro = cfg.train.microbatches
   cycle_loss_weight = cfg.model.cycle_loss_weight
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, num_cycles: Optional[int] = None):
     weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def micro_grads(params, micro):
       def loss_fn(p):
-        loss_sum, stats = weighted_loss_sums(model, p, micro, cycle_loss_weight)
+        loss_sum, stats = weighted_loss_sums(model, p, micro, cycle_loss_weight, num_cycles)
         return loss_sum / weight_total, stats
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -86,7 +134,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
 
       first = jax.tree.map(lambda x: x[0], micro_batches)
       stats_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: weighted_loss_sums(model, state.params, first, cycle_loss_weight)[1]))
+          lambda: weighted_loss_sums(model, state.params, first, cycle_loss_weight, num_cycles)[1]))
       (loss, stats, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros((), jnp.float32), stats_zero, zeros), micro_batches)
 
@@ -110,9 +158,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
         "skipped_steps": new_state.skipped_steps,
         "zero_attention_C": stats["zero_attention_sum_C"] / weight_total,
     }
+    metrics.update(_recipe_metrics(stats, weight_total, num_cycles))
     return new_state, metrics
 
   return step
+
+
+RECIPE_METRICS = ("num_cycles", "gate_kl", "gate_expected_loss", "gate_mean_exit_cycle")
+"""Scalars a step reports only with a looped-training recipe on; the trainer logs them as train/<name>."""
+
+
+def _recipe_metrics(stats: dict, weight_total, num_cycles: Optional[int]) -> dict:
+  out = {} if num_cycles is None else {"num_cycles": jnp.int32(num_cycles)}
+  if "gate_kl_sum" in stats:
+    out.update(gate_kl=stats["gate_kl_sum"] / weight_total,
+               gate_expected_loss=stats["gate_expected_ce_sum"] / weight_total,
+               gate_mean_exit_cycle=stats["gate_exit_cycle_sum"] / weight_total)
+  return out
 
 
 def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None):
