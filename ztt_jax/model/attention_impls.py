@@ -18,8 +18,9 @@ chunked (pure JAX, every backend)
   acc = 0 (its value is zero). Each key block then does the usual update
     m' = max(m, max_s s),  alpha = exp(m - m'),  p = exp(s - m'),
     l' = alpha l + sum_s p,  acc' = alpha acc + p v.
-  At the end out = acc / l, L = m + log l and a0 = exp(z - L): exact (f32 rounding only), with no
-  extra pass. Only out and L (plus the inputs) are saved for the backward (`jax.custom_vjp`).
+  At the end out = acc / l, L = m + log l and a0 = exp(z - m) / l: exact (f32 rounding only), with
+  no extra pass. Only out, L and a0 (O(T) each, plus the inputs) are saved for the backward
+  (`jax.custom_vjp`).
 
   Backward (FlashAttention-2 with the zero slot as one more softmax column of value 0). With
   P[t, s] = exp(s[t, s] - L[t]) recomputed blockwise from L, and cotangents dout, da0:
@@ -38,6 +39,12 @@ chunked (pure JAX, every backend)
   training step does about half the work of the dense product. Lengths that are not a multiple of
   the block are padded (queries repeat the last position, keys are masked by position).
 
+  Remat: under jax.checkpoint a layer saves only what its policy allows, and the forward's loop
+  outputs are not dots, so dots_with_no_batch_dims_saveable alone re-runs the whole blockwise
+  forward inside the backward just to rebuild out/L/a0. The forward names them (SAVED_NAMES) and
+  `remat_policy(name)` adds them to the policy: the layer then keeps O(T) residuals per layer and
+  the forward runs once (tests: test_remat_policy_keeps_the_chunked_residuals).
+
 cudnn (GPU) and pallas (TPU): one exact construction on a standard causal flash kernel
   The kernels' own VJPs do all the differentiation; we only rearrange inputs. With
   Kp = round_up(K + 2, 8) channels:
@@ -53,12 +60,15 @@ cudnn (GPU) and pallas (TPU): one exact construction on a standard causal flash 
   dropped (zero cotangent). Chosen over "out_real, L -> a0 = sigmoid(z - L)" because the installed
   kernels do not differentiate their log-sum-exp: jax.nn.dot_product_attention(return_residual=True)
   on cuDNN drops the residual's cotangent (fused_attention_stablehlo._dot_product_attention_bwd_rule)
-  and rounds it to the output dtype, and the Pallas TPU kernel's residuals are not differentiable.
+  and rounds it to the output dtype, and the public Pallas TPU flash_attention returns no residuals
+  (its internal save_residuals path refuses differentiation).
   Costs: one extra query/key row and Kp/K more channels (K=64: 72, K=128: 136 on cuDNN; on TPU the
   kernel needs head_dim <= 128 or a multiple of 128, so K=128 pads to 256, doubling the kernel's
   work). a0 comes out in the kernel's dtype (bf16 on cuDNN: relative error <= 2^-9).
   cuDNN needs bf16/fp16 inputs and Kp <= 128 (<= 256 from Hopper on); pallas pads T+1 to a multiple
-  of 128 (padded keys sit after every real query, so the causal mask hides them).
+  of 128 (padded keys sit after every real query, so the causal mask hides them) and uses the largest
+  of 512/256/128 that divides it as block. Possible refinement on TPU: splash attention with
+  CausalMask(offset=1) over [zero key; keys] needs no dummy query row (not done: untested here).
   These kernels cover the training / full-sequence case (queries are the keys, positions 0..T-1).
   Calls with query positions (decoding against a KV cache, T != S) go to `chunked`, whose
   dynamic trip counts also skip the unwritten tail of the cache.
