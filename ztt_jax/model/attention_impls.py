@@ -96,11 +96,13 @@ from ztt_jax.model.config import ATTENTION_IMPLS
 Array = jax.Array
 
 # CPU, `auto`: below this many keys the dense reference runs, from here on chunked. 0: chunked
-# always. Train steps of configs/text.py:ztt (d128, 4 heads, 4 layers x 3 cycles, AdamW, float32),
-# min over interleaved repeats on the shared 2-core machine (load 10-19), block 128:
-#   T=64 (batch 12): chunked 1.01x reference;  T=256 (batch 4): 1.14x and 1.58x (two runs);
-#   T=2048 (batch 4): 2.46x (the reference's [B,H,T,T] float32 passes are memory-bound).
-# Attention alone (fwd+bwd, B4 H4 K32): T=256 0.0051 s vs 0.0066 s; T=2048 0.22 s vs 2.0 s.
+# always, since chunked was >= 0.95x the reference's train-step speed everywhere measured.
+# Train steps of configs/text.py:ztt (d128, 4 heads, 4 layers x 3 cycles, AdamW, float32, block
+# 128), min over interleaved repeats, 2-core machine with load ~0 (uptime 0.02-1.4):
+#   T=64 (batch 12): chunked 0.97x reference;  T=256 (batch 4): 1.29x (1.35x with the residuals
+#   kept under remat, `remat_policy`);  T=2048 (batch 4): 1.52x.
+# Under load 9-19 (shared machine) the same runs gave 1.01x, 0.94-1.58x and 2.46x: noise, same sign.
+# Attention alone (fwd+bwd, B4 H4 K32, loaded): T=256 0.0051 s vs 0.0066 s; T=2048 0.22 s vs 2.0 s.
 CPU_CHUNKED_MIN_LEN = 0
 
 # attention_block_size=0: CPU keeps a [B,H,128,128] float32 block in cache (block 512 was 4x slower
