@@ -403,6 +403,11 @@ def main(argv=None):
   print()
   print_table(results, peak)
   print(f"\nafter: {load_after}")
+  worst = max((r["model_flops_per_token"] * v / peak["total"] for r in results for k, v in r["tokens_per_sec"].items()),
+              default=0.0)
+  if worst > 1.0:
+    print(f"WARNING: an MFU above 100% means the cached peak ({peak['total'] / 1e9:.1f} GFLOP/s) was measured on a "
+          "busy machine; refresh it on an idle one: python -m ztt_jax.flops --remeasure")
   print(f"MFU against this host's cached float32 matmul peak {peak['total'] / 1e9:.1f} GFLOP/s ({peak['source']}); "
         f"ratio = ztt_jax / torch, median of alternating windows. Torch's ztt row includes the zero slot.")
   if args.json:
