@@ -59,6 +59,9 @@ def _deep_tuple(x):
   return tuple(_deep_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+CYCLES_DISTRIBUTIONS = ("none", "poisson", "lognormal_poisson")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 300
@@ -88,6 +91,20 @@ class TrainConfig:
   peak_flops_per_device: Optional[float] = None
   """Peak FLOP/s of one device for MFU. None: measured float32 matmul peak on CPU, table value for
   known accelerators."""
+  cycles_distribution: str = "none"
+  """Random cycle count per step (Huginn): none (always model.num_cycles) | poisson
+  (C = 1 + Poisson(cycles_mean - 1)) | lognormal_poisson (C = 1 + Poisson(r), r = (cycles_mean - 1)
+  exp(cycles_sigma z - cycles_sigma^2 / 2), z ~ N(0, 1): Huginn's heavier-tailed draw), clipped to
+  [1, cycles_max]. Drawn on the host from numpy's Generator seeded with (train.seed, step), so a
+  resumed run draws the same sequence; each count is its own compiled step (at most cycles_max).
+  Pool row c serves cycle c; rows past the drawn count go unused that step. Evaluation runs
+  model.num_cycles. Logged as train/num_cycles."""
+  cycles_mean: Optional[float] = None
+  """Mean cycle count before clipping; None: (1 + cycles_max) / 2."""
+  cycles_max: Optional[int] = None
+  """Largest cycle count drawn; None: model.num_cycles (the pool's rows). More reuses the last row."""
+  cycles_sigma: float = 0.5
+  """Log-normal spread of lognormal_poisson (Huginn: 0.5)."""
 
   def validate(self):
     if self.steps < 1:
@@ -102,6 +119,15 @@ class TrainConfig:
       raise ConfigError(f"train.nonfinite={self.nonfinite!r}: use 'raise' or 'skip'.")
     if self.learning_rate <= 0:
       raise ConfigError(f"train.learning_rate={self.learning_rate}: must be positive.")
+    if self.cycles_distribution not in CYCLES_DISTRIBUTIONS:
+      raise ConfigError(f"train.cycles_distribution={self.cycles_distribution!r}: use one of "
+                        f"{', '.join(CYCLES_DISTRIBUTIONS)}.")
+    if self.cycles_max is not None and (isinstance(self.cycles_max, bool) or self.cycles_max < 1):
+      raise ConfigError(f"train.cycles_max={self.cycles_max}: must be a positive integer, or none.")
+    if self.cycles_mean is not None and not self.cycles_mean >= 1:
+      raise ConfigError(f"train.cycles_mean={self.cycles_mean}: must be >= 1, or none.")
+    if not self.cycles_sigma >= 0:
+      raise ConfigError(f"train.cycles_sigma={self.cycles_sigma}: must be >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +213,11 @@ class Config:
       section = getattr(self, f.name)
       if hasattr(section, "validate"):
         section.validate()
+    if self.train.cycles_distribution != "none" and self.model.canonical_variant == "vanilla":
+      raise ConfigError(
+          f"train.cycles_distribution={self.train.cycles_distribution!r} draws a cycle count, but "
+          "model.variant='vanilla' runs one pass; use a cycled variant or "
+          "--config.train.cycles_distribution=none.")
     if self.data.seq_len > self.model.max_seq_len:
       raise ConfigError(
           f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "

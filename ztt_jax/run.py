@@ -17,7 +17,7 @@ from ztt_jax.config import Config, to_dict
 from ztt_jax.errors import ConfigError
 from ztt_jax.model import ZTTModel
 from ztt_jax.optimizer import lr_schedule, make_optimizer
-from ztt_jax.train_step import TrainState, make_train_step
+from ztt_jax.train_step import TRAIN_STEP_STATIC, TrainState, make_train_step
 
 
 @dataclasses.dataclass
@@ -77,12 +77,15 @@ def build(cfg: Config, devices=None) -> Run:
 
 
 def jit_train_step(run: Run):
-  """The sharded train step; `ztt_jax.compile_check` compiles this same function ahead of time."""
+  """The sharded train step; `ztt_jax.compile_check` compiles this same function ahead of time.
+  Called as step(state, batch) or step(state, batch, num_cycles): num_cycles (TRAIN_STEP_STATIC) is
+  static, so jit keeps one program per cycle count (train.cycles_distribution; at most cycles_max)."""
   return jax.jit(
       make_train_step(run.model, run.tx, run.cfg, run.mesh, lr_schedule(run.cfg.train)),
       in_shardings=(run.state_shardings, None),
       out_shardings=(run.state_shardings, partitioning.replicated(run.mesh)),
-      donate_argnums=0)
+      donate_argnums=0, static_argnums=TRAIN_STEP_STATIC)
+
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -108,10 +111,11 @@ def layout_metadata(run: Run) -> dict:
 
 # ------------------------------------------------------------------ several processes
 
-def compile_synced(jitted):
+def compile_synced(jitted, static_argnums: tuple = ()):
   """`jitted` itself on one process; on several, a wrapper that compiles before the first call
-  with each argument signature and then waits until every process has (see _CompileThenSync)."""
-  return _CompileThenSync(jitted) if jax.process_count() > 1 else jitted
+  with each argument signature and then waits until every process has (see _CompileThenSync).
+  static_argnums: those of `jitted`; each of their values is its own program."""
+  return _CompileThenSync(jitted, static_argnums) if jax.process_count() > 1 else jitted
 
 
 class _CompileThenSync:
@@ -122,18 +126,22 @@ class _CompileThenSync:
 
   _barriers = itertools.count()
 
-  def __init__(self, jitted):
+  def __init__(self, jitted, static_argnums: tuple = ()):
     self._jitted = jitted
+    self._static = tuple(static_argnums)
     self._compiled = {}
 
   def __call__(self, *args):
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves))
+    # A compiled program takes only the non-static arguments; the static ones are in its key.
+    dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
+    leaves, treedef = jax.tree_util.tree_flatten(dynamic)
+    key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves),
+           tuple(args[i] for i in self._static if i < len(args)))
     fn = self._compiled.get(key)
     if fn is None:
       fn = self._compiled[key] = self._jitted.lower(*args).compile()
       _wait_for_all_processes(f"ztt_jax_compiled_{next(self._barriers)}")
-    return fn(*args)
+    return fn(*dynamic)
 
 
 def _wait_for_all_processes(name: str, timeout_s: int = 3600):

@@ -25,7 +25,7 @@ from ztt_jax.flops import peak_flops_info, train_flops_per_token
 from ztt_jax.metrics import MetricsWriter, eval_summary
 from ztt_jax.preemption import StopRequest
 from ztt_jax.run import Run, build, compile_synced, init_from_export, jit_train_step, layout_metadata, to_global
-from ztt_jax.train_step import TrainState
+from ztt_jax.train_step import RECIPE_METRICS, TRAIN_STEP_STATIC, TrainState, sampled_cycles
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
     checkpointer.close()
     raise
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
-  step_fn = compile_synced(jit_train_step(run))
+  step_fn = compile_synced(jit_train_step(run), TRAIN_STEP_STATIC)
   guard = _FiniteGuard(cfg.train.nonfinite == "raise")
   saver = _Saver(run, checkpointer, train_iter, guard, saved_step=start_step if resumed else None)
   evaluation = _Evaluation(Evaluator(run, eval_batches))
@@ -103,7 +103,7 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   with stop_request, contextlib.closing(writer), contextlib.closing(checkpointer), \
       jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     for step in range(start_step + 1, cfg.train.steps + 1):
-      state, metrics = step_fn(state, to_global(next(train_iter), run.mesh))
+      state, metrics = step_fn(state, to_global(next(train_iter), run.mesh), sampled_cycles(cfg, step))
       guard.step_done(step, metrics)
       info = StepInfo(step, state, metrics, is_last=step == cfg.train.steps)
       hooks(info)
@@ -121,8 +121,7 @@ def _check_resume(ckpt_dir: str, cfg: Config, workdir: str) -> None:
   """Compares the config saved in the newest checkpoint with `cfg` (see ztt_jax/resume.py)."""
   saved = saved_config(ckpt_dir)
   if saved is not None:
-    step, saved_cfg = saved
-    resume.check(saved_cfg, cfg, workdir=workdir, step=step)
+    resume.check(saved[1], cfg, workdir=workdir, step=saved[0])
 
 
 def _data(cfg: Config) -> tuple:
@@ -167,8 +166,7 @@ class _FiniteGuard:
   so reading it does not stall the device; log lines and checkpoints read their own step's."""
 
   def __init__(self, enabled: bool):
-    self.enabled = enabled
-    self._previous = None
+    self.enabled, self._previous = enabled, None
 
   def step_done(self, step: int, metrics: dict):
     if self._previous is not None:
@@ -239,8 +237,7 @@ class _Evaluation:
   """The eval hook; keeps the latest metrics, which train() returns."""
 
   def __init__(self, evaluator: Evaluator):
-    self.evaluator = evaluator
-    self.latest: dict = {}
+    self.evaluator, self.latest = evaluator, {}
 
   def __call__(self, info: StepInfo):
     self.latest = self.evaluator(info.state.params)
@@ -275,10 +272,10 @@ class _Progress:
         "train/skipped_steps": m["skipped_steps"],
         "train/checkpoint_block_sec": self.saver.take_blocked_s(),
         "train/rss_mb": psutil.Process().memory_info().rss / 2**20,
+        **{f"train/{k}": m[k] for k in RECIPE_METRICS if k in m},
     }
     if self.cfg.model.use_zero_token:
-      for c, v in enumerate(np.asarray(m["zero_attention_C"])):
-        scalars[f"train/zero_attention_cycle_{c}"] = v
+      scalars.update({f"train/zero_attention_cycle_{c}": v for c, v in enumerate(np.asarray(m["zero_attention_C"]))})
     info.log(scalars)
 
   def print_line(self, info: StepInfo):
@@ -295,8 +292,7 @@ class _Progress:
 def _format_eta(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
+  h, m, s = int(seconds) // 3600, int(seconds) // 60 % 60, int(seconds) % 60
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 

@@ -29,6 +29,8 @@ ZERO_TOKEN_LAYERS = ("middle", "all")
 ZERO_KEY_INITS = ("normal", "truncated_normal", "zeros")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "pallas")  # ztt_jax/model/attention_impls.py
+EXIT_SIGNALS = ("zero_attention", "confidence", "gate")  # ztt_jax/model/exit.py
+INPUT_INJECTIONS = ("none", "head", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,11 @@ class ModelConfig:
   """Add a learned scalar to the zero slot's logit per (cycle, layer, head). Lets converted pretrained
   weights start with a0 ~ 0 (set zero_bias_init to e.g. -10)."""
   zero_bias_init: float = 0.0
-  """Initial value of the zero-slot bias (used only when zero_bias is True)."""
+  """Initial value of the zero-slot bias; needs zero_bias=True (validate() refuses it otherwise). A
+  negative init (e.g. -3, UT+ACT's halting-bias init) starts every token with little zero attention,
+  so early in training nothing exits at the first cycle: with a zero or positive bias, halting
+  methods are known to collapse to shallow exits. From the command line:
+  --config.model.zero_bias=True --config.model.zero_bias_init=-3."""
 
   max_seq_len: int = 512
   """Longest sequence; sizes the learned position table (position=learned)."""
@@ -126,8 +132,43 @@ class ModelConfig:
   work for it (what cached decoding with real skipping computes). stack: the token still runs
   through each later cycle's stack and only its result is discarded, so layers after the first
   see recomputed states. The two agree when the stack has one layer."""
+  exit_signal: str = "zero_attention"
+  """The signal of the default exit rule (ExitRule.from_config) for evaluation and generation:
+  zero_attention (mean a0), confidence (max softmax probability of the cycle's read-out; not in
+  cached decoding) or gate (the learned exit gate's cumulative exit probability; needs exit_gate)."""
   cycle_loss_weight: float = 0.0
   """Weight of the per-cycle (deep supervision) loss; > 0 makes apply() return aux['cycle_logits']."""
+
+  # ---------------------------------------------------------------- looped-training recipes
+
+  backprop_cycles: int = 0
+  """Truncated backprop (Huginn: the last 8 of ~32 steps): gradients flow through only the last k
+  cycles run. The state entering cycle C - k is a constant (stop_gradient), the cycles before it run
+  on stop-gradient params, so they save no residuals and their pool rows get exactly zero gradient;
+  memory stays that of k cycles however many run. 0: every cycle. With a random cycle count
+  (train.cycles_distribution) it counts from the sampled C. Without input_injection the head then
+  gets no gradient from the loss (nothing it computes reaches the last k cycles except through the
+  stopped ones), so pair it with input_injection. The exit gate's probe (exit_gate) still learns
+  from every cycle."""
+  input_injection: str = "none"
+  """Add an input back into the state at every cycle (recurrent-depth models): none | head (the
+  head's output, the state entering cycle 0) | embed (the token embedding). Each cycle's middle
+  stack sees x + norm(e) W with W [D, D] initialised to zero: Huginn's linear adapter on
+  concat[x, e] with the state half fixed to the identity. At init it computes exactly what no
+  injection computes. Training, evaluation and cached decoding all apply it (ZTTModel.cycle)."""
+  exit_gate: bool = False
+  """A learned exit gate (Ouro / LoopLM): after cycle c a linear probe on the normed state gives a
+  halting probability lambda_c = sigmoid(norm(h_c) w + b) per token; the exit distribution is
+  p(c) = lambda_c prod_{j<c} (1 - lambda_j), the last cycle taking the remaining mass. Training adds
+  exit_gate_loss_weight * sum_c p(c) loss_c (the expected per-cycle loss; needs per-cycle logits,
+  so apply() returns aux['cycle_logits']) and exit_gate_kl_weight * KL(p || uniform). At inference
+  the signal 'gate' is the CDF 1 - prod_{j<=c} (1 - lambda_j): a token exits once it reaches the
+  threshold (Ouro's exit_threshold). Params: exit_gate/{norm, kernel [D], bias [1]}."""
+  exit_gate_loss_weight: float = 1.0
+  """Weight of the expected per-cycle loss sum_c p(c) loss_c (exit_gate only)."""
+  exit_gate_kl_weight: float = 0.1
+  """Weight of KL(p || uniform over the cycles run) per scored token (exit_gate only). Keeps the exit
+  distribution from collapsing onto one cycle (a geometric prior under-trains the later ones)."""
 
   # ---------------------------------------------------------------- construction
 
@@ -244,6 +285,8 @@ class ModelConfig:
     choice("zero_key_init", ZERO_KEY_INITS)
     choice("dtype", DTYPES)
     choice("attention_impl", ATTENTION_IMPLS)
+    choice("exit_signal", EXIT_SIGNALS)
+    choice("input_injection", INPUT_INJECTIONS)
     choice("param_dtype", DTYPES)
     for field in ("zero_token", "share_head_tail"):
       if getattr(self, field) not in (None, True, False):
@@ -258,6 +301,7 @@ class ModelConfig:
       fail("zero_key_init_std", "must be >= 0")
     if not self.cycle_loss_weight >= 0:
       fail("cycle_loss_weight", "must be >= 0 (0 turns deep supervision off)")
+    self._validate_recipes(fail)
     if self.exit_threshold is not None:
       if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
         fail("exit_threshold", "must be a number in [0, 1], or none (no exit)")
@@ -268,8 +312,23 @@ class ModelConfig:
              "e.g. --config.model.exit_threshold=0.5")
       # The threshold is the default of evaluation and generation, whose zero-attention exit needs
       # the zero token; without one the first evaluation would fail after training had begun.
-      if not self.use_zero_token:
+      if self.exit_signal == "zero_attention" and not self.use_zero_token:
         fail("exit_threshold", f"variant={self.variant!r} has no zero token, so there is no zero-attention "
              "exit signal; pass --config.model.exit_threshold=none (or use variant=ztt, or "
              "zero_token=True)")
     return self
+
+  def _validate_recipes(self, fail) -> None:
+    """The looped-training recipe fields (backprop_cycles, input_injection, exit_gate, zero_bias_init)."""
+    k = self.backprop_cycles
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+      fail("backprop_cycles", "must be an integer >= 0 (the last k cycles get gradients; 0: all of them)")
+    if self.zero_bias_init != 0 and not self.zero_bias:
+      fail("zero_bias_init", "has no effect without the zero-slot bias; add --config.model.zero_bias=True")
+    for field in ("exit_gate_loss_weight", "exit_gate_kl_weight"):
+      if not getattr(self, field) >= 0:
+        fail(field, "must be >= 0")
+    if self.exit_gate not in (True, False):
+      fail("exit_gate", "must be True or False")
+    if self.exit_signal == "gate" and not self.exit_gate:
+      fail("exit_signal", "the gate signal needs the learned gate; add --config.model.exit_gate=True")

@@ -16,11 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ztt_jax.errors import ConfigError
-from ztt_jax.model.config import EXIT_GRANULARITIES, FROZEN_KV
+from ztt_jax.model.config import EXIT_GRANULARITIES, EXIT_SIGNALS, FROZEN_KV
 
 Array = jax.Array
-
-EXIT_SIGNALS = ("zero_attention", "confidence")
 
 _static = lambda default: flax.struct.field(pytree_node=False, default=default)  # noqa: E731
 
@@ -28,6 +26,26 @@ _static = lambda default: flax.struct.field(pytree_node=False, default=default) 
 def confidence(logits_BxTxV: Array) -> Array:
   """CALM-style signal: the max softmax probability of the read-out logits, float32 [B,T]."""
   return jnp.max(jax.nn.softmax(logits_BxTxV.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def halting_distribution(lam_CxBxT: Array) -> Array:
+  """The learned gate's exit distribution over C cycles from its halting probabilities lambda_c:
+  p(c) = lambda_c prod_{j<c} (1 - lambda_j) for c < C - 1, and the last cycle takes the remaining
+  mass prod_{j<C-1} (1 - lambda_j), so p sums to 1 over c (lambda of the last cycle is unused).
+  float32 [C,B,T]."""
+  lam_CxBxT = lam_CxBxT.astype(jnp.float32)
+  stay_CxBxT = 1.0 - lam_CxBxT
+  # survival before cycle c: prod_{j<c} (1 - lambda_j); an exclusive cumulative product
+  survival_CxBxT = jnp.cumprod(jnp.concatenate([jnp.ones_like(stay_CxBxT[:1]), stay_CxBxT[:-1]]), axis=0)
+  halt_CxBxT = jnp.concatenate([lam_CxBxT[:-1], jnp.ones_like(lam_CxBxT[:1])])
+  return halt_CxBxT * survival_CxBxT
+
+
+def kl_to_uniform(p_CxBxT: Array) -> Array:
+  """KL(p || uniform over the C cycles) per token, [B,T]: sum_c p log p + log C. Finite gradient
+  even where a probability underflows to 0."""
+  C = p_CxBxT.shape[0]
+  return jnp.sum(p_CxBxT * jnp.log(jnp.maximum(p_CxBxT, 1e-30)), axis=0) + math.log(C)
 
 
 @flax.struct.dataclass
@@ -43,8 +61,9 @@ class ExitRule:
   `rule.replace(threshold=0.6)`. The bare constructor's defaults are ModelConfig's defaults, not a
   particular run's.
 
-  signal: 'zero_attention' (mean a0 over heads and cycled layers) or 'confidence' (max softmax
-    probability of tail + LM head applied to the cycle's state).
+  signal: 'zero_attention' (mean a0 over heads and cycled layers), 'confidence' (max softmax
+    probability of tail + LM head applied to the cycle's state) or 'gate' (the learned exit gate's
+    cumulative exit probability after the cycle, 1 - prod_{j<=c} (1 - lambda_j); model.exit_gate).
   granularity: 'token' (each token on its own signal; causal) or 'sequence' (every token of a
     sequence once the mean signal over the sequence reaches the threshold).
   frozen_kv: what an exited token shows the other tokens in later cycles. 'state': every cycled
@@ -84,7 +103,8 @@ class ExitRule:
   def from_config(cls, model_cfg, **overrides) -> "ExitRule":
     """The rule a ModelConfig (or the `model` section) describes, with `overrides` applied."""
     fields = dict(threshold=model_cfg.exit_threshold, min_cycles=model_cfg.min_cycles,
-                  granularity=model_cfg.exit_granularity, frozen_kv=model_cfg.frozen_kv)
+                  granularity=model_cfg.exit_granularity, frozen_kv=model_cfg.frozen_kv,
+                  signal=getattr(model_cfg, "exit_signal", "zero_attention"))
     return cls(**{**fields, **overrides})
 
   @property
@@ -97,6 +117,9 @@ class ExitRule:
       raise ConfigError(f"variant {model_cfg.variant!r} has no zero token, so it cannot exit on zero "
                         "attention; turn exit off (threshold None, --exit_threshold=none) or exit on "
                         "signal='confidence' (the sweep's confidence rule)")
+    if self.signal == "gate" and not model_cfg.exit_gate:
+      raise ConfigError("the exit signal 'gate' needs a model trained with the learned exit gate "
+                        "(model.exit_gate=True); exit on zero_attention or confidence instead")
 
   def update(self, exited_BxT: Array, signal_BxT: Array, cycles_run) -> Array:
     """Who has exited after `cycles_run` (1-based) cycles, given this cycle's float32 signal."""

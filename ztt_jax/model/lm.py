@@ -15,6 +15,8 @@ K = head_dim, F = mlp_dim, V = vocab_size, C = the config's cycles, S = cycled-s
   zero_bias_pool                  [C, S, H]     (cycles, layers, heads)       ... and zero_bias only
   tail/layers/..., tail/zero_key, tail/zero_bias   as head, leading axis L_tail
   final_norm/scale [D] (embed), final_norm/bias [D] (layernorm only)
+  inject/norm/..., inject/kernel [D, D] (embed, -)   input_injection != none only (kernel init 0)
+  exit_gate/norm/..., exit_gate/kernel [D] (embed), exit_gate/bias [1]   exit_gate only
 
 Block params under `<stack>/layers/` (each with the leading 'layers' axis):
   attn_norm/scale [D], attn_norm/bias [D] (layernorm)
@@ -33,7 +35,7 @@ last row (training, evaluation and cached decoding alike). Zero keys get no RoPE
 zero (see attention.py).
 
 Training (`__call__`) and cached decoding (`extend`) run the same cycle step, `ZTTModel.cycle`: the
-one place where a cycle updates the state and the exits.
+one place where a cycle updates the state and the exits (input injection and the exit gate included).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from ztt_jax.errors import ConfigError
 from ztt_jax.model.block import LayerStack, zero_key_init
 from ztt_jax.model.config import ModelConfig
 from ztt_jax.model.exit import ExitRule, confidence
-from ztt_jax.model.layers import Embedder, Norm, logical_param
+from ztt_jax.model.layers import Embedder, Norm, constrain, dtype_of, logical_param
 
 Array = jax.Array
 
@@ -72,11 +74,16 @@ class CycleState:
   """bool; exit is sticky."""
   used_BxT: Array
   """int32: cycles each token has run."""
+  inject_BxTxD: Optional[Array] = None
+  """input_injection: what every cycle adds to the state it feeds the middle stack (norm(e) W)."""
+  survival_BxT: Optional[Array] = None
+  """exit_gate: float32 prod_{j<c} (1 - lambda_j), the gate's probability of not having exited."""
 
   @classmethod
-  def start(cls, x_BxTxD: Array) -> "CycleState":
+  def start(cls, x_BxTxD: Array, inject_BxTxD: Optional[Array] = None, gate: bool = False) -> "CycleState":
     B, T = x_BxTxD.shape[:2]
-    return cls(x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32))
+    return cls(x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), inject_BxTxD,
+               jnp.ones((B, T), jnp.float32) if gate else None)
 
 
 @flax.struct.dataclass
@@ -88,6 +95,35 @@ class CycleOut:
   """The signal the rule used, same masking."""
   kv: Optional[dict] = None
   """The cycle's K/V cache {'k','v'} [S, B, M, H, K] after writing (cached decoding only)."""
+  gate_BxT: Optional[Array] = None
+  """exit_gate: the halting probability lambda_c, same masking."""
+
+
+class InputInjection(nn.Module):
+  """norm(e) W, W [D, D] zero-initialised: what each cycle adds to its input (model.input_injection)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, e_BxTxD: Array) -> Array:
+    cfg = self.cfg
+    w_DxD = logical_param(self, "kernel", nn.initializers.zeros, (cfg.d_model, cfg.d_model), ("embed", None))
+    h_BxTxD = Norm(cfg, name="norm")(e_BxTxD)
+    return constrain(jnp.einsum("btd,de->bte", h_BxTxD, w_DxD.astype(dtype_of(cfg.dtype))))
+
+
+class ExitGate(nn.Module):
+  """The learned exit gate's probe (model.exit_gate): lambda = sigmoid(norm(h) w + b) per token,
+  float32 [B,T]. w and b start at 0 (lambda = 1/2 everywhere)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD: Array) -> Array:
+    cfg = self.cfg
+    w_D = logical_param(self, "kernel", nn.initializers.zeros, (cfg.d_model,), ("embed",))
+    b_1 = logical_param(self, "bias", nn.initializers.zeros, (1,), (None,))
+    z_BxT = jnp.einsum("btd,d->bt", Norm(cfg, name="norm")(h_BxTxD).astype(jnp.float32),
+                       w_D.astype(jnp.float32)) + b_1[0].astype(jnp.float32)
+    return jax.nn.sigmoid(z_BxT)
 
 
 class ZTTModel(nn.Module):
@@ -132,6 +168,10 @@ class ZTTModel(nn.Module):
     if cfg.unique_tail_layers:
       self.tail = LayerStack(cfg, cfg.unique_tail_layers, own_zero_key=own)
     self.final_norm = Norm(cfg)
+    if cfg.input_injection != "none":
+      self.inject = InputInjection(cfg)
+    if cfg.exit_gate:
+      self.exit_gate = ExitGate(cfg)
 
   # ---------------------------------------------------------------- pieces
 
@@ -174,15 +214,34 @@ class ZTTModel(nn.Module):
     this cycle's cache and the new tokens' positions (cached decoding).
     """
     frozen = (state.exited_BxT, state.x_BxTxD) if rule.exits and rule.frozen_kv == "state" else None
-    out = self.middle(state.x_BxTxD, *zero_xs, self._mask(), frozen, kv=kv, positions_T=positions_T)
+    # Injection changes what the stack sees, not the state a token keeps (and shows once frozen).
+    x_in_BxTxD = state.x_BxTxD if state.inject_BxTxD is None else state.x_BxTxD + state.inject_BxTxD
+    out = self.middle(x_in_BxTxD, *zero_xs, self._mask(), frozen, kv=kv, positions_T=positions_T)
     za_BxT = jnp.mean(out.a0, axis=0)
-    sig_BxT = confidence(self.readout(out.x)) if rule.signal == "confidence" else za_BxT
     ran_BxT = ~state.exited_BxT
+    lam_BxT, survival_BxT = None, state.survival_BxT
+    if self.cfg.exit_gate:
+      lam_BxT = self.exit_gate(out.x)
+      survival_BxT = jnp.where(ran_BxT, survival_BxT * (1.0 - lam_BxT), survival_BxT)
+    if rule.signal == "confidence":
+      sig_BxT = confidence(self.readout(out.x))
+    elif rule.signal == "gate":
+      sig_BxT = 1.0 - survival_BxT  # the CDF of the gate's exit distribution after this cycle
+    else:
+      sig_BxT = za_BxT
     x_BxTxD = jnp.where(state.exited_BxT[..., None], state.x_BxTxD, out.x)
     used_BxT = state.used_BxT + ran_BxT.astype(jnp.int32)
     exited_BxT = rule.update(state.exited_BxT, sig_BxT, c + 1) if rule.exits else state.exited_BxT
-    report = CycleOut(jnp.where(ran_BxT, za_BxT, 0.0), jnp.where(ran_BxT, sig_BxT, 0.0), out.kv)
-    return CycleState(x_BxTxD, exited_BxT, used_BxT), report
+    masked = lambda a: None if a is None else jnp.where(ran_BxT, a, 0.0)  # noqa: E731
+    report = CycleOut(masked(za_BxT), masked(sig_BxT), out.kv, masked(lam_BxT))
+    return state.replace(x_BxTxD=x_BxTxD, exited_BxT=exited_BxT, used_BxT=used_BxT,
+                         survival_BxT=survival_BxT), report
+
+  def start_state(self, x_head_BxTxD: Array, x_embed_BxTxD: Array) -> CycleState:
+    """The state entering cycle 0 (the head's output), with the injection every cycle adds."""
+    src = {"head": x_head_BxTxD, "embed": x_embed_BxTxD}.get(self.cfg.input_injection)
+    inject_BxTxD = None if src is None else self.inject(src)
+    return CycleState.start(x_head_BxTxD, inject_BxTxD, gate=self.cfg.exit_gate)
 
   # ---------------------------------------------------------------- training and evaluation
 
@@ -195,20 +254,23 @@ class ZTTModel(nn.Module):
 
     aux: zero_attention [C,B,T] (mean a0 of the cycle; 0 for cycles a token did not run and for
     variants without the zero token), exit_signal [C,B,T] (the signal the rule used, same masking),
-    cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0.
+    cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0 or
+    cfg.exit_gate, exit_gate [C,B,T] (the halting probabilities lambda_c, same masking) with
+    cfg.exit_gate.
     """
     cfg: ModelConfig = self.cfg
     rule = self._rule(rule)
     C = cfg.cycles if num_cycles is None else int(num_cycles)
     if C < 1:
       raise ConfigError(f"num_cycles={num_cycles}: must be >= 1")
-    collect_states = cfg.cycle_loss_weight > 0
-    x_BxTxD = self.embed.encode(tokens_BxT)
-    if cfg.unique_head_layers:
-      x_BxTxD = self.head(x_BxTxD, mask_zero_slot=self._mask()).x
-    state, (za_CxBxT, sig_CxBxT, states_CxBxTxD) = self._scan_cycles(CycleState.start(x_BxTxD), C, rule,
-                                                                     collect_states)
+    collect_states = cfg.cycle_loss_weight > 0 or cfg.exit_gate
+    e_BxTxD = self.embed.encode(tokens_BxT)
+    x_BxTxD = self.head(e_BxTxD, mask_zero_slot=self._mask()).x if cfg.unique_head_layers else e_BxTxD
+    state, (za_CxBxT, sig_CxBxT, states_CxBxTxD, lam_CxBxT) = self._cycles(
+        self.start_state(x_BxTxD, e_BxTxD), C, rule, collect_states)
     aux = {"zero_attention": za_CxBxT, "exit_signal": sig_CxBxT, "cycles_used": state.used_BxT}
+    if cfg.exit_gate:
+      aux["exit_gate"] = lam_CxBxT
     if collect_states:
       B, T, D = state.x_BxTxD.shape
       cyc_CxBxTxV = self.readout(states_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
@@ -216,17 +278,37 @@ class ZTTModel(nn.Module):
       return cyc_CxBxTxV[-1], aux
     return self.readout(state.x_BxTxD), aux
 
-  def _scan_cycles(self, state: CycleState, C: int, rule: ExitRule, collect_states: bool):
-    """C cycles in one nn.scan (params broadcast: every cycle shares them)."""
+  def _cycles(self, state: CycleState, C: int, rule: ExitRule, collect_states: bool):
+    """C cycles. With backprop_cycles=k < C the first C - k run on stop-gradient inputs and params
+    (no tangents, so nothing is saved for their backward pass) and the state entering cycle C - k
+    is a constant: the gradient is that of the last k cycles. At init every cycle runs plainly."""
+    k = self.cfg.backprop_cycles
+    if not k or k >= C or self.is_initializing():
+      return self._scan_cycles(state, 0, C, rule, collect_states)
+    sg = jax.lax.stop_gradient
+    early = state.replace(x_BxTxD=sg(state.x_BxTxD), inject_BxTxD=sg(state.inject_BxTxD))
+    early, ys_early = self._scan_cycles(early, 0, C - k, rule, collect_states, no_grad=True)
+    # The injection keeps its gradient in the last k cycles: only the state is cut.
+    late = early.replace(x_BxTxD=sg(early.x_BxTxD), inject_BxTxD=state.inject_BxTxD)
+    state, ys_late = self._scan_cycles(late, C - k, C, rule, collect_states)
+    return state, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_early, ys_late)
+
+  def _scan_cycles(self, state: CycleState, start: int, stop: int, rule: ExitRule, collect_states: bool,
+                   no_grad: bool = False):
+    """Cycles start..stop-1 in one nn.scan (params broadcast: every cycle shares them). no_grad:
+    every param but the exit gate's and the pool rows enter under stop_gradient."""
+    gate = self.cfg.exit_gate
 
     def run(mdl, state, xs, rule):
       c, zero_xs = xs
       state, out = mdl.cycle(state, c, zero_xs, rule)
-      return state, (out.zero_attention_BxT, out.signal_BxT, state.x_BxTxD if collect_states else None)
+      return state, (out.zero_attention_BxT, out.signal_BxT, state.x_BxTxD if collect_states else None,
+                     out.gate_BxT)
 
     def skip(mdl, state, xs, rule):
       zeros_BxT = jnp.zeros(state.exited_BxT.shape, jnp.float32)
-      return state, (zeros_BxT, zeros_BxT, state.x_BxTxD if collect_states else None)
+      return state, (zeros_BxT, zeros_BxT, state.x_BxTxD if collect_states else None,
+                     zeros_BxT if gate else None)
 
     def body(mdl, state, xs, rule):
       # Skipping is not differentiable, and at init every cycle must run to create the params.
@@ -234,10 +316,15 @@ class ZTTModel(nn.Module):
         return nn.cond(jnp.all(state.exited_BxT), skip, run, mdl, state, xs, rule)
       return run(mdl, state, xs, rule)
 
+    if no_grad:
+      body = nn.map_variables(body, "params", trans_in_fn=_stop_gradient_but_gate)
     scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
-                   in_axes=(0, nn.broadcast), length=C)
-    c_C = jnp.arange(C, dtype=jnp.int32)
-    return scan(self, state, (c_C, self._zero_xs(c_C)), rule)
+                   in_axes=(0, nn.broadcast), length=stop - start)
+    c_C = jnp.arange(start, stop, dtype=jnp.int32)
+    zero_xs = self._zero_xs(c_C)
+    if no_grad:
+      zero_xs = jax.lax.stop_gradient(zero_xs)
+    return scan(self, state, (c_C, zero_xs), rule)
 
   # ---------------------------------------------------------------- cached decoding
 
@@ -251,23 +338,24 @@ class ZTTModel(nn.Module):
     with the same rule. The cache holds one entry per cycle to run (its middle leading axis), which
     may exceed the pool. Params must exist (`init` runs `__call__`).
 
-    rule: None = no exit; exits on zero attention per token (a decoding step has no later tokens).
+    rule: None = no exit; exits per token (a decoding step has no later tokens) on zero attention or
+      the exit gate (signal 'gate'; the confidence signal would need a tail cache per cycle).
     Returns (logits_BxTxV float32, cache, aux) with aux cycles_used [B,T] int32 and zero_attention
     [C,B,T] (0 for cycles a token did not run), as `__call__`.
     """
     cfg = self.cfg
     rule = self._rule(rule)
-    if rule.signal != "zero_attention" or (rule.exits and rule.granularity != "token"):
-      raise ConfigError(f"cached decoding exits per token on zero attention; got signal={rule.signal!r}, "
-                        f"granularity={rule.granularity!r}")
+    if rule.signal == "confidence" or (rule.exits and rule.granularity != "token"):
+      raise ConfigError(f"cached decoding exits per token on zero attention or the exit gate; got "
+                        f"signal={rule.signal!r}, granularity={rule.granularity!r}")
     offset = jnp.asarray(offset, jnp.int32)
     positions_T = offset + jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)
     cache = dict(cache)
-    x_BxTxD = self.embed.encode(tokens_BxT, offset)
+    e_BxTxD = x_BxTxD = self.embed.encode(tokens_BxT, offset)
     if cfg.unique_head_layers:
       out = self.head(x_BxTxD, mask_zero_slot=self._mask(), kv=cache["head"], positions_T=positions_T)
       x_BxTxD, cache["head"] = out.x, out.kv
-    state, za_CxBxT, cache["middle"] = self._while_cycles(CycleState.start(x_BxTxD), cache["middle"],
+    state, za_CxBxT, cache["middle"] = self._while_cycles(self.start_state(x_BxTxD, e_BxTxD), cache["middle"],
                                                           positions_T, rule)
     x_BxTxD = state.x_BxTxD
     if cfg.unique_tail_layers:
@@ -315,3 +403,10 @@ def _fill_frozen_kv(mdl: ZTTModel, kv: dict, x_BxTxD: Array, c_end: Array, posit
     return jax.lax.dynamic_update_slice(a, jnp.where(later_C, new[None].astype(a.dtype), cur), start)
 
   return jax.tree.map(put, kv, new)
+
+
+def _stop_gradient_but_gate(variables: dict) -> dict:
+  """The variables of the stopped cycles (backprop_cycles): constants, except the exit gate's probe,
+  which learns to halt at every cycle."""
+  return {col: {name: v if name == "exit_gate" else jax.lax.stop_gradient(v) for name, v in tree.items()}
+          for col, tree in variables.items()}
