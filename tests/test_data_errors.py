@@ -196,7 +196,8 @@ def test_config_errors_name_the_field_and_fix():
   with pytest.raises(ConfigError, match='data.seq_len=.*expected int'):
     data.DataConfig.from_any({'seq_len': '64'})
   with pytest.raises(ConfigError, match='only 26'):
-    data.DataConfig(max_hops=9, num_distractors=2, seq_len=500).validate()
+    # Query chains at the deepest start (7 + 8 + 9 statements) plus 3 distractors: 27 variables.
+    data.DataConfig(max_hops=9, num_queries=3, num_distractors=3, seq_len=500).validate()
   with pytest.raises(ConfigError, match='data.eval_fraction'):
     data.DataConfig(kind='tokens', path='x.bin', eval_fraction=1.0).validate()
   with pytest.raises(ConfigError, match='data.token_dtype'):

@@ -139,7 +139,7 @@ def abstract_batch(cfg, mesh):
   spec = {"inputs": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32),
           "weights": ((b, t), jnp.float32)}
   if cfg.data.kind == "multihop":
-    spec["hops"] = ((b,), jnp.int32)
+    spec["hops"] = ((b, t), jnp.int32)  # per token: the depth of the query answered there
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
 
 

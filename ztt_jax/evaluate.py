@@ -55,7 +55,8 @@ class Evaluator:
   threshold differs the compiled step is reused (exit off is a second compile). num_cycles goes to
   model.apply (ztt_jax.evaluate uses it for the fixed-cut baseline).
   Returns {"eval/loss", "eval/mean_cycles"} and, for the multi-hop task, "eval/accuracy" and
-  "eval/per_hop": {hops: {"accuracy", "mean_cycles"}} (flat names only in ztt_jax.metrics).
+  "eval/per_hop": {hops: {"accuracy", "mean_cycles"}} (flat names only in ztt_jax.metrics). With
+  per-token `hops` [B, T] (0 where unscored) these are per scored query; with `hops` [B], per example.
   """
 
   def __init__(self, run: Run, batches: list, rule: Optional[ExitRule] = None, *,
@@ -81,7 +82,12 @@ class Evaluator:
         sums["ce"] += float(out["ce_sum_B"].sum())
         sums["w"] += float(out["weight_B"].sum())
         sums["cycles"] += float(out["cycles_sum_B"].sum())
-        if hops is not None:
+        if hops is not None and hops.ndim == 2:
+          # Per-token hops (several scored queries per example): one row per scored token.
+          scored_BxT = hops > 0
+          for h, ok, cyc in zip(hops[scored_BxT], out["correct_BxT"][scored_BxT], out["cycles_BxT"][scored_BxT]):
+            per_hop.setdefault(int(h), []).append((float(ok), float(cyc)))
+        elif hops is not None:
           for h, ok, cyc, w in zip(hops[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
                                    out["weight_B"][valid]):
             per_hop.setdefault(int(h), []).append((float(ok), float(cyc / w)))

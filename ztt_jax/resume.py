@@ -64,7 +64,7 @@ FATAL: dict[str, dict[str, Callable]] = {
         "path": _data_kind(*_WINDOW_KINDS), "eval_fraction": _data_kind(*_WINDOW_KINDS),
         "tokenizer": _data_kind("text"), "token_dtype": _data_kind("tokens"),
         "max_hops": _data_kind("multihop"), "num_queries": _data_kind("multihop"),
-        "num_distractors": _data_kind("multihop"),
+        "num_distractors": _data_kind("multihop"), "curriculum_examples": _data_kind("multihop"),
     },
     "train": {"seed": _always},
 }

@@ -178,7 +178,8 @@ def _recipe_metrics(stats: dict, weight_total, num_cycles: Optional[int]) -> dic
 
 
 def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None):
-  """Per-example sums so the host can aggregate over batches and by hop count.
+  """Per-example sums, and per-token hits and cycles, so the host can aggregate over batches and by
+  hop count (per example when `hops` is [B], per scored token when it is [B, T]).
 
   rule: the exit rule (None: no exit); the step's optional third argument replaces it. Passed
   through jit a rule's threshold is traced, so one compile serves a whole threshold sweep.
@@ -195,6 +196,8 @@ def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cyc
         "weight_B": jnp.sum(w_BxT, axis=1),
         "correct_B": jnp.all(hit_BxT, axis=1) & (jnp.sum(w_BxT, axis=1) > 0),
         "cycles_sum_B": jnp.sum(aux["cycles_used"].astype(jnp.float32) * w_BxT, axis=1),
+        "correct_BxT": hit_BxT & (w_BxT > 0),
+        "cycles_BxT": aux["cycles_used"],
     }
 
   return eval_step

@@ -2,7 +2,8 @@
 
 Batches are dicts of numpy arrays holding this process's rows of the global batch:
 `inputs` int32 [b, T], `targets` int32 [b, T] (next token), `weights` float32 [b, T] (loss mask)
-and, for multi-hop, `hops` int32 [b]; b = global_batch_size // process_count.
+and, for multi-hop, `hops` int32 [b, T] (the depth of the query scored at each target position, 0
+where nothing is scored); b = global_batch_size // process_count.
 """
 from typing import Any, Optional
 

@@ -15,14 +15,26 @@ TOKEN_DTYPES = ('uint16', 'uint32')
 MAX_VARIABLES = 26
 
 
-def multihop_min_seq_len(max_hops: int, num_distractors: int) -> int:
+def multihop_query_depths(max_hops: int, num_queries: int, start: int) -> list[int]:
+  """Depths of one example's queries: num_queries consecutive values of the cycle 1..max_hops,
+  beginning at 1 + start. Consecutive values keep every example near-balanced over depths."""
+  return [(start + q) % max_hops + 1 for q in range(num_queries)]
+
+
+def multihop_max_variables(max_hops: int, num_queries: int, num_distractors: int) -> int:
+  """Most variables one example defines: its query chains at the deepest start, plus distractors."""
+  chains = max(sum(multihop_query_depths(max_hops, num_queries, s)) for s in range(max_hops))
+  return chains + num_distractors
+
+
+def multihop_min_seq_len(max_hops: int, num_distractors: int, num_queries: int = 1) -> int:
   """Shortest seq_len that fits the longest multi-hop example.
 
-  Worst case: the queried chain and every distractor chain have `max_hops` statements of 4 bytes
-  (`x=y;`), plus BOS, the query `?x=`, the answer digit and EOS; inputs are one shorter.
+  Every statement is 3 bytes (`xy;` or `xD;`) and every query 3 (`?xD`); add BOS and EOS, and
+  inputs are one shorter than the tokens.
   """
-  statements = (1 + num_distractors) * max_hops
-  return 4 * statements + 5
+  statements = multihop_max_variables(max_hops, num_queries, num_distractors)
+  return 3 * statements + 3 * num_queries + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +57,19 @@ class DataConfig:
   """Seed of the data order: multi-hop examples, text window starts, ArrayRecord epoch shuffles."""
 
   max_hops: int = 4
-  """Multi-hop: the number of lookups an answer needs is uniform over 1..max_hops."""
+  """Multi-hop: queries need 1..max_hops lookups, balanced (each example's depths are consecutive
+  values of the cycle 1..max_hops)."""
+
+  num_queries: int = 1
+  """Multi-hop: scored queries per example, each about its own chain (so answers are independent)."""
+
+  curriculum_examples: int = 0
+  """Multi-hop training only: the deepest query grows linearly from 1 to max_hops over the first
+  this many training examples (0: every example draws from 1..max_hops). Eval is unaffected."""
 
   num_distractors: int = 2
-  """Multi-hop: distractor chains (each 1..max_hops statements) mixed into every example."""
+  """Multi-hop: extra statements per example, each a fresh literal or a copy branching off any
+  variable (queried chains included) that stays within max_hops."""
 
   eval_examples: int = 512
   """Multi-hop: size of the held-out eval set (drawn from a separate seed stream)."""
@@ -118,19 +139,23 @@ class DataConfig:
       raise ConfigError(f'data.max_hops={self.max_hops} must be >= 1.')
     if self.num_distractors < 0:
       raise ConfigError(f'data.num_distractors={self.num_distractors} must be >= 0.')
+    if self.curriculum_examples < 0:
+      raise ConfigError(f'data.curriculum_examples={self.curriculum_examples} must be >= 0 (0: no curriculum).')
+    if self.num_queries < 1:
+      raise ConfigError(f'data.num_queries={self.num_queries} must be >= 1.')
     if self.kind == 'multihop':
-      variables = (1 + self.num_distractors) * self.max_hops
+      variables = multihop_max_variables(self.max_hops, self.num_queries, self.num_distractors)
       if variables > MAX_VARIABLES:
         raise ConfigError(
-            f'data.max_hops={self.max_hops} with data.num_distractors={self.num_distractors} needs '
-            f'{variables} variables, but only {MAX_VARIABLES} (a-z) exist. Lower one of them so that '
-            f'(1 + num_distractors) * max_hops <= {MAX_VARIABLES}.')
-      need = multihop_min_seq_len(self.max_hops, self.num_distractors)
+            f'data.max_hops={self.max_hops}, data.num_queries={self.num_queries} and data.num_distractors='
+            f'{self.num_distractors} need up to {variables} variables (the query chains plus the '
+            f'distractors), but only {MAX_VARIABLES} (a-z) exist. Lower one of them.')
+      need = multihop_min_seq_len(self.max_hops, self.num_distractors, self.num_queries)
       if self.seq_len < need:
         raise ConfigError(
-            f'data.seq_len={self.seq_len} is too short for the multi-hop task with max_hops={self.max_hops} '
-            f'and num_distractors={self.num_distractors}: the minimum seq_len is {need}. Raise data.seq_len '
-            'or lower data.max_hops / data.num_distractors.')
+            f'data.seq_len={self.seq_len} is too short for the multi-hop task with max_hops={self.max_hops}, '
+            f'num_queries={self.num_queries} and num_distractors={self.num_distractors}: the minimum '
+            f'seq_len is {need}. Raise data.seq_len or lower data.max_hops / num_queries / num_distractors.')
     if self.eval_examples < 0:
       raise ConfigError(f'data.eval_examples={self.eval_examples} must be >= 0.')
     if not 0.0 <= self.eval_fraction < 1.0:

@@ -1,66 +1,115 @@
 """The embedded multi-hop task: pointer chasing through shuffled variable assignments.
 
-One example, as bytes (BOS/EOS/PAD are the special ids of `tokenizer.py`):
+One example, as bytes (BOS/EOS/PAD are the special ids of `tokenizer.py`), with max_hops=3,
+num_queries=3, num_distractors=3:
 
-    <BOS>q=v;f=3;v=f;x=8;c=q;?c=3<EOS><PAD>...
+    <BOS>et;t4;z0;g6;q7;yt;cz;ke;l4;?c0?l4?k4<EOS>
 
-Statements are `x=D;` (a literal digit) or `x=y;` (a copy), every variable is assigned once, and the
-order is shuffled. The queried variable sits at the end of a chain of `hops` statements
-(`f=3; v=f; q=v; c=q` is 4 hops), so answering needs `hops` lookups. Distractor chains start at a
-fresh literal or branch off any earlier variable, so copies of the answer can exist off the path.
-The loss is on the answer digit only. Everything is a pure function of (seed, stream, index).
+A statement `xv;` gives variable x the value of v, a literal digit or another variable; every
+variable is assigned once, and the statements are shuffled. After them come `num_queries` queries
+`?x` each followed by the digit x resolves to; every answer is scored. Each query has its own tree:
+a chain from a literal to the queried variable, `h` statements long (above: `t4; et; ke` makes `?k`
+need 3 lookups, `?c` 2 and `?l` 1; `g6`, `q7` and `yt` are distractors), so answering needs
+exactly `h` lookups, at the natural rate one per attention layer. An example's query depths are
+`num_queries` consecutive values of the cycle 1..max_hops, from a random start (train) or from
+`index % max_hops` (eval, so the held-out stream is balanced over depths). With
+`curriculum_examples` > 0 the training stream starts shallow (see `curriculum_depth`).
+
+Why it is built this way (each rule closes a shortcut a shallow model would otherwise take):
+- One query per tree, each tree with its own literal: an answer is independent of the other
+  answers, so a query cannot copy an earlier answer, and no earlier query `?yD` lies on another
+  query's path (which would let it stand in for a statement and save lookups).
+- Distractors are fresh literals (more digits to confuse with the answer, repeats included: the
+  digits are drawn with replacement) or copies branching off any variable, queried chains
+  included, so shared prefixes and same-depth look-alikes exist off the path.
+- Several scored queries per example: more signal per token than one answer per example.
+- Three bytes per statement, no `=`: the value sits right after its variable, so one lookup is the
+  classic induction pattern (find the earlier x, read the next token), and sequences stay short.
+
+`hops` is per token: the depth of the query answered at that target position, 0 where nothing is
+scored. Everything is a pure function of (seed, stream, index).
 """
 import string
 
 import numpy as np
 
-from ztt_jax.data.config import DataConfig
+from ztt_jax.data.config import DataConfig, multihop_query_depths
 from ztt_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
+VARIABLES = string.ascii_lowercase
+DIGITS = string.digits
+# A distractor is a copy of an existing variable (a branch) with this probability, else a fresh literal.
+BRANCH_PROBABILITY = 0.5
 
 
-def make_tokens(seed: int, stream: int, index: int, max_hops: int, num_distractors: int,
-                hops: int | None = None) -> tuple[np.ndarray, int, int]:
-  """Returns (tokens, answer_position, hops) for one example; tokens has no padding."""
+def make_example(seed: int, stream: int, index: int, max_hops: int, num_queries: int,
+                 num_distractors: int, start: int | None = None,
+                 depth_limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Returns (tokens, answer_positions, hops) for one example; tokens has no padding.
+
+  answer_positions[q] is the index in `tokens` of query q's answer digit and hops[q] its depth.
+  start: first depth of the cycle 1..max_hops (0-based); None draws it (the training stream).
+  depth_limit: deepest query and variable (default max_hops); the training curriculum lowers it.
+  """
   rng = np.random.default_rng([seed, stream, index])
-  if hops is None:
-    hops = int(rng.integers(1, max_hops + 1))
-  chain_lens = [hops] + [int(n) for n in rng.integers(1, max_hops + 1, size=num_distractors)]
-  names = iter(rng.permutation(list(string.ascii_lowercase))[:sum(chain_lens)])
-  digits = string.digits
+  depth_limit = max_hops if depth_limit is None else depth_limit
+  if start is None:
+    start = int(rng.integers(depth_limit))
+  depths = multihop_query_depths(depth_limit, num_queries, start)
+  names = iter(rng.permutation(list(VARIABLES)))
 
   statements = []
-  defined = []
-  query = ''
-  for c, length in enumerate(chain_lens):
-    # The queried chain always starts at a literal; distractors may fork off existing variables.
-    if c == 0 or not defined or rng.random() < 0.5:
-      source = digits[rng.integers(10)]
-    else:
-      source = defined[rng.integers(len(defined))]
-    for _ in range(length):
+  depth_of = {}  # variable -> lookups it needs
+  queries = []
+  for depth in depths:
+    source = DIGITS[rng.integers(10)]
+    for d in range(1, depth + 1):
       name = str(next(names))
-      statements.append(f'{name}={source};')
-      defined.append(name)
+      statements.append(f'{name}{source};')
+      depth_of[name] = d
       source = name
-    if c == 0:
-      query = source
-      answer = _resolve_chain(statements, query)
+    queries.append(source)
+  for _ in range(num_distractors):
+    # Branch off anything that stays within max_hops, so no variable is deeper than a query can be.
+    parents = [v for v, d in depth_of.items() if d < depth_limit]
+    name = str(next(names))
+    if parents and rng.random() < BRANCH_PROBABILITY:
+      parent = parents[rng.integers(len(parents))]
+      statements.append(f'{name}{parent};')
+      depth_of[name] = depth_of[parent] + 1
+    else:
+      statements.append(f'{name}{DIGITS[rng.integers(10)]};')
+      depth_of[name] = 1
 
-  order = rng.permutation(len(statements))
-  text = ''.join(statements[i] for i in order) + f'?{query}='
-  body = np.frombuffer(text.encode('ascii'), np.uint8).astype(np.int32)
-  tokens = np.concatenate([[BOS_ID], body, [ord(answer), EOS_ID]]).astype(np.int32)
-  return tokens, 1 + len(body), hops
+  table = {s[0]: s[1] for s in statements}
+  body = ''.join(statements[i] for i in rng.permutation(len(statements)))
+  order = rng.permutation(num_queries)
+  positions, hops = [], []
+  for q in order:
+    body += f'?{queries[q]}'
+    positions.append(1 + len(body))  # +1 for BOS: the index of the answer digit in the tokens
+    hops.append(depths[q])
+    body += _resolve(table, queries[q])
+  tokens = np.concatenate([[BOS_ID], np.frombuffer(body.encode('ascii'), np.uint8), [EOS_ID]]).astype(np.int32)
+  return tokens, np.asarray(positions, np.int64), np.asarray(hops, np.int32)
 
 
-def _resolve_chain(statements: list[str], var: str) -> str:
-  table = dict(s[:-1].split('=') for s in statements)
-  while var not in string.digits:
+def _resolve(table: dict, var: str) -> str:
+  while var not in DIGITS:
     var = table[var]
   return var
+
+
+def curriculum_depth(cfg: DataConfig, index: int) -> int:
+  """Deepest query of training example `index`: grows linearly from 1 to max_hops over the first
+  cfg.curriculum_examples examples (max_hops throughout when 0). Shallow examples first let the
+  one-hop lookup form before deeper chains, whose answers a model without it can only guess,
+  drown its signal."""
+  if cfg.curriculum_examples <= 0:
+    return cfg.max_hops
+  return min(cfg.max_hops, 1 + cfg.max_hops * index // cfg.curriculum_examples)
 
 
 class MultiHopSource:
@@ -77,23 +126,27 @@ class MultiHopSource:
     self.name = "the multi-hop task (data.kind='multihop')"
 
   def train_example(self, index: int) -> dict:
-    return self._example(TRAIN_STREAM, index, hops=None)
+    return self._example(TRAIN_STREAM, index, start=None, depth_limit=curriculum_depth(self.cfg, index))
 
   def eval_example(self, index: int) -> dict:
-    # Eval cycles through hop counts so every count gets the same number of examples.
-    return self._example(EVAL_STREAM, index, hops=1 + index % self.cfg.max_hops)
+    # Eval steps through the start of the depth cycle so every depth gets the same number of queries.
+    return self._example(EVAL_STREAM, index, start=index % self.cfg.max_hops)
 
   def pad_example(self) -> dict:
     T = self.seq_len
     return {'inputs': np.full(T, PAD_ID, np.int32), 'targets': np.full(T, PAD_ID, np.int32),
-            'weights': np.zeros(T, np.float32), 'hops': np.int32(0)}
+            'weights': np.zeros(T, np.float32), 'hops': np.zeros(T, np.int32)}
 
-  def _example(self, stream: int, index: int, hops: int | None) -> dict:
+  def _example(self, stream: int, index: int, start: int | None, depth_limit: int | None = None) -> dict:
     cfg = self.cfg
-    tokens, answer_pos, hops = make_tokens(cfg.seed, stream, index, cfg.max_hops, cfg.num_distractors, hops)
+    tokens, answer_pos, hops = make_example(cfg.seed, stream, index, cfg.max_hops, cfg.num_queries,
+                                            cfg.num_distractors, start, depth_limit)
     T = self.seq_len
     padded = np.full(T + 1, PAD_ID, np.int32)
     padded[:len(tokens)] = tokens  # DataConfig.validate guarantees it fits.
+    # Target position t predicts token t + 1, so the answer at token p is scored at position p - 1.
     weights = np.zeros(T, np.float32)
-    weights[answer_pos - 1] = 1.0  # Target position t predicts token t+1.
-    return {'inputs': padded[:-1], 'targets': padded[1:], 'weights': weights, 'hops': np.int32(hops)}
+    weights[answer_pos - 1] = 1.0
+    hops_T = np.zeros(T, np.int32)
+    hops_T[answer_pos - 1] = hops
+    return {'inputs': padded[:-1], 'targets': padded[1:], 'weights': weights, 'hops': hops_T}
