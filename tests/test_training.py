@@ -117,7 +117,10 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_default_config_learns(tmp_path):
   cfg = config_lib.parse(load_config("default"))
+  # Logged every 10 steps: the default config logs every 100, which would make step 200 one of the
+  # two "first" losses below.
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=200),
+                            log=dataclasses.replace(cfg.log, every_steps=10),
                             eval=dataclasses.replace(cfg.eval, every_steps=1000, max_batches=2))
   trainer.train(cfg, str(tmp_path))
   curve = losses(tmp_path)
