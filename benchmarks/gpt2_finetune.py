@@ -32,7 +32,7 @@ import jax  # noqa: E402
 
 from ztt_jax import config as config_lib  # noqa: E402
 from ztt_jax import data as data_lib  # noqa: E402
-from ztt_jax import export, trainer  # noqa: E402
+from ztt_jax import evaluate, export, restore, run as run_lib, trainer  # noqa: E402
 from ztt_jax.convert import hf_gpt2  # noqa: E402
 
 
@@ -58,10 +58,10 @@ def common(cd, args):
 def eval_loss(export_dir, args):
   """Held-out loss of an export's params, before any training."""
   cfg = config_lib.parse(common(load_config("finetune", export_dir), args))
-  run = trainer.build(cfg)
+  run = run_lib.build(cfg)
   batches = list(data_lib.make_eval_batches(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                             vocab_size=cfg.model.vocab_size, max_batches=cfg.eval.max_batches))
-  return trainer.Evaluator(run, batches)(trainer.load_init_params(export_dir, run))["eval/loss"]
+  return evaluate.Evaluator(run, batches)(run_lib.load_init_params(export_dir, run))["eval/loss"]
 
 
 def finetune(export_dir, workdir, args):
@@ -97,7 +97,7 @@ def main():
   pre = trainer.train(config_lib.parse(cd), str(out / "pretrain"))
 
   # 2. through the tools: export -> HF -> import back three ways
-  ours = export.export_run(str(out / "pretrain"), str(out / "export"))
+  ours = restore.export_run(str(out / "pretrain"), str(out / "export"))
   hf_dir = hf_gpt2.export_hf(ours, str(out / "hf"))
   imports = {"vanilla (round trip)": hf_gpt2.import_hf(hf_dir, str(out / "vanilla"), to="vanilla")}
   for mode in ("copy", "average"):

@@ -12,6 +12,9 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ztt_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The MFU peak is measured once per machine and cached in the user's home; a test run on busy cores
+# must not write its (low) figure there. One file per session, shared by its subprocesses.
+os.environ.setdefault("ZTT_JAX_PEAK_FLOPS_CACHE", os.path.join(tempfile.mkdtemp(prefix="ztt_jax_peak_"), "peak_flops.json"))
 
 import pathlib
 import sys

@@ -156,3 +156,33 @@ def test_bad_inputs_name_the_fix(trained, workdir, tmp_path):
     evaluate.threshold_flag("half")
   assert evaluate.threshold_flag("none") == {"threshold": None} and evaluate.threshold_flag(None) == {}
 
+
+
+def test_test_time_depth_matches_a_direct_computation(trained):
+  """--max_hops/--num_cycles: held-out queries of 1..H lookups (H past the trained 3), run for more
+  cycles than trained; compared with the model applied directly to examples from make_example."""
+  from ztt_jax.data import multihop
+  cfg, run = trained.cfg, trained.run
+  H, C = cfg.data.max_hops + 2, cfg.model.num_cycles + 2
+  r = evaluate.evaluate(trained, ExitRule.from_config(cfg.model, threshold=None), max_batches=1,
+                        num_cycles=C, max_hops=H)
+  assert (r["num_cycles"], r["trained_cycles"], r["max_hops"], r["trained_max_hops"]) == (C, C - 2, H, H - 2)
+  assert set(r["per_hop"]) == {str(h) for h in range(1, H + 1)}
+  n = cfg.eval.batch_size or cfg.train.global_batch_size
+  examples = [multihop.make_example(cfg.data.seed, multihop.EVAL_STREAM, i, H, cfg.data.num_queries,
+                                    cfg.data.num_distractors, start=i % H) for i in range(n)]
+  T = max(len(t) for t, _, _ in examples) - 1
+  tokens = np.zeros((n, T + 1), np.int32)
+  for i, (t, _, _) in enumerate(examples):
+    tokens[i, :len(t)] = t
+  logits, aux = jax.device_get(jax.jit(lambda p, x: run.model.apply({"params": p}, x, None, C))(
+      trained.params, tokens[:, :-1]))
+  assert (np.asarray(aux["cycles_used"]) == C).all()
+  by_hop = {}
+  for i, (t, pos, hops) in enumerate(examples):
+    for p, h in zip(pos, hops):
+      by_hop.setdefault(int(h), []).append(logits[i, p - 1].argmax() == t[p])
+  for h, ok in by_hop.items():
+    np.testing.assert_allclose(r["per_hop"][str(h)]["accuracy"], np.mean(ok))
+  with pytest.raises(ConfigError, match="alphabet|variables"):
+    evaluate.at_hops(cfg, 40)

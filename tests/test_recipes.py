@@ -149,6 +149,41 @@ def test_injection_at_zero_weight_is_no_injection_and_otherwise_matches_referenc
   assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2  # the adapter does something
 
 
+# ------------------------------------------------------------------ token shift
+
+def test_token_shift_at_zero_weight_is_no_shift_and_otherwise_matches_reference():
+  plain = tiny_cfg(num_cycles=2)
+  cfg = tiny_cfg(num_cycles=2, token_shift=True)
+  model, params = init_params(cfg)
+  toks = tokens(cfg)
+  zero = {**params, "embed": {**params["embed"], "shift_kernel": jnp.zeros_like(params["embed"]["shift_kernel"])}}
+  without = {**params, "embed": {k: v for k, v in params["embed"].items() if k != "shift_kernel"}}
+  got, _ = jitted_apply(model)(zero, toks)
+  want, _ = jitted_apply(init_params(plain)[0])(without, toks)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # With a non-zero shift: the float64 numpy reference, e_t + e_{t-1} W (e_{-1} = 0).
+  p = ref.to_np(params)
+  e = p["embed"]["embedding"][np.asarray(toks)]
+  prev = np.concatenate([np.zeros_like(e[:, :1]), e[:, :-1]], axis=1)
+  x, _ = ref.stack(p["head"], e + prev @ p["embed"]["shift_kernel"], cfg, cfg.n_head_layers)
+  for c in range(cfg.cycles):
+    x, _ = ref.stack(p["middle"], x, cfg, cfg.stack_layers, p["zero_key_pool"][c])
+  got, _ = jitted_apply(model)(params, toks)
+  np.testing.assert_allclose(np.asarray(got), ref.readout(p, x, cfg), rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-2  # the shift does something
+
+
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_cached_decoding_with_token_shift_equals_full_forward(prefill):
+  """The token before each decoding step comes from the cache (prev_token), not from the step."""
+  cfg = tiny_cfg(num_cycles=2, token_shift=True)
+  model, params = init_params(cfg)
+  toks = tokens(cfg)
+  want, _ = jitted_apply(model)(params, toks)
+  got, _ = decode_teacher_forced(model, params, toks, None, "state", prefill)
+  np.testing.assert_allclose(got, np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ the learned exit gate
 
 def _survival_reference(lam):

@@ -8,6 +8,7 @@ Cache layout (`init_cache`), RoPE'd keys and values in the compute dtype, M = ca
   middle {'k','v'}: [C, S, B, M, H, K]       one entry per (cycle, cycled layer); C = the cycles to
                                              run, which may exceed the zero-key pool
   tail   {'k','v'}: [L_tail, B, M, H, K]
+  prev_token: [B] int32, the last token seen (-1 before any)   model.token_shift only
 
 `forward_cached` runs T new tokens at positions offset..offset+T-1 against the cache: T = prompt
 length for the prefill, T = 1 per decoding step. A token that exits after cycle c runs no attention
@@ -61,6 +62,8 @@ def init_cache(cfg, batch: int, max_len: int, num_cycles: Optional[int] = None) 
     cache["head"] = kv(cfg.unique_head_layers)
   if cfg.unique_tail_layers:
     cache["tail"] = kv(cfg.unique_tail_layers)
+  if cfg.token_shift:
+    cache["prev_token"] = jnp.full((batch,), -1, jnp.int32)  # the token before the next one; -1: none
   return cache
 
 

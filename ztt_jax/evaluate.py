@@ -2,6 +2,7 @@
 
   python -m ztt_jax.evaluate --workdir=DIR [--step=N] [--exit_threshold=TAU|none] [--output=FILE.json]
   python -m ztt_jax.evaluate --workdir=DIR --sweep [--output=FILE.json]   (also writes FILE.png)
+  python -m ztt_jax.evaluate --workdir=DIR --max_hops=H --num_cycles=C   (test-time depth)
 
 Quality and compute are measured on the loss-weighted tokens (for the multi-hop task: the answer
 digit), so loss, mean_cycles and compute_fraction describe the same tokens.
@@ -14,6 +15,7 @@ the eval batches with every cycle run, so each rule's curve spans its own range.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ import numpy as np
 
 from ztt_jax import data as data_lib
 from ztt_jax import partitioning
+from ztt_jax.data.config import multihop_min_seq_len
 from ztt_jax.errors import ConfigError, DataError
 from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
 from ztt_jax.model.exit import ExitRule
@@ -139,16 +142,43 @@ def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
 
 
 def evaluate(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None,
-             max_batches: Optional[int] = None) -> dict:
+             max_batches: Optional[int] = None, num_cycles: Optional[int] = None,
+             max_hops: Optional[int] = None) -> dict:
   """JSON-ready metrics of `trained` (restore.TrainedRun) under the exit rule `rule` (default: the
-  run's configured one, ExitRule.from_config(trained.cfg.model); threshold None: no exit)."""
-  cfg = trained.cfg
+  run's configured one, ExitRule.from_config(trained.cfg.model); threshold None: no exit).
+
+  Test-time depth: num_cycles runs more or fewer cycles than trained (pool rows past the trained
+  count reuse the last one); max_hops evaluates held-out multi-hop queries of 1..max_hops lookups
+  (see `at_hops`). compute_fraction stays relative to the trained cycle count, so it exceeds 1 when
+  more cycles run."""
+  cfg = trained.cfg if max_hops is None else at_hops(trained.cfg, max_hops)
   rule = ExitRule.from_config(cfg.model) if rule is None else rule
   batches = held_out_batches(cfg, max_batches) if batches is None else batches
-  metrics = Evaluator(trained.run, batches, rule)(trained.params)
+  metrics = Evaluator(trained.run, batches, rule, num_cycles=num_cycles)(trained.params)
   out = summarize(metrics, cfg, rule=rule.signal if rule.exits else "none", parameter=rule.threshold)
   return {"step": trained.step, "exit_threshold": rule.threshold, "exit_signal": rule.signal,
-          "frozen_kv": rule.frozen_kv, "num_cycles": cfg.model.cycles, "num_batches": len(batches), **out}
+          "frozen_kv": rule.frozen_kv, "trained_cycles": cfg.model.cycles,
+          "num_cycles": cfg.model.cycles if num_cycles is None else num_cycles,
+          "trained_max_hops": trained.cfg.data.max_hops if cfg.data.kind == "multihop" else None,
+          "max_hops": cfg.data.max_hops if cfg.data.kind == "multihop" else None,
+          "num_batches": len(batches), **out}
+
+
+def at_hops(cfg, max_hops: int):
+  """`cfg` with a held-out multi-hop stream of queries needing 1..max_hops lookups (balanced, as in
+  training), data.seq_len grown to fit the longest example; the params and everything else stay."""
+  if cfg.data.kind != "multihop":
+    raise ConfigError(f"--max_hops applies to the multi-hop task only; this run trained on data.kind="
+                      f"{cfg.data.kind!r}. Omit --max_hops.")
+  if max_hops < 1:
+    raise ConfigError(f"--max_hops={max_hops}: must be >= 1")
+  need = multihop_min_seq_len(max_hops, cfg.data.num_distractors, cfg.data.num_queries)
+  data = dataclasses.replace(cfg.data, max_hops=max_hops, seq_len=max(cfg.data.seq_len, need))
+  data.validate()  # e.g. more variables than the alphabet holds: names the limit
+  if cfg.model.position == "learned" and data.seq_len > cfg.model.max_seq_len:
+    raise ConfigError(f"--max_hops={max_hops} needs sequences of {data.seq_len} tokens, past the learned "
+                      f"position table (model.max_seq_len={cfg.model.max_seq_len}); use a smaller --max_hops.")
+  return dataclasses.replace(cfg, data=data)
 
 
 def signal_values(trained, batches: list) -> dict:
@@ -217,6 +247,15 @@ def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] =
           "num_batches": len(batches), "data_kind": cfg.data.kind, "points": points}
 
 
+def per_hop_table(result: dict) -> str:
+  """Accuracy and mean cycles by hop count, as the console shows it."""
+  rows = [f"hops | accuracy | mean cycles   ({result['num_cycles']} cycles, trained {result['trained_cycles']}; "
+          f"exit threshold {result['exit_threshold']})"]
+  for h, hop in result["per_hop"].items():
+    rows.append(f"{h:>4} | {hop['accuracy']:8.1%} | {hop['mean_cycles']:.2f}")
+  return "\n".join(rows)
+
+
 def write_json(obj: dict, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
@@ -248,6 +287,10 @@ def main(argv):
     overrides = threshold_flag(FLAGS.exit_threshold)
     if FLAGS.frozen_kv:
       overrides["frozen_kv"] = FLAGS.frozen_kv
+    if FLAGS.sweep and (FLAGS.num_cycles is not None or FLAGS.max_hops is not None):
+      raise ConfigError("--sweep runs the trained depth; drop --num_cycles/--max_hops, or drop --sweep")
+    if FLAGS.num_cycles is not None and FLAGS.num_cycles < 1:
+      raise ConfigError(f"--num_cycles={FLAGS.num_cycles}: must be >= 1")
     if FLAGS.max_batches is not None and FLAGS.max_batches < 1:
       raise ConfigError(f"--max_batches={FLAGS.max_batches}: must be >= 1 (omit it for the whole split)")
     trained = restore.load_trained(FLAGS.workdir, FLAGS.step)
@@ -263,9 +306,11 @@ def main(argv):
               f"mean cycles {p['mean_cycles']:.2f} | compute {p['compute_fraction']:.3f}")
       print(f"wrote {out} and {png}")
     else:
-      result = evaluate(trained, rule, max_batches=FLAGS.max_batches)
-      text = json.dumps(result, indent=2)
-      print(text)
+      result = evaluate(trained, rule, max_batches=FLAGS.max_batches, num_cycles=FLAGS.num_cycles,
+                        max_hops=FLAGS.max_hops)
+      print(json.dumps(result, indent=2))
+      if "per_hop" in result:
+        print(per_hop_table(result))
       if FLAGS.output:
         write_json(result, FLAGS.output)
   except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
@@ -283,6 +328,10 @@ def _define_flags():
   flags.DEFINE_bool("sweep", False, "Sweep the zero-attention, fixed-cut and confidence exit rules.")
   flags.DEFINE_integer("num_thresholds", 8, "Thresholds per threshold rule in --sweep.")
   flags.DEFINE_integer("max_batches", None, "Evaluate only this many held-out batches (default: all).")
+  flags.DEFINE_integer("num_cycles", None, "Run this many cycles instead of the trained count (test-time "
+                       "depth; cycles past the pool reuse its last row).")
+  flags.DEFINE_integer("max_hops", None, "Multi-hop task: held-out queries of 1..max_hops lookups instead "
+                       "of the trained range (depth extrapolation).")
   flags.DEFINE_enum("frozen_kv", None, ["state", "stack"],
                     "Override model.frozen_kv, what an exited token shows later tokens: 'state' (K/V of "
                     "its frozen state; what generation computes) or 'stack'.")

@@ -47,8 +47,9 @@ def forward_flops_per_token(model_cfg, seq_len: int, num_cycles=None) -> float:
   """Forward matmul FLOPs per token when the middle stack runs `num_cycles` cycles (default: the
   config's). Affine in the cycles, so a mean over tokens (a float) gives the mean FLOPs."""
   c = model_cfg.cycles if num_cycles is None else num_cycles
+  shift = 2 * model_cfg.d_model ** 2 if model_cfg.token_shift else 0
   return (model_cfg.effective_depth_at(c) * layer_flops_per_token(model_cfg, seq_len)
-          + 2 * model_cfg.d_model * model_cfg.vocab_size)
+          + 2 * model_cfg.d_model * model_cfg.vocab_size + shift)
 
 
 def readout_flops_per_token(model_cfg, seq_len: int) -> float:

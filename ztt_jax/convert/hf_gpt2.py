@@ -281,6 +281,7 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
   need(cfg.position == "learned", f"position={cfg.position!r}")
   need(cfg.mlp == "gelu", f"mlp={cfg.mlp!r}")
   need(cfg.use_bias, "use_bias=False")
+  need(not cfg.token_shift, "token_shift=True (GPT-2 has no token shift)")
   import jax
   params = jax.tree.map(np.asarray, params)
   stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]

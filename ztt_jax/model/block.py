@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ztt_jax.model import attention_impls
 from ztt_jax.model.attention import Attention, LayerOut
 from ztt_jax.model.config import ModelConfig
 from ztt_jax.model.layers import Mlp, Norm, constrain, logical_param
@@ -79,7 +80,7 @@ class LayerStack(nn.Module):
     # save memory for, and remat would trace the Python flag kv_only.
     decoding = kv is not None or kv_only
     if cfg.remat_policy != "none" and not decoding:
-      block = nn.remat(Block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+      block = nn.remat(Block, prevent_cse=False, policy=attention_impls.remat_policy(cfg.remat_policy))
 
     def layer(blk, x_BxTxD, zero_xs, kv, mask_zero_slot, frozen, positions_T):
       extra = dict(positions_T=positions_T, kv=kv, kv_only=kv_only) if decoding else {}

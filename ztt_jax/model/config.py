@@ -93,6 +93,12 @@ class ModelConfig:
   """rope (rotary on q and k) | learned (absolute table added to the embedding; GPT-2 form)."""
   rope_theta: float = 10000.0
   """RoPE base frequency."""
+  token_shift: bool = False
+  """Add e_{t-1} W to each token's embedding e_t (W [D, D], zero-initialised; e_{-1} = 0): a learned
+  one-token shift (RWKV's token shift, H3's shift SSM, modded-nanoGPT's smear). It hands every
+  position the previous token, the feature a lookup (induction) head otherwise spends a layer
+  building, so each attention layer can do one lookup of a chain. Param: embed/shift_kernel.
+  Cached decoding keeps the last token in the cache (cache['prev_token'])."""
   mlp: str = "swiglu"
   """swiglu | gelu (tanh-approximate gelu, as GPT-2)."""
   use_bias: bool = False
@@ -119,8 +125,8 @@ class ModelConfig:
   cache), 512 on GPU/TPU (fewer loop iterations)."""
 
   exit_threshold: Optional[float] = None
-  """Default tau for evaluation/generation. The model itself exits only when apply() is given an
-  `exit_threshold`; callers pass this value explicitly (None = no exit)."""
+  """Default tau for evaluation/generation (None = no exit). The model itself exits only when apply()
+  is given an exit rule: ExitRule.from_config(cfg) builds the configured one; training passes none."""
   min_cycles: int = 1
   """A token may exit only after at least this many cycles."""
   exit_granularity: str = "token"

@@ -6,7 +6,7 @@ Params are stored in `cfg.param_dtype` and cast to the compute dtype at use.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -108,12 +108,23 @@ class Embedder(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = logical_param(self, "lm_head", fan_in_init(0, 1), (cfg.d_model, cfg.vocab_size),
                                    ("embed", "vocab"))
+    if cfg.token_shift:
+      self.shift_kernel = logical_param(self, "shift_kernel", nn.initializers.zeros, (cfg.d_model, cfg.d_model),
+                                        ("embed", None))
 
-  def encode(self, tokens_BxT: Array, offset=None) -> Array:
-    """offset: position of the first token (decoding; may be traced). None: position 0."""
+  def encode(self, tokens_BxT: Array, offset=None, prev_token_B: Optional[Array] = None) -> Array:
+    """offset: position of the first token (decoding; may be traced). None: position 0.
+    prev_token_B: token_shift only, the token before tokens_BxT[:, 0] (-1: none, at position 0)."""
     cfg = self.cfg
     T = tokens_BxT.shape[1]
     x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0)
+    if cfg.token_shift:
+      B = tokens_BxT.shape[0]
+      prev_B = jnp.full((B,), -1, jnp.int32) if prev_token_B is None else prev_token_B
+      first_Bx1xD = jnp.where((prev_B >= 0)[:, None, None],
+                              jnp.take(self.embedding, jnp.maximum(prev_B, 0), axis=0)[:, None], 0.0)
+      prev_BxTxD = jnp.concatenate([first_Bx1xD.astype(x_BxTxD.dtype), x_BxTxD[:, :-1]], axis=1)
+      x_BxTxD = x_BxTxD + jnp.einsum("btd,de->bte", prev_BxTxD, self.shift_kernel)
     if cfg.position == "learned":
       if T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")

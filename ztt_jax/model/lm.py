@@ -7,6 +7,7 @@ K = head_dim, F = mlp_dim, V = vocab_size, C = the config's cycles, S = cycled-s
   embed/embedding                 [V, D]        (vocab, embed)       also the LM head when tied
   embed/pos_embedding             [max_seq_len, D] (length, embed)   position=learned only
   embed/lm_head                   [D, V]        (embed, vocab)       tie_embeddings=False only
+  embed/shift_kernel              [D, D]        (embed, -)           token_shift only (init 0)
   head/layers/...                 block params, leading axis L_head ('layers')   absent if shared/0
   head/zero_key                   [L_head, H, K] (layers, heads, kv) zero_token_layers=all only
   head/zero_bias                  [L_head, H]   (layers, heads)      ... and zero_bias only
@@ -351,7 +352,9 @@ class ZTTModel(nn.Module):
     offset = jnp.asarray(offset, jnp.int32)
     positions_T = offset + jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)
     cache = dict(cache)
-    e_BxTxD = x_BxTxD = self.embed.encode(tokens_BxT, offset)
+    e_BxTxD = x_BxTxD = self.embed.encode(tokens_BxT, offset, cache.get("prev_token"))
+    if cfg.token_shift:
+      cache["prev_token"] = tokens_BxT[:, -1].astype(jnp.int32)
     if cfg.unique_head_layers:
       out = self.head(x_BxTxD, mask_zero_slot=self._mask(), kv=cache["head"], positions_T=positions_T)
       x_BxTxD, cache["head"] = out.x, out.kv
