@@ -6,7 +6,6 @@ Model level: ZTTModel logits and all param gradients, per-token exit, bfloat16, 
 Memory: the chunked backward's jaxpr holds no array with both a query and a key length axis.
 """
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +108,8 @@ def test_fused_construction_is_exact_through_a_standard_causal_kernel():
     _compare(*results)
 
 
-@pytest.mark.skipif(not os.environ.get("ZTT_TEST_PALLAS_INTERPRET"),
-                    reason="~30 s: the Pallas TPU kernel in interpret mode; set ZTT_TEST_PALLAS_INTERPRET=1")
 def test_pallas_construction_in_interpret_mode():
+  """The TPU kernel's zero-slot construction, run by Pallas's CPU interpreter (forward and backward)."""
   from jax.experimental.pallas import tpu as pltpu
   args, weights = _inputs(1, 20, 20, 1, 8, seed=6)
 

@@ -23,6 +23,8 @@ import sys
 import traceback
 from typing import Callable, Optional
 
+from ztt_jax import errors
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
@@ -76,7 +78,6 @@ def fail(line: str, code: int, on_error: Optional[Callable[[str, int], None]] = 
 def describe(e: BaseException) -> tuple[str, int]:
   """(one line naming the problem and fix, exit code) for a caught error."""
   from absl import app
-  from ztt_jax import errors
   if isinstance(e, (errors.ConfigError, errors.DataError)):
     return f"{type(e).__name__}: {_one_line(str(e))}", EXIT_USAGE
   if isinstance(e, app.UsageError):
@@ -108,7 +109,6 @@ def _one_line(text: str) -> str:
 
 def _caught(e: BaseException) -> bool:
   from absl import app
-  from ztt_jax import errors
   return isinstance(e, (errors.ConfigError, errors.DataError, errors.CheckpointError, app.UsageError,
                         *PATH_ERRORS))
 

@@ -29,6 +29,7 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
+from ztt_jax import config as config_lib
 from ztt_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,6 @@ def _plain(x):
 
 
 def _defaults() -> dict:
-  from ztt_jax import config as config_lib
   return _plain(config_lib.to_dict(config_lib.Config()))
 
 
@@ -152,7 +152,6 @@ def check(saved_config: Optional[dict], new_cfg, *, workdir: str, step: int) -> 
   Raises ConfigError naming every fatal change, unless checkpoint.allow_config_change; logs the
   rest (old -> new). Returns all changes. `saved_config=None` (a checkpoint without one) checks nothing.
   """
-  from ztt_jax import config as config_lib
   if not saved_config:
     log.warning("Checkpoint step %d in %s has no saved config; cannot check what changed since it.",
                 step, workdir)
