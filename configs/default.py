@@ -1,4 +1,4 @@
-"""Default: a small ZTT on the embedded multi-hop task; trains in a few minutes on 2 CPU cores.
+"""Default: a small ZTT on the embedded multi-hop task; ~10 minutes on 2 CPU cores (vanilla: ~4).
 
 `--config=configs/default.py:<preset>`; the presets have the same unique parameters (4 layers at one
 width) and differ in how they reuse them:
