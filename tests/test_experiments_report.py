@@ -1,18 +1,30 @@
 """The ablation ladder's configs and its report generator, on fabricated results (no training)."""
+import dataclasses
 import json
 import math
 import os
 
 import pytest
 
-from ztt_jax.experiments import ladder, report, summary
+import numpy as np
+
+from ztt_jax.data.pipeline import open_source
+from ztt_jax.experiments import ladder, report, runs, summary
 
 
 def test_ladder_layouts():
   depth = {r: ladder.rung_config("multihop", r, 0).model.effective_depth for r in ladder.RUNGS}
-  assert depth == {"vanilla-4": 4, "bc": 8, "htc": 8, "ztt": 8, "vanilla-8": 8}
+  assert depth == {"vanilla-4": 4, "bc": 8, "htc": 8, "ztt": 8, "vanilla-8": 8, "ztt+inject": 8,
+                   "ztt+gate": 8, "ztt+random": 8}
   cfg = ladder.rung_config("text", "ztt", 1, data_path="/x.txt", steps=7)
   assert (cfg.train.seed, cfg.train.steps, cfg.data.seed, cfg.model.exit_threshold) == (1, 7, 0, None)
+  # nanoGPT's baby budget on text; configs/default.py's task (and the curriculum's shape) on multi-hop
+  text = ladder.rung_config("text", "ztt+random", 0, data_path="/x.txt")
+  assert (text.train.steps, text.train.global_batch_size, text.data.seq_len, text.model.d_model) == (2000, 12, 64, 128)
+  assert (text.train.cycles_distribution, text.train.cycles_max) == ("poisson", 5)
+  mh = ladder.rung_config("multihop", "ztt+inject", 0, steps=300)
+  assert (mh.data.max_hops, mh.data.num_queries, mh.data.num_distractors, mh.model.input_injection) == (6, 3, 2, "embed")
+  assert mh.data.curriculum_examples == 300 * 16
   with pytest.raises(ValueError, match="needs --data"):
     ladder.rung_config("text", "bc", 0)
 
@@ -59,3 +71,30 @@ def test_report_tables_from_fabricated_json(tmp_path):
 def test_stats_two_seeds():
   assert summary.stats([1.0, 3.0]) == {"mean": 2.0, "spread": 1.0, "n": 2, "values": [1.0, 3.0]}
   assert summary.stats([None])["mean"] is None
+
+
+def test_nanogpt_batches_are_seeded_windows_of_the_held_out_tail(tmp_path):
+  corpus = tmp_path / "c.txt"
+  corpus.write_bytes(bytes(range(32, 127)) * 30)
+  cfg = ladder.rung_config("text", "ztt", 0, data_path=str(corpus))
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
+  batches = runs.nanogpt_batches(cfg, num_batches=3, batch_size=4, seed=7)
+  tokens = np.asarray(open_source(cfg.data).tokens)
+  n_train = len(tokens) - int(round(0.1 * len(tokens)))
+  starts = np.random.default_rng(7).integers(n_train, len(tokens) - 64, (3, 4))
+  for b, row_starts in zip(batches, starts):
+    assert b["inputs"].shape == (4, 64) and b["weights"].min() == 1.0
+    for inp, tgt, s in zip(b["inputs"], b["targets"], row_starts):
+      np.testing.assert_array_equal(inp, tokens[s:s + 64])
+      np.testing.assert_array_equal(tgt, tokens[s + 1:s + 65])
+  again = runs.nanogpt_batches(cfg, num_batches=3, batch_size=4, seed=7)
+  assert all((a["inputs"] == b["inputs"]).all() for a, b in zip(batches, again))
+
+
+def test_depth_table_marks_trained_cycles_and_untrained_hops():
+  point = lambda c, accs: {"num_cycles": c, "accuracy": sum(accs) / len(accs),
+                           "per_hop": {str(h + 1): {"accuracy": a} for h, a in enumerate(accs)}}
+  d = {"trained_cycles": 2, "trained_max_hops": 1, "points": [point(2, [1.0, 0.5]), point(3, [1.0, 0.25])]}
+  rows = report.depth_table(d).splitlines()
+  assert rows[0] == "| cycles | all | 1 hops | 2 hops (untrained) |"
+  assert rows[2] == "| 2 (trained) | 75.0% | 100.0% | 50.0% |" and rows[3] == "| 3 | 62.5% | 100.0% | 25.0% |"

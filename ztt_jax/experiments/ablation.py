@@ -1,8 +1,9 @@
 """The ablation ladder: train it (resumable), run the exit sweeps, or write the report.
 
-  python -m ztt_jax.experiments.ablation --task=text --data=PATH --out=runs/ablation [--seeds=2] [--steps=N]
+  python -m ztt_jax.experiments.ablation --task=text --data=PATH --out=runs/ablation [--seeds=3] [--steps=N]
+  python -m ztt_jax.experiments.ablation --task=text --data=PATH --rungs=ztt+inject,ztt+gate --seeds=1
   python -m ztt_jax.experiments.ablation --task=multihop --out=runs/ablation
-  python -m ztt_jax.experiments.ablation --task=multihop --sweep --out=runs/ablation [--docs=docs]
+  python -m ztt_jax.experiments.ablation --task=multihop --sweep [--sweep_rung=ztt+gate] --out=runs/ablation [--docs=docs]
   python -m ztt_jax.experiments.ablation --report --out=runs/ablation [--docs=docs]
 
 Re-running a training command skips finished runs and resumes a partial one from its checkpoint.
@@ -16,10 +17,12 @@ from absl import app, flags
 flags.DEFINE_enum("task", None, ["text", "multihop"], "Which ladder to train.")
 flags.DEFINE_string("data", None, "Text file for --task=text (the last 10% is held out).")
 flags.DEFINE_string("out", "runs/ablation", "Root of the ladder's work directories (OUT/TASK/RUNG_sSEED).")
-flags.DEFINE_integer("seeds", 2, "Seeds per rung (init seeds 0..N-1).")
+flags.DEFINE_integer("seeds", 3, "Seeds per rung (init seeds 0..N-1).")
 flags.DEFINE_integer("steps", None, "Optimizer steps per run; default: the ladder's budget.")
-flags.DEFINE_list("rungs", None, "Subset of rungs (default: all).")
-flags.DEFINE_bool("sweep", False, "Sweep the exit rules of the trained ztt of --task into DOCS/results.")
+flags.DEFINE_list("rungs", None, "Rungs to train (default: the five base rungs; recipes: ztt+inject, ztt+gate, ztt+random).")
+flags.DEFINE_bool("sweep", False, "Sweep the exit rules of the trained --sweep_rung of --task into DOCS/results "
+                  "(multi-hop: also test-time depth).")
+flags.DEFINE_string("sweep_rung", "ztt", "Rung whose trained models --sweep evaluates (ztt+gate adds the gate rule).")
 flags.DEFINE_bool("report", False, "Summarise OUT into DOCS/results/*.json and plot DOCS/*.png.")
 flags.DEFINE_string("docs", "docs", "Where --report writes.")
 FLAGS = flags.FLAGS
@@ -41,7 +44,7 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if FLAGS.sweep:
     from ztt_jax.experiments.exits import sweep_ztt
-    sweep_ztt(FLAGS.task, FLAGS.out, os.path.join(FLAGS.docs, "results"), FLAGS.seeds,
+    sweep_ztt(FLAGS.task, FLAGS.out, os.path.join(FLAGS.docs, "results"), FLAGS.seeds, rung=FLAGS.sweep_rung,
               log=lambda s: print(s, flush=True))
     return
   from ztt_jax.experiments.runs import run_ladder

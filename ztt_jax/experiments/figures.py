@@ -78,3 +78,23 @@ def plot_cycles_by_hop(sweeps: list[dict], path: str) -> str:
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def plot_depth(depth: dict, path: str) -> str:
+  """Accuracy by hop count, one line per test-time cycle count; the untrained hop counts shaded."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+  for p in depth["points"]:
+    hs = sorted(p["per_hop"], key=int)
+    ax.plot([int(h) for h in hs], [p["per_hop"][h]["accuracy"] for h in hs], marker="o",
+            label=f"{p['num_cycles']} cycles" + (" (trained)" if p["num_cycles"] == depth["trained_cycles"] else ""))
+  ax.axvspan(depth["trained_max_hops"] + 0.5, depth["max_hops"] + 0.5, color="0.9", label="hops not trained")
+  ax.set_xlabel("hops needed for the answer")
+  ax.set_ylabel("held-out accuracy (exit off)")
+  ax.set_title(f"test-time depth: {depth['rung']} seed {depth['seed']}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -1,27 +1,41 @@
-"""The ablation ladder: one config per (task, rung, seed), all at one width and one budget.
+"""The ablation ladder: one config per (task, rung, seed), all at one width and one budget per task.
 
-Every rung has the same width, data, optimizer and step budget; only the layer layout differs.
-`vanilla-4`, `bc`, `htc` and `ztt` hold 4 unique layer-equivalents; `vanilla-8` holds 8 and is the
-compute-matched upper reference (effective depth 8, like the cycled rungs).
+Every rung of a task has the same width, data, optimizer and step budget; only the layer layout (and,
+for the recipe rungs, one looped-training recipe) differs. `vanilla-4`, `bc`, `htc` and `ztt` hold 4
+unique layer-equivalents; `vanilla-8` holds 8 and is the compute-matched upper reference (effective
+depth 8, like the cycled rungs). The `ztt+...` rungs are the ztt rung plus one recipe of
+docs/architecture.md's "looped-training recipes", to pick the best one by measurement.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from ztt_jax.config import Config, base_config, parse
 
+_ZTT = dict(variant="ztt", n_middle_layers=2, num_cycles=3)
 RUNGS = {
-    "vanilla-4": dict(variant="vanilla", n_middle_layers=2, num_cycles=1),
-    "bc": dict(variant="basic_cycling", n_middle_layers=2, num_cycles=2),
-    "htc": dict(variant="head_tail_cycling", n_middle_layers=2, num_cycles=3),
-    "ztt": dict(variant="ztt", n_middle_layers=2, num_cycles=3),
-    "vanilla-8": dict(variant="vanilla", n_middle_layers=6, num_cycles=1),
+    "vanilla-4": dict(model=dict(variant="vanilla", n_middle_layers=2, num_cycles=1)),
+    "bc": dict(model=dict(variant="basic_cycling", n_middle_layers=2, num_cycles=2)),
+    "htc": dict(model=dict(variant="head_tail_cycling", n_middle_layers=2, num_cycles=3)),
+    "ztt": dict(model=_ZTT),
+    "vanilla-8": dict(model=dict(variant="vanilla", n_middle_layers=6, num_cycles=1)),
+    # recipes (model.* / train.* of the same names)
+    "ztt+inject": dict(model=dict(_ZTT, input_injection="embed")),
+    "ztt+gate": dict(model=dict(_ZTT, exit_gate=True)),
+    "ztt+random": dict(model=_ZTT, train=dict(cycles_distribution="poisson", cycles_mean=3.0, cycles_max=5)),
 }
+BASE_RUNGS = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
 TASKS = ("text", "multihop")
 
-# The budget is sized for a shared 2-core CPU (see docs/results.md); change it here, not per rung.
-WIDTH = dict(d_model=64, num_heads=4, mlp_dim=192)
+# Text: nanoGPT's CPU "baby" budget (shakespeare_char: block 64, batch 12, 2000 iters, n_embd 128,
+# 4 heads), byte-level, the last 10% held out. Multi-hop: the width, data and schedule of
+# configs/default.py (the embedded task at 1..6 hops). Change a budget here, not per rung.
 TASK_DEFAULTS = {
-    "text": dict(seq_len=64, batch=16, steps=150, lr=3e-3),
-    "multihop": dict(seq_len=32, batch=32, steps=150, lr=3e-3),
+    "text": dict(width=dict(d_model=128, num_heads=4, mlp_dim=512), seq_len=64, batch=12, steps=2000,
+                 lr=3e-3, warmup=100),
+    "multihop": dict(width=dict(d_model=64, num_heads=4, mlp_dim=256), seq_len=61, batch=16, steps=1500,
+                     lr=3e-3, warmup=100),
 }
 # Deep supervision for every rung, so the only difference between htc and ztt is the zero token,
 # and the fixed-cut and confidence exit rules have a trained read-out after each cycle.
@@ -30,6 +44,15 @@ CYCLE_LOSS_WEIGHT = 0.5
 
 def run_name(rung: str, seed: int) -> str:
   return f"{rung}_s{seed}"
+
+
+def _default_task_data():
+  """configs/default.py's data section (the repository's default task), read from the file."""
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py")
+  spec = importlib.util.spec_from_file_location("ztt_default_config", os.path.abspath(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config().data
 
 
 def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None,
@@ -41,15 +64,14 @@ def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None
   d = TASK_DEFAULTS[task]
   steps = steps or d["steps"]
   cfg = base_config()
-  cfg.model.update(WIDTH)
-  cfg.model.update(RUNGS[rung])
+  cfg.model.update(d["width"])
+  cfg.model.update(RUNGS[rung]["model"])
+  cfg.train.update(RUNGS[rung].get("train", {}))
   cfg.model.n_head_layers = 1
   cfg.model.n_tail_layers = 1
   cfg.model.max_seq_len = d["seq_len"]
   cfg.model.cycle_loss_weight = CYCLE_LOSS_WEIGHT
   cfg.model.exit_threshold = None  # the ladder compares full-depth models; exits are swept afterwards
-  cfg.data.seq_len = d["seq_len"]
-  cfg.data.seed = 0  # same data order and held-out set for every rung and seed; the seed varies init
   if task == "text":
     if not data_path:
       raise ValueError("--task=text needs --data=PATH to a text file")
@@ -57,21 +79,24 @@ def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None
     cfg.data.path = data_path
     cfg.data.eval_fraction = 0.1
     cfg.eval.max_batches = 8
-    cfg.eval.batch_size = 32  # 256 held-out windows of 64 bytes
+    cfg.eval.batch_size = 32  # 256 held-out windows of 64 bytes (nanoGPT's protocol runs after training)
   else:
-    cfg.data.kind = "multihop"
-    cfg.data.max_hops = 3
-    cfg.data.num_distractors = 1
+    cfg.data = _default_task_data()
+    cfg.model.token_shift = True  # as configs/default.py: without it no rung learns even one lookup
+    # The curriculum keeps its shape (all hop counts from 5/6 of the run) at a shorter budget.
+    cfg.data.curriculum_examples = min(cfg.data.curriculum_examples, steps * d["batch"])
     cfg.eval.max_batches = 8
     cfg.eval.batch_size = 64  # 512 held-out examples: every example of the eval set
+  cfg.data.seq_len = d["seq_len"]
+  cfg.data.seed = 0  # same data order and held-out set for every rung and seed; the seed varies init
   cfg.train.seed = seed
   cfg.train.steps = steps
   cfg.train.global_batch_size = d["batch"]
   cfg.train.learning_rate = d["lr"]
-  cfg.train.warmup_steps = max(1, steps // 10)
+  cfg.train.warmup_steps = min(d["warmup"], max(1, steps // 10))
   cfg.checkpoint.every_steps = max(1, steps // 2)
   cfg.checkpoint.max_to_keep = 1
   cfg.log.every_steps = max(1, steps // 10)
   cfg.log.tensorboard = False
-  cfg.eval.every_steps = max(1, steps // 2)
+  cfg.eval.every_steps = max(1, steps // 4)
   return parse(cfg)

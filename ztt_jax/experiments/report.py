@@ -28,7 +28,8 @@ def ladder_table(s: dict) -> str:
   mid = [st for st in steps if int(st) < s["budget"]["steps"]]
   head = ["rung", "unique params", "effective depth"] + [f"loss @ step {st}" for st in mid]
   head += ["final held-out loss (nats)"]
-  head += ["accuracy %"] + [f"{h}-hop acc %" for h in hops] if multihop else ["bits per byte"]
+  head += ["accuracy %"] + [f"{h}-hop acc %" for h in hops] if multihop else \
+      ["bits per byte", "nanoGPT-protocol loss (nats/byte)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in s["rungs"].items():
     row = [f"`{name}`", f"{r['params']:,}", str(r["effective_depth"])]
@@ -37,7 +38,7 @@ def ladder_table(s: dict) -> str:
     if multihop:
       row += [_fmt(r["accuracy"], 1, pct=True)] + [_fmt(r["accuracy_by_hop"][h], 1, pct=True) for h in hops]
     else:
-      row += [_fmt(r["bits_per_byte"])]
+      row += [_fmt(r["bits_per_byte"]), _fmt(r.get("nanogpt_eval_loss", {}))]
     lines.append("| " + " | ".join(row) + " |")
   b = s["budget"]
   lines.append("")
@@ -50,7 +51,7 @@ def ladder_table(s: dict) -> str:
 
 def sweep_table(sw: dict) -> str:
   metric = sw["metric"]
-  rules = ["fixed", "zero_attention", "confidence"]
+  rules = ["fixed", "zero_attention", "confidence", "gate"]
   head = ["rule", "parameter", "mean cycles", "compute fraction", metric]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for rule in rules:
@@ -72,6 +73,19 @@ def hop_table(sw: dict) -> str:
   for p in pts:
     row = [f"{p['parameter']:.4g}", f"{p['mean_cycles']:.2f}"]
     row += [f"{p['per_hop'][h]['mean_cycles']:.2f}" for h in hops]
+    row += [f"{100 * p['per_hop'][h]['accuracy']:.1f}%" for h in hops]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def depth_table(d: dict) -> str:
+  """Accuracy by hop count at each test-time cycle count (exit off), from a depth_*.json."""
+  hops = sorted(d["points"][0]["per_hop"], key=int)
+  head = ["cycles", "all"] + [f"{h} hops{' (untrained)' if int(h) > d['trained_max_hops'] else ''}" for h in hops]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for p in d["points"]:
+    mark = " (trained)" if p["num_cycles"] == d["trained_cycles"] else ""
+    row = [f"{p['num_cycles']}{mark}", f"{100 * p['accuracy']:.1f}%"]
     row += [f"{100 * p['per_hop'][h]['accuracy']:.1f}%" for h in hops]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
@@ -139,9 +153,9 @@ def fill(text: str, blocks: dict) -> str:
   return text
 
 
-def load_sweeps(results_dir: str, task: str) -> list[dict]:
+def load_sweeps(results_dir: str, task: str, kind: str = "sweep") -> list[dict]:
   out = []
-  for path in sorted(glob.glob(os.path.join(results_dir, f"sweep_{task}_s*.json"))):
+  for path in sorted(glob.glob(os.path.join(results_dir, f"{kind}_{task}_s*.json"))):
     with open(path) as f:
       out.append(json.load(f))
   return out
@@ -164,6 +178,10 @@ def build_blocks(out_dir: str, docs: str) -> dict:
       if task == "multihop":
         blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
         figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))
+  depths = load_sweeps(results, "multihop", kind="depth")
+  if depths:
+    blocks["depth_multihop"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
+    figures.plot_depth(depths[0], os.path.join(docs, "depth_multihop.png"))
   bench = os.path.join(results, "bench.json")
   if os.path.isfile(bench):
     with open(bench) as f:

@@ -6,9 +6,13 @@ import os
 import time
 
 import jax
+import numpy as np
 
+from ztt_jax import evaluate, restore
 from ztt_jax import run as run_lib
-from ztt_jax.experiments.ladder import RUNGS, rung_config, run_name
+from ztt_jax.data.pipeline import open_source
+from ztt_jax.data.sources import example_from_tokens
+from ztt_jax.experiments.ladder import BASE_RUNGS, rung_config, run_name
 from ztt_jax.metrics import flat, read_metrics
 from ztt_jax.trainer import train
 
@@ -24,9 +28,32 @@ def param_count(cfg) -> int:
   return int(sum(x.size for x in jax.tree.leaves(run_lib.build(cfg).abstract_state.params)))
 
 
+def nanogpt_batches(cfg, *, num_batches: int = 20, batch_size: int = 12, seed: int = 1337) -> list:
+  """nanoGPT's estimate_loss protocol on the run's held-out tail: num_batches batches of batch_size
+  windows of seq_len + 1 tokens starting uniformly at random in the tail (seeded, so every rung and
+  seed sees the same windows). Comparable with nanoGPT's published val loss for the same budget."""
+  src = open_source(cfg.data)
+  T = src.seq_len
+  rng = np.random.default_rng(seed)
+  lo, hi = src.num_train_tokens, len(src.tokens) - T - 1
+  batches = []
+  for _ in range(num_batches):
+    rows = [example_from_tokens(np.asarray(src.tokens[s:s + T + 1]), T, src.pad_id)
+            for s in rng.integers(lo, hi + 1, batch_size)]
+    batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+  return batches
+
+
+def nanogpt_loss(workdir: str) -> float:
+  """Held-out nats per byte of a finished text run on nanoGPT's protocol (see nanogpt_batches)."""
+  trained = restore.load_trained(workdir)
+  return evaluate.evaluate(trained, batches=nanogpt_batches(trained.cfg))["loss"]
+
+
 def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, steps=None) -> dict:
   cfg = rung_config(task, rung, seed, data_path=data_path, steps=steps)
   workdir = os.path.join(out, run_name(rung, seed))
+  load_start = os.getloadavg()
   t0 = time.perf_counter()
   final = train(cfg, workdir)
   if "preempted_at" in final:
@@ -42,7 +69,11 @@ def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, step
       "wall_s": time.perf_counter() - t0,
       "median_tokens_per_sec": sorted(tok_s)[len(tok_s) // 2] if tok_s else None,
       "final": {k: float(v) for k, v in flat(final).items()},
+      # 1/5/15-minute load averages before and after (the run itself adds ~1-2 on 2 cores)
+      "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
   }
+  if task == "text":
+    result["nanogpt_eval_loss"] = nanogpt_loss(workdir)
   with open(os.path.join(workdir, RESULT), "w") as f:
     json.dump(result, f, indent=1)
   return result
@@ -53,7 +84,7 @@ def run_ladder(task: str, out: str, seeds: int, *, data_path=None, steps=None, r
   out = os.path.join(out, task)
   os.makedirs(out, exist_ok=True)
   for seed in range(seeds):
-    for rung in rungs or RUNGS:
+    for rung in rungs or BASE_RUNGS:
       workdir = os.path.join(out, run_name(rung, seed))
       if finished(workdir):
         log(f"[{task}] {run_name(rung, seed)}: done, skipped")

@@ -1,4 +1,4 @@
-"""Saved run results -> one summary JSON per task (mean and spread over seeds). No JAX."""
+"""Saved run results -> one summary JSON per task (mean and spread over seeds). No JAX computation."""
 from __future__ import annotations
 
 import glob
@@ -8,7 +8,9 @@ import os
 
 from ztt_jax.metrics import per_hop
 
-RUNG_ORDER = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
+from ztt_jax.experiments.ladder import RUNGS
+
+RUNG_ORDER = tuple(RUNGS)
 
 
 def load_results(task_dir: str) -> list[dict]:
@@ -55,6 +57,8 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
         "num_cycles": rs[0]["num_cycles"],
         "eval_loss": stats([f.get("eval/loss") for f in finals]),
         "bits_per_byte": stats([f["eval/loss"] / math.log(2) for f in finals if "eval/loss" in f]),
+        "nanogpt_eval_loss": stats([x.get("nanogpt_eval_loss") for x in rs]),
+        "load_avg_start": [x.get("load_avg_start") for x in rs],
         "tokens_per_sec": stats([x.get("median_tokens_per_sec") for x in rs]),
         "eval_loss_by_step": {st: stats([x["eval_curve"].get(st) for x in rs])
                               for st in sorted({k for x in rs for k in x.get("eval_curve", {})}, key=int)},
