@@ -91,4 +91,7 @@ def run_ladder(task: str, out: str, seeds: int, *, data_path=None, steps=None, r
         continue
       log(f"[{task}] {run_name(rung, seed)}: training ({time.strftime('%H:%M:%S')})")
       r = train_one(task, rung, seed, out, data_path=data_path, steps=steps)
+      if "preempted_at" in r:  # SIGTERM / Ctrl-C stops the ladder, not just this rung
+        log(f"[{task}] {run_name(rung, seed)}: stopped at step {r['preempted_at']}; rerun the command to resume")
+        return
       log(f"[{task}] {run_name(rung, seed)}: {json.dumps(r.get('final', r))} in {r.get('wall_s', 0):.0f}s")
