@@ -17,12 +17,17 @@ DEPTH_FACTORS = (1.0, 1.5, 2.0)
 EXTRA_HOPS = 2
 
 
-def sweep_path(results_dir: str, task: str, seed: int) -> str:
-  return os.path.join(results_dir, f"sweep_{task}_s{seed}.json")
+def _stem(task: str, rung: str) -> str:
+  # The plain ztt keeps the short name; a recipe rung's sweep must not overwrite it.
+  return task if rung == "ztt" else f"{task}_{rung}"
 
 
-def depth_path(results_dir: str, task: str, seed: int) -> str:
-  return os.path.join(results_dir, f"depth_{task}_s{seed}.json")
+def sweep_path(results_dir: str, task: str, seed: int, rung: str = "ztt") -> str:
+  return os.path.join(results_dir, f"sweep_{_stem(task, rung)}_s{seed}.json")
+
+
+def depth_path(results_dir: str, task: str, seed: int, rung: str = "ztt") -> str:
+  return os.path.join(results_dir, f"depth_{_stem(task, rung)}_s{seed}.json")
 
 
 def _trained_runs(task, out, seeds, rung, paths, log):
@@ -42,13 +47,13 @@ def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, rung: str = 
   """Every exit rule the rung's model has (with exit_gate: four) on the same held-out batches; and
   on multi-hop, accuracy by hop at DEPTH_FACTORS x the trained cycles (depth extrapolation)."""
   os.makedirs(results_dir, exist_ok=True)
-  paths = [lambda s: sweep_path(results_dir, task, s)]
+  paths = [lambda s: sweep_path(results_dir, task, s, rung)]
   if task == "multihop":
-    paths.append(lambda s: depth_path(results_dir, task, s))
+    paths.append(lambda s: depth_path(results_dir, task, s, rung))
   for seed, workdir, trained in _trained_runs(task, out, seeds, rung, paths, log):
     result = evaluate.sweep(trained, num_thresholds=num_thresholds, max_batches=MAX_BATCHES[task])
     result.update(task=task, seed=seed, rung=rung, workdir=workdir)
-    evaluate.write_json(result, sweep_path(results_dir, task, seed))
+    evaluate.write_json(result, sweep_path(results_dir, task, seed, rung))
     log(f"[{task}] sweep seed {seed}: {len(result['points'])} points")
     if task == "multihop":
       c = trained.cfg.model.cycles
@@ -60,4 +65,4 @@ def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, rung: str = 
                               num_cycles=int(math.ceil(f * c)), max_hops=hops)
         depth["points"].append({"num_cycles": r["num_cycles"], "accuracy": r["accuracy"], "per_hop": r["per_hop"]})
         log(f"[{task}] depth seed {seed}: {r['num_cycles']} cycles, accuracy {r['accuracy']:.3f}")
-      evaluate.write_json(depth, depth_path(results_dir, task, seed))
+      evaluate.write_json(depth, depth_path(results_dir, task, seed, rung))

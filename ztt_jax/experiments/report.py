@@ -26,13 +26,13 @@ def ladder_table(s: dict) -> str:
   hops = sorted({h for r in s["rungs"].values() for h in r.get("accuracy_by_hop", {})}, key=int)
   steps = sorted({st for r in s["rungs"].values() for st in r.get("eval_loss_by_step", {})}, key=int)
   mid = [st for st in steps if int(st) < s["budget"]["steps"]]
-  head = ["rung", "unique params", "effective depth"] + [f"loss @ step {st}" for st in mid]
+  head = ["rung", "seeds", "unique params", "effective depth"] + [f"loss @ step {st}" for st in mid]
   head += ["final held-out loss (nats)"]
   head += ["accuracy %"] + [f"{h}-hop acc %" for h in hops] if multihop else \
       ["bits per byte", "nanoGPT-protocol loss (nats/byte)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in s["rungs"].items():
-    row = [f"`{name}`", f"{r['params']:,}", str(r["effective_depth"])]
+    row = [f"`{name}`", str(len(r["seeds"])), f"{r['params']:,}", str(r["effective_depth"])]
     row += [_fmt(r["eval_loss_by_step"].get(st)) for st in mid]
     row += [_fmt(r["eval_loss"])]
     if multihop:
@@ -42,10 +42,9 @@ def ladder_table(s: dict) -> str:
     lines.append("| " + " | ".join(row) + " |")
   b = s["budget"]
   lines.append("")
-  lines.append(f"Seeds per rung: {max(len(r['seeds']) for r in s['rungs'].values())}; "
-               f"budget {b['steps']} steps x {b['tokens_per_step']} tokens = {b['tokens_per_run']:,} "
+  lines.append(f"Budget {b['steps']} steps x {b['tokens_per_step']} tokens = {b['tokens_per_run']:,} "
                f"training tokens per run; {b['runs']} runs, {b['train_wall_s_total'] / 60:.1f} min of "
-               "training wall time in total. Values are mean ± half the range over seeds.")
+               "training wall time in total. Values are mean ± half the range over seeds (± 0 for one seed).")
   return "\n".join(lines)
 
 
@@ -167,17 +166,22 @@ def build_blocks(out_dir: str, docs: str) -> dict:
   for task, s in summary_lib.write_summaries(out_dir, results).items():
     blocks[f"ladder_{task}"] = ladder_table(s)
     figures.plot_ladder(s, os.path.join(docs, f"ladder_{task}.png"))
+  from ztt_jax.plots import plot_quality_vs_compute
   for task in ("text", "multihop"):
     sweeps = load_sweeps(results, task)
     for i, sw in enumerate(sweeps):
       blocks[f"exit_{task}_s{i}"] = sweep_table(sw)
     if sweeps:
-      from ztt_jax.plots import plot_quality_vs_compute
       plot_quality_vs_compute(sweeps[0], os.path.join(docs, f"exit_{task}.png"),
                               title=f"{task}: exit rules on the trained ztt (seed 0)", x="mean_cycles")
-      if task == "multihop":
-        blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
-        figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))
+    if sweeps and task == "multihop":
+      blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
+      figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))
+    gated = load_sweeps(results, f"{task}_ztt+gate")
+    if gated:  # the gate rung has all four rules on one model: the task's bake-off plot
+      blocks[f"exit_{task}_gate"] = sweep_table(gated[0])
+      plot_quality_vs_compute(gated[0], os.path.join(docs, f"exit_{task}_gate.png"),
+                              title=f"{task}: four exit rules on the trained ztt+gate (seed 0)", x="mean_cycles")
   depths = load_sweeps(results, "multihop", kind="depth")
   if depths:
     blocks["depth_multihop"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
