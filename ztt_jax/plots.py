@@ -7,6 +7,7 @@ RULE_STYLE = {
     "zero_attention": dict(marker="o", label="zero attention (ZTT)"),
     "confidence": dict(marker="s", label="confidence (CALM)"),
     "fixed": dict(marker="^", label="fixed cut after c cycles"),
+    "gate": dict(marker="D", label="learned exit gate (Ouro)"),
 }
 
 
