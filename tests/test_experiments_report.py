@@ -98,3 +98,25 @@ def test_depth_table_marks_trained_cycles_and_untrained_hops():
   rows = report.depth_table(d).splitlines()
   assert rows[0] == "| cycles | all | 1 hops | 2 hops (untrained) |"
   assert rows[2] == "| 2 (trained) | 75.0% | 100.0% | 50.0% |" and rows[3] == "| 3 | 62.5% | 100.0% | 25.0% |"
+
+
+def test_a_recipe_rungs_sweep_has_its_own_file_and_block(tmp_path):
+  from ztt_jax.experiments import exits
+  results = str(tmp_path / "docs" / "results")
+  plain, gated = exits.sweep_path(results, "text", 0), exits.sweep_path(results, "text", 0, "ztt+gate")
+  assert plain.endswith("sweep_text_s0.json") and plain != gated
+  os.makedirs(results)
+
+  def sweep(rules, loss):
+    pts = [{"rule": r, "parameter": 0.5, "mean_cycles": 2.0, "compute_fraction": 0.75, "loss": loss} for r in rules]
+    return {"metric": "loss", "points": pts}
+  for path, sw in [(plain, sweep(["fixed", "zero_attention"], 1.25)),
+                   (gated, sweep(["fixed", "zero_attention", "gate"], 1.5))]:
+    with open(path, "w") as f:
+      json.dump(sw, f)
+
+  blocks = report.build_blocks(str(tmp_path / "runs"), str(tmp_path / "docs"))
+  assert "1.2500" in blocks["exit_text_s0"] and "gate" not in blocks["exit_text_s0"]
+  assert "| gate |" in blocks["exit_text_gate"] and "1.5000" in blocks["exit_text_gate"]
+  assert "exit_text_s1" not in blocks  # the gate's sweep is not taken for a second ztt seed
+  assert os.path.isfile(str(tmp_path / "docs" / "exit_text_gate.png"))

@@ -38,7 +38,8 @@ def test_sharded_training_equals_single_device(tmp_path):
                 devices=jax.devices()[:1])
   reference = losses(ref_dir)
   assert sorted(reference) == [1, 2, 3]
-  # (2, 4, 1) is trained by test_restore_on_another_mesh_gives_equal_params.
+  # Mesh (2, 4, 1) is compared with the one-device reference in tests/test_multihost.py (two
+  # processes of 4 devices each), so it is not trained again here.
   for shape in [(8, 1, 1), (2, 2, 2)]:
     workdir = tmp_path / "x".join(map(str, shape))
     trainer.train(tiny(mesh__shape=shape, train__steps=3, eval__max_batches=0), str(workdir))

@@ -5,7 +5,7 @@ import math
 import os
 
 from ztt_jax import evaluate, restore
-from ztt_jax.experiments.ladder import run_name
+from ztt_jax.experiments.ladder import result_stem, run_name
 from ztt_jax.experiments.runs import finished
 from ztt_jax.model.exit import ExitRule
 
@@ -17,17 +17,12 @@ DEPTH_FACTORS = (1.0, 1.5, 2.0)
 EXTRA_HOPS = 2
 
 
-def _stem(task: str, rung: str) -> str:
-  # The plain ztt keeps the short name; a recipe rung's sweep must not overwrite it.
-  return task if rung == "ztt" else f"{task}_{rung}"
-
-
 def sweep_path(results_dir: str, task: str, seed: int, rung: str = "ztt") -> str:
-  return os.path.join(results_dir, f"sweep_{_stem(task, rung)}_s{seed}.json")
+  return os.path.join(results_dir, f"sweep_{result_stem(task, rung)}_s{seed}.json")
 
 
 def depth_path(results_dir: str, task: str, seed: int, rung: str = "ztt") -> str:
-  return os.path.join(results_dir, f"depth_{_stem(task, rung)}_s{seed}.json")
+  return os.path.join(results_dir, f"depth_{result_stem(task, rung)}_s{seed}.json")
 
 
 def _trained_runs(task, out, seeds, rung, paths, log):

@@ -46,6 +46,12 @@ def run_name(rung: str, seed: int) -> str:
   return f"{rung}_s{seed}"
 
 
+def result_stem(task: str, rung: str) -> str:
+  """Name stem of a rung's sweep / depth JSON: the plain ztt keeps the task's name, so a recipe
+  rung's sweep never overwrites it."""
+  return task if rung == "ztt" else f"{task}_{rung}"
+
+
 def _default_task_data():
   """configs/default.py's data section (the repository's default task), read from the file."""
   path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py")

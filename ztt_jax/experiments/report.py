@@ -1,4 +1,4 @@
-"""Saved JSON -> markdown tables and PNGs for docs/results.md. No JAX.
+"""Saved JSON -> markdown tables and PNGs for docs/results.md (reads files; trains and evaluates nothing).
 
 The report's prose is written by hand; the tables sit between `<!-- auto:NAME -->` and
 `<!-- /auto:NAME -->` markers and are regenerated in place, so every number in them comes from the
@@ -12,6 +12,8 @@ import os
 import re
 
 from ztt_jax.experiments import figures, summary as summary_lib
+from ztt_jax.experiments.ladder import result_stem
+from ztt_jax.plots import plot_quality_vs_compute
 
 
 def _fmt(s: dict, digits=3, pct=False) -> str:
@@ -166,7 +168,6 @@ def build_blocks(out_dir: str, docs: str) -> dict:
   for task, s in summary_lib.write_summaries(out_dir, results).items():
     blocks[f"ladder_{task}"] = ladder_table(s)
     figures.plot_ladder(s, os.path.join(docs, f"ladder_{task}.png"))
-  from ztt_jax.plots import plot_quality_vs_compute
   for task in ("text", "multihop"):
     sweeps = load_sweeps(results, task)
     for i, sw in enumerate(sweeps):
@@ -177,7 +178,7 @@ def build_blocks(out_dir: str, docs: str) -> dict:
     if sweeps and task == "multihop":
       blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
       figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))
-    gated = load_sweeps(results, f"{task}_ztt+gate")
+    gated = load_sweeps(results, result_stem(task, "ztt+gate"))
     if gated:  # the gate rung has all four rules on one model: the task's bake-off plot
       blocks[f"exit_{task}_gate"] = sweep_table(gated[0])
       plot_quality_vs_compute(gated[0], os.path.join(docs, f"exit_{task}_gate.png"),
