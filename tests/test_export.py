@@ -54,7 +54,7 @@ def run(tmp_path_factory):
   _, params = init_params(cfg.model)
   params = jax.tree.map(np.asarray, params)
   seed_export = export.save(str(tmp / "seed"), cfg.model, params)
-  state = run_lib.init_from_export(seed_export, r).replace(step=jnp.asarray(5, jnp.int32))
+  state = restore.init_from_export(seed_export, r).replace(step=jnp.asarray(5, jnp.int32))
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                     vocab_size=cfg.model.vocab_size)
   ckpt = Checkpointer(str(tmp / "run" / "checkpoints"), cfg.checkpoint)
@@ -111,7 +111,7 @@ def test_bfloat16_export_cli(run, tmp_path):
   assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
   # fine-tuning from it runs in the run's float32 params
-  got = jax.device_get(run_lib.load_init_params(str(out), run_lib.build(cfg, jax.devices()[:2])))
+  got = jax.device_get(restore.load_init_params(str(out), run_lib.build(cfg, jax.devices()[:2])))
   assert {a.dtype for a in jax.tree.leaves(got)} == {np.dtype(np.float32)}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(ml_dtypes.bfloat16).astype(np.float32)),
                got, params)

@@ -12,7 +12,7 @@ import transformers
 
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
-from ztt_jax import export, trainer
+from ztt_jax import export, restore, trainer
 from ztt_jax import run as run_lib
 from ztt_jax.convert import hf_gpt2
 from ztt_jax.metrics import read_metrics
@@ -184,7 +184,7 @@ def test_init_from_with_another_model_config_names_the_fix(hf3, tmp_path):
   cd.data.kind, cd.data.seq_len, cd.data.max_hops = "multihop", 48, 3
   run = run_lib.build(config_lib.parse(cd))
   with pytest.raises(config_lib.ConfigError, match="configs/finetune.py"):
-    run_lib.load_init_params(out, run)
+    restore.load_init_params(out, run)
 
 
 # ------------------------------------------------------------------ bad input

@@ -86,7 +86,7 @@ def text_run(tmp_path_factory):
   r = run_lib.build(cfg)
   _, params = init_params(cfg.model)
   seed = export.save(str(tmp / "seed"), cfg.model, jax.tree.map(np.asarray, params))
-  state = run_lib.init_from_export(seed, r).replace(step=jnp.asarray(2, jnp.int32))
+  state = restore.init_from_export(seed, r).replace(step=jnp.asarray(2, jnp.int32))
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                     vocab_size=cfg.model.vocab_size)
   ckpt = Checkpointer(str(tmp / "run" / "checkpoints"), cfg.checkpoint)

@@ -31,7 +31,8 @@ import numpy as np
 from ztt_jax.config import base_config, parse
 from ztt_jax.flops import measured_cpu_matmul_peak, peak_flops, train_flops_per_token
 from ztt_jax.model import ExitRule, ModelConfig, ZTTModel
-from ztt_jax.run import build, jit_train_step, to_global
+from ztt_jax.partitioning import to_global
+from ztt_jax.run import build, jit_train_step
 
 SUITES = ("throughput", "compile", "exit", "remat", "mfu")
 

@@ -133,7 +133,7 @@ def topology_devices(topology: str) -> list:
 
 
 def abstract_batch(cfg, mesh):
-  """Global-batch shapes the train step receives (what `run.to_global` builds)."""
+  """Global-batch shapes the train step receives (what `partitioning.to_global` builds)."""
   b, t = cfg.train.global_batch_size, cfg.data.seq_len
   sharding = partitioning.batch_sharding(mesh)
   spec = {"inputs": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32),

@@ -1,4 +1,5 @@
-"""Joining JAX's multi-controller runtime (`jax.distributed`) when launched as one of many processes.
+"""Joining JAX's multi-controller runtime (`jax.distributed`) when launched as one of many processes,
+and keeping those processes in step while each compiles (`compile_synced`).
 
 Call `maybe_initialize` before anything touches a JAX device: the process count and the global
 device list are fixed when the backend starts.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import logging
 import os
 from typing import Optional
@@ -91,3 +93,46 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
   log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+# ------------------------------------------------------------------ compiling on several processes
+
+def compile_synced(jitted, static_argnums: tuple = ()):
+  """`jitted` itself on one process; on several, a wrapper that compiles before the first call
+  with each argument signature and then waits until every process has (see _CompileThenSync).
+  static_argnums: those of `jitted`; each of their values is its own program."""
+  return _CompileThenSync(jitted, static_argnums) if jax.process_count() > 1 else jitted
+
+
+class _CompileThenSync:
+  """Only process 0 writes JAX's persistent compilation cache, and on CPU the other processes'
+  cache keys differ, so after a restart process 0 loads in a second what the others compile for a
+  minute; CPU (Gloo) collectives fail when processes reach the first one more than 30 s apart.
+  Waiting at the coordination service's barrier has no such limit."""
+
+  _barriers = itertools.count()
+
+  def __init__(self, jitted, static_argnums: tuple = ()):
+    self._jitted = jitted
+    self._static = tuple(static_argnums)
+    self._compiled = {}
+
+  def __call__(self, *args):
+    # A compiled program takes only the non-static arguments; the static ones are in its key.
+    dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
+    leaves, treedef = jax.tree_util.tree_flatten(dynamic)
+    key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves),
+           tuple(args[i] for i in self._static if i < len(args)))
+    fn = self._compiled.get(key)
+    if fn is None:
+      fn = self._compiled[key] = self._jitted.lower(*args).compile()
+      _wait_for_all_processes(f"ztt_jax_compiled_{next(self._barriers)}")
+    return fn(*dynamic)
+
+
+def _wait_for_all_processes(name: str, timeout_s: int = 3600):
+  # jax.distributed has no public barrier; its client (jax._src) does, with no 30 s limit.
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, timeout_s * 1000)

@@ -87,6 +87,13 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """This process's rows of a batch (numpy, from the data pipeline) as global arrays split over the
+  mesh's batch axes; every process calls it with its own rows, so no process holds the whole batch."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -100,7 +100,7 @@ def sampled_cycles(cfg: Config, step: int) -> Optional[int]:
 
 TRAIN_STEP_STATIC = (2,)
 """The train step's static positional arguments (num_cycles): jit them, and pass them to
-run.compile_synced, as static."""
+distributed.compile_synced, as static."""
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Config, mesh,

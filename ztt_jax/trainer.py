@@ -20,11 +20,14 @@ from ztt_jax import data as data_lib
 from ztt_jax import outdir, partitioning, resume
 from ztt_jax.checkpointing import Checkpointer, saved_config
 from ztt_jax.config import Config
+from ztt_jax.distributed import compile_synced
 from ztt_jax.evaluate import Evaluator
 from ztt_jax.flops import peak_flops_info, train_flops_per_token
 from ztt_jax.metrics import MetricsWriter, eval_summary
+from ztt_jax.partitioning import to_global
 from ztt_jax.preemption import StopRequest
-from ztt_jax.run import Run, build, compile_synced, init_from_export, jit_train_step, layout_metadata, to_global
+from ztt_jax.restore import init_from_export
+from ztt_jax.run import Run, build, jit_train_step, layout_metadata
 from ztt_jax.train_step import RECIPE_METRICS, TRAIN_STEP_STATIC, TrainState, sampled_cycles
 
 log = logging.getLogger(__name__)
