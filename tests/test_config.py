@@ -70,8 +70,23 @@ def test_bad_config_values_raise_clear_errors(section, field, value, match):
 def test_unknown_field_names_valid_fields():
   raw = config_lib.to_dict(config_lib.parse(load_config("default")))
   raw["train"]["learning_rat"] = 1.0
-  with pytest.raises(ConfigError, match="learning_rat"):
+  with pytest.raises(ConfigError, match="Unknown field train.learning_rat. Valid fields: steps, "):
     config_lib.parse(raw)
+  del raw["train"]["learning_rat"]
+  raw["trian"] = {}
+  with pytest.raises(ConfigError, match="Unknown field trian. Valid fields: model, data, train"):
+    config_lib.parse(raw)
+
+
+def test_json_values_come_back_as_the_field_types():
+  # A config read back from JSON (checkpoint metadata) has lists for tuples; an override may give
+  # an int to a float field.
+  raw = config_lib.to_dict(config_lib.parse(load_config("default")))
+  raw["mesh"] = {"shape": [-1, 1, 1], "logical_axis_rules": [list(r) for r in raw["mesh"]["logical_axis_rules"]]}
+  raw["train"]["peak_flops_per_device"] = 100
+  parsed = config_lib.parse(raw)
+  assert parsed.mesh == config_lib.MeshConfig(shape=(-1, 1, 1))
+  assert isinstance(parsed.train.peak_flops_per_device, float)
 
 
 def test_mesh_that_does_not_fit_devices():

@@ -15,6 +15,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
+from ztt_jax import schema
 from ztt_jax.data.config import DataConfig
 from ztt_jax.errors import ConfigError
 from ztt_jax.model.config import ModelConfig
@@ -34,29 +35,6 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("cycles", None),
     ("length", None),
 )
-
-
-def _section_from_any(cls, value, section: str):
-  if isinstance(value, cls):
-    return value
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  value = dict(value or {})
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(value) - names)
-  if unknown:
-    raise ConfigError(
-        f"Unknown field(s) {', '.join(section + '.' + k for k in unknown)}. "
-        f"Valid fields of `{section}`: {', '.join(sorted(names))}.")
-  hints = typing.get_type_hints(cls)
-  for name, val in list(value.items()):
-    if isinstance(val, list) and "tuple" in str(hints.get(name, "")).lower():
-      value[name] = _deep_tuple(val)
-  return cls(**value)
-
-
-def _deep_tuple(x):
-  return tuple(_deep_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 CYCLES_DISTRIBUTIONS = ("none", "poisson", "lognormal_poisson")
@@ -225,10 +203,6 @@ class Config:
     return self
 
 
-_SECTION_CLASSES = {f.name: f.default.__class__ for f in dataclasses.fields(Config)
-                    if dataclasses.is_dataclass(f.default)}
-
-
 # ml_collections picks the parser of a `--config.a.b=v` flag by the field's type, and its float, int
 # and bool parsers reject "none", so an Optional field could never be turned off from the command
 # line. An Optional field's type is therefore a tuple of types: ConfigDict type-checks values with
@@ -289,23 +263,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def parse(cfg: Any) -> Config:
   """ConfigDict (or dict or Config) -> validated `Config`; raises ConfigError naming the fix."""
-  if isinstance(cfg, Config):
-    return cfg.validate()
-  raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  valid = {f.name for f in dataclasses.fields(Config)}
-  unknown = sorted(set(raw) - valid)
-  if unknown:
-    raise ConfigError(f"Unknown config section(s) {unknown}; valid: {sorted(valid)}.")
-  kwargs = {}
-  for name, value in raw.items():
-    cls = _SECTION_CLASSES.get(name)
-    if cls is None:
-      kwargs[name] = value
-    elif hasattr(cls, "from_any"):
-      kwargs[name] = cls.from_any(value)
-    else:
-      kwargs[name] = _section_from_any(cls, value, name)
-  return Config(**kwargs).validate()
+  return schema.from_any(Config, cfg)
 
 
 def to_dict(cfg: Config) -> dict:

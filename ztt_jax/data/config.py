@@ -7,6 +7,7 @@ import dataclasses
 import typing
 from typing import Any, Optional
 
+from ztt_jax import schema
 from ztt_jax.errors import ConfigError
 
 KINDS = ('multihop', 'text', 'tokens', 'array_record')
@@ -97,25 +98,7 @@ class DataConfig:
   @classmethod
   def from_any(cls, x: Any) -> 'DataConfig':
     """Builds a validated DataConfig from a DataConfig, a dict or an ml_collections ConfigDict."""
-    if isinstance(x, cls):
-      x.validate()
-      return x
-    if hasattr(x, 'to_dict'):
-      x = x.to_dict()
-    if not isinstance(x, typing.Mapping):
-      raise ConfigError(f'data config must be a DataConfig, dict or ConfigDict, got {type(x).__name__}.')
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in x:
-      if key not in valid:
-        raise ConfigError(f'Unknown field data.{key}. Valid fields: {", ".join(valid)}.')
-    values = dict(x)
-    for f in dataclasses.fields(cls):
-      # ml_collections may hand over an int for a float field; accept it rather than fail.
-      if f.type is float and isinstance(values.get(f.name), int) and not isinstance(values[f.name], bool):
-        values[f.name] = float(values[f.name])
-    cfg = cls(**values)
-    cfg.validate()
-    return cfg
+    return schema.from_any(cls, x, 'data')
 
   def validate(self) -> None:
     """Raises ConfigError naming the first bad field and how to fix it. Touches no files."""

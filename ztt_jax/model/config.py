@@ -6,8 +6,9 @@ docstring under each field is its documentation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
+from ztt_jax import schema
 from ztt_jax.errors import ConfigError
 
 # Variant presets. `cycled=False` means one pass over the stack whatever `num_cycles` says.
@@ -185,20 +186,7 @@ class ModelConfig:
   @classmethod
   def from_any(cls, x: Any) -> "ModelConfig":
     """Build (and validate) from a ModelConfig, a dict or an ml_collections (Frozen)ConfigDict."""
-    if isinstance(x, cls):
-      x.validate()
-      return x
-    if hasattr(x, "to_dict"):
-      x = x.to_dict()
-    if not isinstance(x, Mapping):
-      raise ConfigError(f"model config must be a ModelConfig, dict or ConfigDict, got {type(x).__name__}")
-    valid = cls.field_names()
-    unknown = sorted(k for k in x if k not in valid)
-    if unknown:
-      raise ConfigError(f"unknown model config key(s) {unknown}; valid keys: {', '.join(valid)}")
-    cfg = cls(**dict(x))
-    cfg.validate()
-    return cfg
+    return schema.from_any(cls, x, "model")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
