@@ -3,7 +3,7 @@ decoding speed. One JSON and one table; every figure is measured in this run, no
 
   python benchmarks/gpu_bench.py [--json=FILE] [--budget_s=400] [--tiny]
 
-1. numerics   ztt_jax.model.attention_impls.check_against_reference for what attention_impl=auto
+1. numerics   benchmarks/attention_check.py (check_against_reference) for what attention_impl=auto
               resolves to on this device (cudnn on an H100/H200 in bf16) and for chunked, against
               the float32 reference: max |diff| of out, a0 and every gradient.
 2. train      a ZTT of ~1.1B unique params (d_model 2048, 16 heads of 128, SwiGLU 5632, RMSNorm,
@@ -113,13 +113,8 @@ def peak_memory_bytes():
 # ------------------------------------------------------------------------------------ 1. numerics
 
 def bench_numerics(args, budget: Budget) -> dict:
-  try:
-    from ztt_jax.model import attention_impls
-  except ImportError:
-    return {"skipped": "ztt_jax.model.attention_impls is not in this checkout"}
-  check = getattr(attention_impls, "check_against_reference", None)
-  if check is None:
-    return {"skipped": "attention_impls has no check_against_reference"}
+  import attention_check  # benchmarks/, on sys.path above
+  check = attention_check.check_against_reference
   seq = 128 if args.tiny else 2048
   heads, head_dim = (2, 16) if args.tiny else (16, 128)
   out = {}

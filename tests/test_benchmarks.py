@@ -72,11 +72,11 @@ def test_gpu_bench_tiny_runs_end_to_end(tmp_path, cached_peak, monkeypatch):
   """benchmarks/gpu_bench.py --tiny: numerics, one train configuration, decoding with exit off and
   on, one JSON. The same code paths as the GPU run, at a size CPU compiles in seconds.
 
-  The numerics check itself (attention_impls.check_against_reference, tested with the attention
+  The numerics check itself (benchmarks/attention_check.py, tested with the attention
   implementations) is stubbed: it compiles six programs, and here only the driver's use of it is
   under test."""
   import gpu_bench
-  from ztt_jax.model import attention_impls
+  import attention_check
   calls = []
 
   def fake_check(impl, **kw):
@@ -84,7 +84,7 @@ def test_gpu_bench_tiny_runs_end_to_end(tmp_path, cached_peak, monkeypatch):
     return {"impl": impl, "resolved": "reference" if impl == "auto" else impl, "dtype": kw["dtype"],
             "errors": {"out": 0.0, "a0": 0.0}, "chunked_errors": {"out": 0.0, "a0": 0.0}}
 
-  monkeypatch.setattr(attention_impls, "check_against_reference", fake_check)
+  monkeypatch.setattr(attention_check, "check_against_reference", fake_check)
   out = tmp_path / "gpu.json"
   res = gpu_bench.main(["--tiny", "--seqs=32", "--cycles=2", "--steps=1", f"--json={out}"])
   saved = json.loads(out.read_text())

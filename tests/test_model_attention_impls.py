@@ -189,6 +189,23 @@ def test_impl_choice_and_errors_name_the_fix():
     ModelConfig(attention_block_size=-1).validate()
 
 
+def test_device_check_runs_and_reports_every_error():
+  """benchmarks/attention_check.py, which gpu.sh runs on the accelerators, at a size CPU compiles in
+  seconds: auto resolves to chunked here, and every error against the reference is float32-small."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention_check.py"
+  spec = importlib.util.spec_from_file_location("attention_check", path)
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  r = check.check_against_reference("auto", batch=1, seq_len=12, num_heads=2, head_dim=8, dtype="float32",
+                                    block_size=8)
+  assert r["resolved"] == "chunked" and r["backend"] == "cpu"
+  for errors in (r["errors"], r["chunked_errors"]):
+    assert set(errors) == {"out", "a0", "dq", "dk", "dv", "dzero_key", "dzero_bias"}
+    assert max(errors.values()) < 1e-4, errors
+
+
 # ---------------------------------------------------------------- the model
 
 MB, MT = 2, 7  # batch, sequence (not a multiple of the block)

@@ -33,7 +33,7 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
     it because its keys are a fixed-size cache whose tail is not written yet.
   valid_TxS: an explicit [T, S] mask instead (dense: always runs the reference).
   impl: model.attention_impl, auto | reference | chunked | cudnn | pallas; block_size: the chunked
-    implementation's block (model.attention_block_size). See ztt_jax/model/attention_impls.py.
+    implementation's block (model.attention_block_size). See ztt_jax/model/attention_impls/.
 
   reference writes the softmax out by hand: with the zero logit at -inf (`mask_zero_slot`) its
   arithmetic is then bit-identical to attention without a zero slot.
