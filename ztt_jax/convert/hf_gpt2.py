@@ -13,10 +13,8 @@ Export (a `vanilla` GPT-2-form export back to a directory `transformers.GPT2LMHe
 Both directions write what `ztt_jax.export` writes/reads, so `ztt_jax.export.load(DIR)` and
 `python -m ztt_jax.train ... --config.init_from=DIR` take an imported model as it is.
 
-Neither direction destroys what it did not write (ztt_jax.outdir): an existing non-empty --out needs
---overwrite and is replaced only if ztt_jax wrote it (an export's config.json format key; for
---export_hf the marker file ztt_jax_export_hf.json, since Hugging Face's config.json is not ours),
---out may not be or lie inside --hf_dir/--from, and the directory is swapped in atomically.
+Neither direction destroys what it did not write (see `hf_io` for --export_hf, `ztt_jax.export`
+for the import).
 
 Mapping (GPT-2 form: norm=layernorm, position=learned, mlp=gelu with the tanh approximation,
 use_bias=True; Conv1D weights are [in, out], the same orientation as ours):
@@ -25,88 +23,32 @@ use_bias=True; Conv1D weights are [in, out], the same orientation as ours):
   h.i.attn.c_attn [D, 3D] -> q/k/v kernels [D, H, K] (columns are q | k | v, each head-major), bias likewise
   h.i.attn.c_proj [D, D] -> attn/o_kernel [H, K, D];  h.i.mlp.c_fc -> mlp/wi;  h.i.mlp.c_proj -> mlp/wo
 
---to=vanilla: all n_layer layers in one stack (n_head_layers=0, n_middle_layers=n_layer,
-n_tail_layers=0): the same function as the HF model.
-
---to=ztt: layer 0 becomes the head, layer n_layer-1 the tail, and the m = n_layer-2 layers between
-them are folded onto a shared stack of k layers (default k = m // num_cycles, so head + C*k + tail
-is at most the original depth) that runs num_cycles times:
-  copy     shared layer j = middle layer j (the first k middle layers; the rest are dropped).
-  average  the m middle layers are split, in order, into k consecutive groups of as equal size as
-           possible (numpy.array_split), and shared layer j is the element-wise mean of every param
-           of group j (norms included). With k = m every group has one layer (same as copy).
-The zero-key pool starts at zero keys plus a per-(cycle, layer, head) learned bias on the zero
-slot's logit of --zero_bias_init (default -10), so a0 = e^b / (e^b + sum_j e^(s_j)) is about e^-10
-times smaller than the attention's own weights and the converted model starts as the pre-trained
-layers would compute (up to the layers that copy/average changed), while the bias can still learn.
+--to=vanilla keeps the n_layer layers as one stack, the same function as the HF model; --to=ztt
+folds them into head, shared middle and tail with a silent zero slot (`ztt_jax.convert.fold`).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from typing import Any, Optional
+from typing import Optional
 
+import jax
 import numpy as np
 
 from ztt_jax import export as export_lib
-from ztt_jax import outdir
-from ztt_jax.errors import ConfigError
+from ztt_jax.convert import ConvertError, fold, hf_io
 from ztt_jax.model import ModelConfig
 
 # Activations that are GPT-2's tanh-approximate gelu (gelu_fast is the same formula).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-MIDDLE_INITS = ("copy", "average")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older checkpoints
+HF_MARKER = hf_io.MARKER  # the --export_hf marker, under the name callers know it by
 
 
-class ConvertError(ConfigError):
-  """The input can't be converted; the message names the fix."""
+# ------------------------------------------------------------------ import
 
-
-# ------------------------------------------------------------------ reading a HF directory
-
-def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+def read_hf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json as a dict, {name without 'transformer.': float32 array})."""
-  hf_dir = os.path.abspath(hf_dir)
-  if not os.path.isdir(hf_dir):
-    raise ConvertError(f"--hf_dir={hf_dir} is not a directory. Point it at a local Hugging Face GPT-2 "
-                       "directory (config.json + model.safetensors), e.g. one written by save_pretrained.")
-  cfg_path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise ConvertError(f"{hf_dir} has no config.json; it is not a Hugging Face model directory.")
-  with open(cfg_path) as f:
-    try:
-      hf_cfg = json.load(f)
-    except ValueError as e:
-      raise ConvertError(f"{cfg_path} is not valid JSON ({e}).") from None
-  single = os.path.join(hf_dir, "model.safetensors")
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.isfile(single):
-    files = [single]
-  elif os.path.isfile(index):
-    with open(index) as f:
-      files = sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
-  else:
-    bin_hint = (" It has pytorch_model.bin: re-save it as safetensors with "
-                "`GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR)` (transformers writes "
-                "safetensors by default)." if os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")) else "")
-    raise ConvertError(f"{hf_dir} has no model.safetensors (nor model.safetensors.index.json).{bin_hint}")
-  from safetensors import safe_open
-  tensors = {}
-  for file in files:
-    try:
-      with safe_open(file, "numpy") as f:
-        for name in f.keys():
-          if name.endswith(_IGNORED_SUFFIXES):
-            continue
-          key = name[len("transformer."):] if name.startswith("transformer.") else name
-          tensors[key] = np.asarray(f.get_tensor(name)).astype(np.float32)
-    except ConvertError:
-      raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-      raise ConvertError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e}).") from None
-  return hf_cfg, tensors
+  return hf_io.read(path, prefix="transformer.", ignored_suffixes=_IGNORED_SUFFIXES)
 
 
 def model_config_from_hf(hf_cfg: dict, dtype: str = "float32") -> ModelConfig:
@@ -189,54 +131,6 @@ def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
   return top, layers
 
 
-def _stack(layers: list[dict]) -> dict:
-  import jax
-  return jax.tree.map(lambda *xs: np.stack(xs), *layers)
-
-
-def _mean(layers: list[dict]) -> dict:
-  import jax
-  return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *layers)
-
-
-def to_vanilla(cfg: ModelConfig, top: dict, layers: list[dict]) -> tuple[ModelConfig, dict]:
-  return cfg, {**top, "middle": {"layers": _stack(layers)}}
-
-
-def to_ztt(cfg: ModelConfig, top: dict, layers: list[dict], num_cycles: int = 2,
-           n_middle_layers: Optional[int] = None, middle_init: str = "copy",
-           zero_bias_init: float = -10.0) -> tuple[ModelConfig, dict]:
-  """Head = layer 0, tail = last layer, shared middle from layers 1..L-2 (see the module docstring)."""
-  L = len(layers)
-  if L < 3:
-    raise ConvertError(f"--to=ztt needs n_layer >= 3 (a head, at least one middle layer and a tail); "
-                       f"this model has {L}. Use --to=vanilla.")
-  if middle_init not in MIDDLE_INITS:
-    raise ConvertError(f"--middle_init={middle_init!r}: use one of {', '.join(MIDDLE_INITS)}.")
-  if not isinstance(num_cycles, int) or num_cycles < 1:
-    raise ConvertError(f"--num_cycles={num_cycles}: must be a positive integer.")
-  m = L - 2
-  k = max(1, m // num_cycles) if n_middle_layers is None else n_middle_layers
-  if not 1 <= k <= m:
-    raise ConvertError(f"--n_middle_layers={k}: must be between 1 and the {m} middle layers of this model.")
-  middle = layers[1:-1]
-  if middle_init == "copy":
-    shared = middle[:k]
-  else:
-    shared = [_mean([middle[i] for i in group]) for group in np.array_split(np.arange(m), k)]
-  H = cfg.num_heads
-  zcfg = cfg.replace(variant="ztt", num_cycles=num_cycles, n_head_layers=1, n_middle_layers=k, n_tail_layers=1,
-                     zero_bias=True, zero_bias_init=float(zero_bias_init), zero_key_init="zeros",
-                     zero_token_layers="middle").validate()
-  params = {**top,
-            "head": {"layers": _stack(layers[:1])},
-            "middle": {"layers": _stack(shared)},
-            "tail": {"layers": _stack(layers[-1:])},
-            "zero_key_pool": np.zeros((num_cycles, k, H, cfg.head_dim), np.float32),
-            "zero_bias_pool": np.full((num_cycles, k, H), zero_bias_init, np.float32)}
-  return zcfg, params
-
-
 def import_hf(hf_dir: str, out: str, to: str = "vanilla", num_cycles: int = 2,
               n_middle_layers: Optional[int] = None, middle_init: str = "copy", zero_bias_init: float = -10.0,
               storage: str = "safetensors", dtype: str = "float32", overwrite: bool = False) -> str:
@@ -249,12 +143,8 @@ def import_hf(hf_dir: str, out: str, to: str = "vanilla", num_cycles: int = 2,
   hf_cfg, tensors = read_hf(hf_dir)
   cfg = model_config_from_hf(hf_cfg)
   top, layers = hf_layers(cfg, tensors)
-  if to == "vanilla":
-    cfg, params = to_vanilla(cfg, top, layers)
-  elif to == "ztt":
-    cfg, params = to_ztt(cfg, top, layers, num_cycles, n_middle_layers, middle_init, zero_bias_init)
-  else:
-    raise ConvertError(f"--to={to!r}: use vanilla or ztt.")
+  cfg, params = fold.fold(to, cfg, top, layers, num_cycles=num_cycles, n_middle_layers=n_middle_layers,
+                          middle_init=middle_init, zero_bias_init=zero_bias_init)
   source = {"kind": "hf_gpt2", "hf_dir": os.path.abspath(hf_dir), "to": to, "hf_config": hf_cfg}
   if to == "ztt":
     source.update(middle_init=middle_init, num_cycles=num_cycles, n_middle_layers=cfg.n_middle_layers,
@@ -282,7 +172,6 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
   need(cfg.mlp == "gelu", f"mlp={cfg.mlp!r}")
   need(cfg.use_bias, "use_bias=False")
   need(not cfg.token_shift, "token_shift=True (GPT-2 has no token shift)")
-  import jax
   params = jax.tree.map(np.asarray, params)
   stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]
   layers = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *stacks)  # vanilla runs head, middle, tail
@@ -321,49 +210,16 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
   return hf_cfg, {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
-# Hugging Face's config.json is not ours to recognise a directory by, so --export_hf leaves this
-# marker beside it; --overwrite replaces only a directory that has it and nothing else of the user's.
-HF_MARKER = "ztt_jax_export_hf.json"
-HF_MARKER_FORMAT = "ztt_jax.export_hf"
-HF_ENTRIES = ("config.json", "model.safetensors", "tokenizer.json", HF_MARKER)
-
-
-def is_our_hf_export(path: str) -> Optional[str]:
-  """None if `path` was written by `export_hf` and holds nothing else, else why not."""
-  try:
-    with open(os.path.join(path, HF_MARKER)) as f:
-      fmt = json.load(f).get("format")
-  except (OSError, ValueError, AttributeError):
-    return f"it has no {HF_MARKER}, which --export_hf writes"
-  if fmt != HF_MARKER_FORMAT:
-    return f"its {HF_MARKER} has format {fmt!r}, not {HF_MARKER_FORMAT!r}"
-  return outdir.only_known_entries(path, HF_ENTRIES)
-
-
 def export_hf(export_path: str, out: str, overwrite: bool = False) -> str:
-  """Writes `out`/config.json + `out`/model.safetensors (+ tokenizer.json) from the export at
-  `export_path`, atomically: an existing `out` is replaced only with `overwrite` and only if an
-  earlier export_hf wrote it (its marker file), so a stale tokenizer.json is never left behind."""
-  sources = {"--from": export_path}
-  check = dict(overwrite=overwrite, is_ours=is_our_hf_export, sources=sources, what="a Hugging Face export")
-  out = outdir.check(out, **check)
-  model, params = export_lib.load(export_path)
-  meta = export_lib.read_config(export_path)
-  base = meta.get("source", {}).get("hf_config")
-  hf_cfg, tensors = to_hf(model.cfg, params, base)
-  tok = os.path.join(os.path.abspath(export_path), "tokenizer.json")
+  """Writes `out`/config.json + `out`/model.safetensors (+ tokenizer.json) from the vanilla export at
+  `export_path` (see `hf_io.write` for what an existing `out` may be)."""
+  def build():
+    model, params = export_lib.load(export_path)
+    base = export_lib.read_config(export_path).get("source", {}).get("hf_config")
+    hf_cfg, tensors = to_hf(model.cfg, params, base)
+    return hf_cfg, tensors, os.path.join(os.path.abspath(export_path), "tokenizer.json")
 
-  def fill(tmp):
-    from safetensors.numpy import save_file
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    if os.path.isfile(tok):
-      shutil.copyfile(tok, os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, HF_MARKER), "w") as f:
-      json.dump({"format": HF_MARKER_FORMAT, "version": 1, "from": os.path.abspath(export_path)}, f, indent=2)
-
-  return outdir.write_atomic(outdir.check(out, **check), fill)  # checked again: loading took a while
+  return hf_io.write(out, build, source=export_path, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------ CLI
@@ -404,7 +260,7 @@ def _define_flags():
   flags.DEFINE_integer("num_cycles", 2, "--to=ztt: cycles of the shared middle stack.")
   flags.DEFINE_integer("n_middle_layers", None, "--to=ztt: k, layers in the shared stack; default "
                        "(n_layer - 2) // num_cycles.")
-  flags.DEFINE_enum("middle_init", "copy", list(MIDDLE_INITS),
+  flags.DEFINE_enum("middle_init", "copy", list(fold.MIDDLE_INITS),
                     "--to=ztt: copy the first k middle layers, or average k consecutive groups of them.")
   flags.DEFINE_float("zero_bias_init", -10.0, "--to=ztt: initial zero-slot logit bias (a0 ~ e^bias).")
   flags.DEFINE_enum("format", "safetensors", list(export_lib.STORAGES), "Storage of the export.")

@@ -166,14 +166,20 @@ EXPORT_ENTRIES = (CONFIG_FILE, SAFETENSORS_FILE, ORBAX_DIR, "tokenizer.json")
 
 def is_export(path: str) -> Optional[str]:
   """None if `path` is an export written by `save` holding nothing else, else why not."""
+  return is_marked(path, CONFIG_FILE, FORMAT, EXPORT_ENTRIES)
+
+
+def is_marked(path: str, marker: str, fmt: str, entries) -> Optional[str]:
+  """None if `path` holds the JSON file `marker` with {"format": fmt} and nothing but `entries`,
+  else why not: how any directory ztt_jax writes is told apart from one --overwrite must keep."""
   try:
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-      fmt = json.load(f).get("format")
+    with open(os.path.join(path, marker)) as f:
+      got = json.load(f).get("format")
   except (OSError, ValueError, AttributeError):
-    return f"it has no readable {CONFIG_FILE} with format {FORMAT!r}"
-  if fmt != FORMAT:
-    return f"its {CONFIG_FILE} has format {fmt!r}, not {FORMAT!r}"
-  return outdir.only_known_entries(path, EXPORT_ENTRIES)
+    return f"it has no {marker} with format {fmt!r}"
+  if got != fmt:
+    return f"its {marker} has format {got!r}, not {fmt!r}"
+  return outdir.only_known_entries(path, entries)
 
 
 def check_out(out: str, *, overwrite: bool = False, sources: Optional[dict] = None) -> str:
