@@ -32,7 +32,7 @@ import jax  # noqa: E402
 
 from ztt_jax import config as config_lib  # noqa: E402
 from ztt_jax import data as data_lib  # noqa: E402
-from ztt_jax import evaluate, export, restore, run as run_lib, trainer  # noqa: E402
+from ztt_jax import evaluator, export, restore, run as run_lib, trainer  # noqa: E402
 from ztt_jax.convert import hf_gpt2  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def eval_loss(export_dir, args):
   run = run_lib.build(cfg)
   batches = list(data_lib.make_eval_batches(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                             vocab_size=cfg.model.vocab_size, max_batches=cfg.eval.max_batches))
-  return evaluate.Evaluator(run, batches)(restore.load_init_params(export_dir, run))["eval/loss"]
+  return evaluator.Evaluator(run, batches)(restore.load_init_params(export_dir, run))["eval/loss"]
 
 
 def finetune(export_dir, workdir, args):

@@ -1,6 +1,8 @@
 """Evaluation of a checkpoint: JSON fields against direct computations, and the exit-rule sweep."""
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from test_config import load_config
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
-from ztt_jax import evaluate, plots, restore
+from ztt_jax import cli, evaluator, plots, restore
 from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError, ConfigError
@@ -54,12 +56,12 @@ def trained(workdir):
 
 @pytest.fixture(scope="module")
 def batches(trained):
-  return evaluate.held_out_batches(trained.cfg, max_batches=1)
+  return evaluator.held_out_batches(trained.cfg, max_batches=1)
 
 
 @pytest.fixture(scope="module")
 def no_exit(trained, batches):
-  return evaluate.evaluate(trained, ExitRule.from_config(trained.cfg.model, threshold=None), batches=batches)
+  return evaluator.evaluate(trained, ExitRule.from_config(trained.cfg.model, threshold=None), batches=batches)
 
 
 def flops_fraction(m, seq_len, mean_cycles):
@@ -85,9 +87,9 @@ def test_no_exit_fields(trained, no_exit):
 
 def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   cfg, run = trained.cfg, trained.run
-  signals = evaluate.signal_values(trained, batches)["zero_attention"]
+  signals = evaluator.signal_values(trained, batches)["zero_attention"]
   tau = float(np.median(signals))
-  r = evaluate.evaluate(trained, ExitRule.from_config(cfg.model, threshold=tau), batches=batches)
+  r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=tau), batches=batches)
   # Directly: the model on the same batches, per-query answers and cycles in numpy (multi-hop
   # `hops` is per token: the scored tokens carry their query's depth).
   rule = ExitRule.from_config(cfg.model, threshold=tau, frozen_kv="state")
@@ -116,8 +118,8 @@ def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
 
 def test_sweep_writes_json_and_png(trained, batches, no_exit, tmp_path):
   C = trained.cfg.model.num_cycles
-  s = evaluate.sweep(trained, batches=batches, num_thresholds=3)
-  path = evaluate.write_json(s, str(tmp_path / "sweep.json"))
+  s = evaluator.sweep(trained, batches=batches, num_thresholds=3)
+  path = evaluator.write_json(s, str(tmp_path / "sweep.json"))
   png = plots.plot_quality_vs_compute(plots.load_sweep(path), str(tmp_path / "sweep.png"))
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -151,11 +153,20 @@ def test_bad_inputs_name_the_fix(trained, workdir, tmp_path):
   with pytest.raises(CheckpointError, match=f"available: \\[{STEP}\\]"):
     restore.load_trained(workdir, step=STEP + 1)
   with pytest.raises(ConfigError, match="none for no exit"):
-    evaluate.evaluate(trained, ExitRule.from_config(trained.cfg.model, threshold="abc"), batches=[])
+    evaluator.evaluate(trained, ExitRule.from_config(trained.cfg.model, threshold="abc"), batches=[])
   with pytest.raises(ConfigError, match="a number"):
-    evaluate.threshold_flag("half")
-  assert evaluate.threshold_flag("none") == {"threshold": None} and evaluate.threshold_flag(None) == {}
+    cli.threshold_flag("half")
+  assert cli.threshold_flag("none") == {"threshold": None} and cli.threshold_flag(None) == {}
 
+
+@pytest.mark.parametrize("tool", ["evaluate --sweep", "generate --prompt=a"])
+def test_cli_names_a_bad_flag_in_one_line(tool, workdir):
+  """Both tools read --exit_threshold through cli.load_trained_run, before any checkpoint loads."""
+  module, flag = tool.split()
+  proc = subprocess.run([sys.executable, "-m", f"ztt_jax.{module}", flag, f"--workdir={workdir}",
+                         "--exit_threshold=half"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == ["ConfigError: --exit_threshold='half': give a number (e.g. 0.5) or none"]
 
 
 def test_test_time_depth_matches_a_direct_computation(trained):
@@ -164,8 +175,8 @@ def test_test_time_depth_matches_a_direct_computation(trained):
   from ztt_jax.data import multihop
   cfg, run = trained.cfg, trained.run
   H, C = cfg.data.max_hops + 2, cfg.model.num_cycles + 2
-  r = evaluate.evaluate(trained, ExitRule.from_config(cfg.model, threshold=None), max_batches=1,
-                        num_cycles=C, max_hops=H)
+  r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=None), max_batches=1,
+                         num_cycles=C, max_hops=H)
   assert (r["num_cycles"], r["trained_cycles"], r["max_hops"], r["trained_max_hops"]) == (C, C - 2, H, H - 2)
   assert set(r["per_hop"]) == {str(h) for h in range(1, H + 1)}
   n = cfg.eval.batch_size or cfg.train.global_batch_size
@@ -185,4 +196,4 @@ def test_test_time_depth_matches_a_direct_computation(trained):
   for h, ok in by_hop.items():
     np.testing.assert_allclose(r["per_hop"][str(h)]["accuracy"], np.mean(ok))
   with pytest.raises(ConfigError, match="alphabet|variables"):
-    evaluate.at_hops(cfg, 40)
+    evaluator.at_hops(cfg, 40)

@@ -17,7 +17,7 @@ from runs import losses
 from test_config import load_config
 from test_generate import decode_teacher_forced
 from ztt_jax import config as config_lib
-from ztt_jax import evaluate, restore, trainer
+from ztt_jax import evaluator, restore, trainer
 from ztt_jax.errors import ConfigError
 from ztt_jax.model import ExitRule
 from ztt_jax.model.block import Block
@@ -297,7 +297,7 @@ def test_recipes_train_resume_exactly_and_sweep_with_the_gate(tmp_path):
   want, got = losses(straight), losses(resumed)
   assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
   # The sweep has the gate as its fourth rule.
-  sweep = evaluate.sweep(restore.load_trained(str(straight)), num_thresholds=2, max_batches=1)
+  sweep = evaluator.sweep(restore.load_trained(str(straight)), num_thresholds=2, max_batches=1)
   assert {p["rule"] for p in sweep["points"]} == {"fixed", "confidence", "zero_attention", "gate"}
   gate = [p for p in sweep["points"] if p["rule"] == "gate"]
   assert all(0 <= p["accuracy"] <= 1 and 1 <= p["mean_cycles"] <= 2 for p in gate)

@@ -14,6 +14,9 @@
 - keeps library chatter (Orbax, Grain, JAX and absl INFO lines) below the output, while the
   project's own progress (the `ztt_jax` logger) stays at INFO;
 - adds `--verbose`: INFO logging from every library, and the traceback of a caught error.
+
+The tools that load a trained run and pick its exit rule (evaluate, generate) share their flags
+and that opening: `define_trained_run_flags`, `load_trained_run`.
 """
 from __future__ import annotations
 
@@ -215,3 +218,48 @@ def _last_line(chain: list) -> str:
     if lines:
       return f"{type(x).__name__}: {lines[-1]}"
   return type(chain[0]).__name__
+
+
+# ------------------------------------------------------------------ tools that load a trained run
+
+def define_trained_run_flags() -> None:
+  """--workdir, --step, --exit_threshold and --frozen_kv: the flags of a tool that loads a trained
+  run and picks its exit rule (evaluate, generate); `load_trained_run` reads them."""
+  from absl import flags
+  # --helpshort lists the main module's flags, which absl files under sys.argv[0].
+  main = {"module_name": sys.argv[0]}
+  flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True, **main)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", **main)
+  flags.DEFINE_string("exit_threshold", None, "Threshold on the run's exit signal (model.exit_signal), or "
+                      "'none' for no exit (default: model.exit_threshold).", **main)
+  flags.DEFINE_enum("frozen_kv", None, ["state", "stack"],
+                    "Override model.frozen_kv, what an exited token shows later tokens: 'state' (K/V of "
+                    "its frozen state; generation skips its remaining cycles) or 'stack' (no skipping).",
+                    **main)
+
+
+def threshold_flag(text: Optional[str]) -> dict:
+  """--exit_threshold as ExitRule overrides: unset keeps model.exit_threshold, none turns exit off."""
+  if text is None:
+    return {}
+  if text.strip().lower() in ("none", "off", ""):
+    return {"threshold": None}
+  try:
+    return {"threshold": float(text)}
+  except ValueError:
+    raise errors.ConfigError(f"--exit_threshold={text!r}: give a number (e.g. 0.5) or none") from None
+
+
+def load_trained_run(*, devices=None, **rule_fields):
+  """(restore.TrainedRun, model.exit.ExitRule) that the flags of `define_trained_run_flags` name:
+  the rule is the run's configured one with `rule_fields`, then --exit_threshold/--frozen_kv, applied.
+  A bad --exit_threshold is reported before the checkpoint loads."""
+  from absl import flags
+  from ztt_jax import restore
+  from ztt_jax.model.exit import ExitRule
+  FLAGS = flags.FLAGS
+  overrides = {**rule_fields, **threshold_flag(FLAGS.exit_threshold)}
+  if FLAGS.frozen_kv:
+    overrides["frozen_kv"] = FLAGS.frozen_kv
+  trained = restore.load_trained(FLAGS.workdir, FLAGS.step, devices=devices)
+  return trained, ExitRule.from_config(trained.cfg.model, **overrides)

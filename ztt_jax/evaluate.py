@@ -4,340 +4,63 @@
   python -m ztt_jax.evaluate --workdir=DIR --sweep [--output=FILE.json]   (also writes FILE.png)
   python -m ztt_jax.evaluate --workdir=DIR --max_hops=H --num_cycles=C   (test-time depth)
 
-Quality and compute are measured on the loss-weighted tokens (for the multi-hop task: the answer
-digit), so loss, mean_cycles and compute_fraction describe the same tokens.
-
-The sweep compares three exit rules on the same params: zero attention (a threshold range), a fixed
-cut after c = 1..C cycles (apply's num_cycles), and CALM's confidence (max softmax probability of
-the cycle's read-out; a threshold range); a fourth, the learned exit gate's CDF (a threshold
-range), when the model has one (model.exit_gate). Threshold grids are quantiles of the signal measured on
-the eval batches with every cycle run, so each rule's curve spans its own range.
+The flags and main only; the library (Evaluator, evaluate, sweep, and what the JSON fields mean) is
+ztt_jax/evaluator.py.
 """
-from __future__ import annotations
-
-import dataclasses
 import json
-import logging
-import math
 import os
-from typing import Optional, Sequence
 
-import flax.linen as nn
-import jax
-import numpy as np
-
-from ztt_jax import data as data_lib
-from ztt_jax import partitioning
-from ztt_jax.data.config import multihop_min_seq_len
-from ztt_jax.errors import ConfigError, DataError
-from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
-from ztt_jax.model.exit import ExitRule
-from ztt_jax.run import Run, compile_synced, to_global
-from ztt_jax.train_step import make_eval_step
-
-log = logging.getLogger(__name__)
-
-
-def held_out_batches(cfg, max_batches: Optional[int] = None) -> list:
-  """The run's held-out batches (this process's rows); all of them unless max_batches is set."""
-  batches = list(data_lib.make_eval_batches(
-      cfg.data, global_batch_size=cfg.eval.batch_size or cfg.train.global_batch_size,
-      vocab_size=cfg.model.vocab_size, process_index=jax.process_index(), process_count=jax.process_count(),
-      max_batches=max_batches))
-  if not batches:
-    raise DataError("The run's data has no held-out split (data.eval_fraction=0 or data.eval_examples=0), so "
-                    "there is nothing to evaluate. Train with a held-out split.")
-  return batches
-
-
-class Evaluator:
-  """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count.
-
-  rule: the exit rule (model.exit.ExitRule); default the run's configured one,
-  ExitRule.from_config(run.cfg.model). Calling with another rule evaluates that one; when only its
-  threshold differs the compiled step is reused (exit off is a second compile). num_cycles goes to
-  model.apply (ztt_jax.evaluate uses it for the fixed-cut baseline).
-  Returns {"eval/loss", "eval/mean_cycles"} and, for the multi-hop task, "eval/accuracy" and
-  "eval/per_hop": {hops: {"accuracy", "mean_cycles"}} (flat names only in ztt_jax.metrics). With
-  per-token `hops` [B, T] (0 where unscored) these are per scored query; with `hops` [B], per example.
-  """
-
-  def __init__(self, run: Run, batches: list, rule: Optional[ExitRule] = None, *,
-               num_cycles: Optional[int] = None):
-    self.run = run
-    self.batches = batches
-    self.rule = ExitRule.from_config(run.cfg.model) if rule is None else rule
-    step = make_eval_step(run.model, num_cycles=num_cycles)
-    repl = partitioning.replicated(run.mesh)
-    self._fn = compile_synced(jax.jit(lambda p, b, rule: (step(p, b, rule), b.get("hops")),
-                                      in_shardings=(run.param_shardings, None, None), out_shardings=repl))
-
-  def __call__(self, params, rule: Optional[ExitRule] = None) -> dict:
-    if not self.batches:  # eval.max_batches=0
-      return {}
-    rule = self.rule if rule is None else rule
-    sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
-    per_hop: dict[int, list] = {}
-    with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
-      for local in self.batches:
-        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh), rule))
-        valid = out["weight_B"] > 0
-        sums["ce"] += float(out["ce_sum_B"].sum())
-        sums["w"] += float(out["weight_B"].sum())
-        sums["cycles"] += float(out["cycles_sum_B"].sum())
-        if hops is not None and hops.ndim == 2:
-          # Per-token hops (several scored queries per example): one row per scored token.
-          scored_BxT = hops > 0
-          for h, ok, cyc in zip(hops[scored_BxT], out["correct_BxT"][scored_BxT], out["cycles_BxT"][scored_BxT]):
-            per_hop.setdefault(int(h), []).append((float(ok), float(cyc)))
-        elif hops is not None:
-          for h, ok, cyc, w in zip(hops[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
-                                   out["weight_B"][valid]):
-            per_hop.setdefault(int(h), []).append((float(ok), float(cyc / w)))
-    result = {"eval/loss": sums["ce"] / max(sums["w"], 1.0),
-              "eval/mean_cycles": sums["cycles"] / max(sums["w"], 1.0)}
-    if per_hop:
-      all_ok = [ok for rows in per_hop.values() for ok, _ in rows]
-      result["eval/accuracy"] = float(np.mean(all_ok))
-      result["eval/per_hop"] = {
-          h: {"accuracy": float(np.mean([ok for ok, _ in per_hop[h]])),
-              "mean_cycles": float(np.mean([c for _, c in per_hop[h]]))}
-          for h in sorted(per_hop)}
-    return result
-
-
-def is_byte_data(data_cfg) -> bool:
-  # tokens/array_record hold ids of an unknown tokenizer, so only these are known to be bytes.
-  return data_cfg.kind == "multihop" or (data_cfg.kind == "text" and data_cfg.tokenizer == "bytes")
-
-
-def compute_fraction(model_cfg, seq_len: int, mean_cycles: float, signal_readouts: float = 0.0) -> float:
-  """FLOPs per token at `mean_cycles` (plus `signal_readouts` extra read-outs) over FLOPs with
-  every cycle. Exact for a mean over tokens because FLOPs are affine in the cycles."""
-  used = forward_flops_per_token(model_cfg, seq_len, mean_cycles)
-  used += signal_readouts * readout_flops_per_token(model_cfg, seq_len)
-  return used / forward_flops_per_token(model_cfg, seq_len)
-
-
-def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
-  """Evaluator metrics ('eval/...') -> the JSON fields of one evaluation."""
-  m = cfg.model
-  seq_len = cfg.data.seq_len
-  out = {"rule": rule, "parameter": parameter, "loss": metrics["eval/loss"]}
-  if is_byte_data(cfg.data):
-    out["bits_per_byte"] = metrics["eval/loss"] / math.log(2)
-  else:
-    out["perplexity"] = math.exp(min(metrics["eval/loss"], 700.0))
-  out["mean_cycles"] = metrics["eval/mean_cycles"]
-  out["compute_fraction"] = compute_fraction(m, seq_len, out["mean_cycles"])
-  if rule == "confidence":
-    # The signal itself costs a read-out (tail + LM head) for every cycle a token runs.
-    out["compute_fraction_incl_signal"] = compute_fraction(m, seq_len, out["mean_cycles"], out["mean_cycles"])
-  if "eval/accuracy" in metrics:
-    out["accuracy"] = metrics["eval/accuracy"]
-    out["per_hop"] = {
-        str(h): {**hop, "compute_fraction": compute_fraction(m, seq_len, hop["mean_cycles"])}
-        for h, hop in metrics["eval/per_hop"].items()}
-  return out
-
-
-def evaluate(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None,
-             max_batches: Optional[int] = None, num_cycles: Optional[int] = None,
-             max_hops: Optional[int] = None) -> dict:
-  """JSON-ready metrics of `trained` (restore.TrainedRun) under the exit rule `rule` (default: the
-  run's configured one, ExitRule.from_config(trained.cfg.model); threshold None: no exit).
-
-  Test-time depth: num_cycles runs more or fewer cycles than trained (pool rows past the trained
-  count reuse the last one); max_hops evaluates held-out multi-hop queries of 1..max_hops lookups
-  (see `at_hops`). compute_fraction stays relative to the trained cycle count, so it exceeds 1 when
-  more cycles run."""
-  cfg = trained.cfg if max_hops is None else at_hops(trained.cfg, max_hops)
-  rule = ExitRule.from_config(cfg.model) if rule is None else rule
-  batches = held_out_batches(cfg, max_batches) if batches is None else batches
-  metrics = Evaluator(trained.run, batches, rule, num_cycles=num_cycles)(trained.params)
-  out = summarize(metrics, cfg, rule=rule.signal if rule.exits else "none", parameter=rule.threshold)
-  return {"step": trained.step, "exit_threshold": rule.threshold, "exit_signal": rule.signal,
-          "frozen_kv": rule.frozen_kv, "trained_cycles": cfg.model.cycles,
-          "num_cycles": cfg.model.cycles if num_cycles is None else num_cycles,
-          "trained_max_hops": trained.cfg.data.max_hops if cfg.data.kind == "multihop" else None,
-          "max_hops": cfg.data.max_hops if cfg.data.kind == "multihop" else None,
-          "num_batches": len(batches), **out}
-
-
-def at_hops(cfg, max_hops: int):
-  """`cfg` with a held-out multi-hop stream of queries needing 1..max_hops lookups (balanced, as in
-  training), data.seq_len grown to fit the longest example; the params and everything else stay."""
-  if cfg.data.kind != "multihop":
-    raise ConfigError(f"--max_hops applies to the multi-hop task only; this run trained on data.kind="
-                      f"{cfg.data.kind!r}. Omit --max_hops.")
-  if max_hops < 1:
-    raise ConfigError(f"--max_hops={max_hops}: must be >= 1")
-  need = multihop_min_seq_len(max_hops, cfg.data.num_distractors, cfg.data.num_queries)
-  data = dataclasses.replace(cfg.data, max_hops=max_hops, seq_len=max(cfg.data.seq_len, need))
-  data.validate()  # e.g. more variables than the alphabet holds: names the limit
-  if cfg.model.position == "learned" and data.seq_len > cfg.model.max_seq_len:
-    raise ConfigError(f"--max_hops={max_hops} needs sequences of {data.seq_len} tokens, past the learned "
-                      f"position table (model.max_seq_len={cfg.model.max_seq_len}); use a smaller --max_hops.")
-  return dataclasses.replace(cfg, data=data)
-
-
-def signal_values(trained, batches: list) -> dict:
-  """Per-cycle exit signals of the loss-weighted tokens with every cycle run:
-  {'zero_attention': [n], 'confidence': [n]} and 'gate' [n] for a model with the learned exit gate
-  (cycles before the last; exiting after it saves nothing)."""
-  run = trained.run
-  C = trained.cfg.model.cycles
-  signals = ["zero_attention", "confidence"] + (["gate"] if trained.cfg.model.exit_gate else [])
-  fn = jax.jit(lambda p, x, rule: run.model.apply({"params": p}, x, rule)[1],
-               in_shardings=(run.param_shardings, None, None))
-  values = {s: [] for s in signals}
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
-    for local in batches:
-      b = to_global(local, run.mesh)
-      w = np.asarray(jax.device_get(b["weights"])) > 0
-      for signal in signals[1:]:
-        aux = jax.device_get(fn(trained.params, b["inputs"], ExitRule(signal=signal)))
-        values[signal].append(np.asarray(aux["exit_signal"])[: max(C - 1, 1), w].ravel())
-        if signal == "confidence":
-          values["zero_attention"].append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
-  return {s: np.concatenate(v) for s, v in values.items()}
-
-
-NEVER_EXIT = 1.001
-"""Both signals are probabilities (<= 1), so this threshold is the no-exit end of a curve. (The
-largest signal seen without exits is not: once some tokens exit, the others' signals change.)"""
-
-
-def threshold_grid(values: np.ndarray, n: int) -> list[float]:
-  """n thresholds from 'everything exits at the first chance' (the smallest signal seen) to
-  NEVER_EXIT, the others at quantiles of the signal."""
-  qs = np.quantile(values, np.linspace(0.0, 1.0, n)[:-1])
-  return sorted({float(q) for q in qs} | {NEVER_EXIT})
-
-
-def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None, num_thresholds: int = 8,
-          max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
-  """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint,
-  and the learned exit gate's (signal 'gate', its exit CDF) when the model has one.
-
-  rule: the sweep varies its signal and threshold and keeps the rest (frozen_kv, min_cycles,
-    granularity); default the run's configured rule.
-  thresholds: use these for both threshold rules instead of the quantile grids."""
-  cfg = trained.cfg
-  base = ExitRule.from_config(cfg.model) if rule is None else rule
-  C = cfg.model.cycles
-  if num_thresholds < 2:
-    raise ConfigError(f"num_thresholds={num_thresholds}: must be >= 2")
-  batches = held_out_batches(cfg, max_batches) if batches is None else batches
-  metric = "accuracy" if cfg.data.kind == "multihop" else "loss"
-  points = []
-  for c in range(1, C + 1):
-    ev = Evaluator(trained.run, batches, base.replace(threshold=None), num_cycles=c)
-    points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
-  signals = signal_values(trained, batches)
-  rules = (["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
-           + (["gate"] if cfg.model.exit_gate else []))
-  for signal in rules:
-    grid = list(thresholds) if thresholds is not None else threshold_grid(signals[signal], num_thresholds)
-    ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0))
-    for tau in grid:
-      points.append(summarize(ev(trained.params, ev.rule.replace(threshold=float(tau))), cfg, rule=signal,
-                              parameter=float(tau)))
-  return {"step": trained.step, "metric": metric, "num_cycles": C, "frozen_kv": base.frozen_kv,
-          "num_batches": len(batches), "data_kind": cfg.data.kind, "points": points}
-
-
-def per_hop_table(result: dict) -> str:
-  """Accuracy and mean cycles by hop count, as the console shows it."""
-  rows = [f"hops | accuracy | mean cycles   ({result['num_cycles']} cycles, trained {result['trained_cycles']}; "
-          f"exit threshold {result['exit_threshold']})"]
-  for h, hop in result["per_hop"].items():
-    rows.append(f"{h:>4} | {hop['accuracy']:8.1%} | {hop['mean_cycles']:.2f}")
-  return "\n".join(rows)
-
-
-def write_json(obj: dict, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-  return path
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def threshold_flag(text: Optional[str]) -> dict:
-  """--exit_threshold as ExitRule overrides: unset keeps model.exit_threshold, none turns exit off."""
-  if text is None:
-    return {}
-  if text.strip().lower() in ("none", "off", ""):
-    return {"threshold": None}
-  try:
-    return {"threshold": float(text)}
-  except ValueError:
-    raise ConfigError(f"--exit_threshold={text!r}: give a number (e.g. 0.5) or none") from None
+from ztt_jax import cli
+from ztt_jax.errors import ConfigError
 
 
 def main(argv):
   del argv
   from absl import flags
-  from ztt_jax import errors, restore
+  from ztt_jax import evaluator
   FLAGS = flags.FLAGS
-  logging.getLogger().setLevel(logging.WARNING)
-  try:
-    overrides = threshold_flag(FLAGS.exit_threshold)
-    if FLAGS.frozen_kv:
-      overrides["frozen_kv"] = FLAGS.frozen_kv
-    if FLAGS.sweep and (FLAGS.num_cycles is not None or FLAGS.max_hops is not None):
-      raise ConfigError("--sweep runs the trained depth; drop --num_cycles/--max_hops, or drop --sweep")
-    if FLAGS.num_cycles is not None and FLAGS.num_cycles < 1:
-      raise ConfigError(f"--num_cycles={FLAGS.num_cycles}: must be >= 1")
-    if FLAGS.max_batches is not None and FLAGS.max_batches < 1:
-      raise ConfigError(f"--max_batches={FLAGS.max_batches}: must be >= 1 (omit it for the whole split)")
-    trained = restore.load_trained(FLAGS.workdir, FLAGS.step)
-    rule = ExitRule.from_config(trained.cfg.model, **overrides)
-    if FLAGS.sweep:
-      result = sweep(trained, rule, num_thresholds=FLAGS.num_thresholds, max_batches=FLAGS.max_batches)
-      out = FLAGS.output or os.path.join(FLAGS.workdir, f"sweep_step{trained.step}.json")
-      write_json(result, out)
-      from ztt_jax.plots import plot_quality_vs_compute
-      png = plot_quality_vs_compute(result, os.path.splitext(out)[0] + ".png")
-      for p in result["points"]:
-        print(f"{p['rule']:>14} {p['parameter']!s:>10.8} | {result['metric']} {p[result['metric']]:.4f} | "
-              f"mean cycles {p['mean_cycles']:.2f} | compute {p['compute_fraction']:.3f}")
-      print(f"wrote {out} and {png}")
-    else:
-      result = evaluate(trained, rule, max_batches=FLAGS.max_batches, num_cycles=FLAGS.num_cycles,
-                        max_hops=FLAGS.max_hops)
-      print(json.dumps(result, indent=2))
-      if "per_hop" in result:
-        print(per_hop_table(result))
-      if FLAGS.output:
-        write_json(result, FLAGS.output)
-  except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
-    raise  # ztt_jax.cli prints it as one line (exit 2 for config/data errors, 1 for checkpoints)
+  if FLAGS.sweep and (FLAGS.num_cycles is not None or FLAGS.max_hops is not None):
+    raise ConfigError("--sweep runs the trained depth; drop --num_cycles/--max_hops, or drop --sweep")
+  if FLAGS.num_cycles is not None and FLAGS.num_cycles < 1:
+    raise ConfigError(f"--num_cycles={FLAGS.num_cycles}: must be >= 1")
+  if FLAGS.max_batches is not None and FLAGS.max_batches < 1:
+    raise ConfigError(f"--max_batches={FLAGS.max_batches}: must be >= 1 (omit it for the whole split)")
+  trained, rule = cli.load_trained_run()
+  if FLAGS.sweep:
+    result = evaluator.sweep(trained, rule, num_thresholds=FLAGS.num_thresholds, max_batches=FLAGS.max_batches)
+    out = FLAGS.output or os.path.join(FLAGS.workdir, f"sweep_step{trained.step}.json")
+    evaluator.write_json(result, out)
+    from ztt_jax.plots import plot_quality_vs_compute
+    png = plot_quality_vs_compute(result, os.path.splitext(out)[0] + ".png")
+    for p in result["points"]:
+      print(f"{p['rule']:>14} {p['parameter']!s:>10.8} | {result['metric']} {p[result['metric']]:.4f} | "
+            f"mean cycles {p['mean_cycles']:.2f} | compute {p['compute_fraction']:.3f}")
+    print(f"wrote {out} and {png}")
+    return
+  result = evaluator.evaluate(trained, rule, max_batches=FLAGS.max_batches, num_cycles=FLAGS.num_cycles,
+                              max_hops=FLAGS.max_hops)
+  print(json.dumps(result, indent=2))
+  if "per_hop" in result:
+    print(evaluator.per_hop_table(result))
+  if FLAGS.output:
+    evaluator.write_json(result, FLAGS.output)
 
 
 def _define_flags():
   from absl import flags
-  flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  flags.DEFINE_string("exit_threshold", None,
-                      "Zero-attention exit threshold tau, or 'none' for no exit (default: model.exit_threshold).")
+  cli.define_trained_run_flags()  # --workdir, --step, --exit_threshold, --frozen_kv
   flags.DEFINE_string("output", None, "Write the JSON here (with --sweep also FILE.png; default "
                       "WORKDIR/sweep_step<N>.json).")
-  flags.DEFINE_bool("sweep", False, "Sweep the zero-attention, fixed-cut and confidence exit rules.")
+  flags.DEFINE_bool("sweep", False, "Sweep the zero-attention, fixed-cut and confidence exit rules (and the "
+                    "learned gate's, when the model has one).")
   flags.DEFINE_integer("num_thresholds", 8, "Thresholds per threshold rule in --sweep.")
   flags.DEFINE_integer("max_batches", None, "Evaluate only this many held-out batches (default: all).")
   flags.DEFINE_integer("num_cycles", None, "Run this many cycles instead of the trained count (test-time "
                        "depth; cycles past the pool reuse its last row).")
   flags.DEFINE_integer("max_hops", None, "Multi-hop task: held-out queries of 1..max_hops lookups instead "
                        "of the trained range (depth extrapolation).")
-  flags.DEFINE_enum("frozen_kv", None, ["state", "stack"],
-                    "Override model.frozen_kv, what an exited token shows later tokens: 'state' (K/V of "
-                    "its frozen state; what generation computes) or 'stack'.")
 
 
 if __name__ == "__main__":
-  from ztt_jax import cli
   _define_flags()
-  cli.run(main)
+  cli.run(main)  # one-line errors (exit 2: flags, config, data; 1: checkpoints), --verbose

@@ -8,12 +8,12 @@ token, tokens/s of the compiled program; the first call includes compilation).
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import jax
 import numpy as np
 
+from ztt_jax import cli
 from ztt_jax.errors import ConfigError
 
 
@@ -45,30 +45,19 @@ def encode_prompt(cfg, prompt: str | None, prompt_ids: str | None, bos: str = "a
 def main(argv):
   del argv
   from absl import flags
-  from ztt_jax import decoding, errors, restore
-  from ztt_jax.evaluate import threshold_flag
-  from ztt_jax.model.exit import ExitRule
+  from ztt_jax import decoding
   FLAGS = flags.FLAGS
-  logging.getLogger().setLevel(logging.WARNING)
-  try:
-    overrides = threshold_flag(FLAGS.exit_threshold)
-    if FLAGS.frozen_kv:
-      overrides["frozen_kv"] = FLAGS.frozen_kv
-    trained = restore.load_trained(FLAGS.workdir, FLAGS.step, devices=jax.devices()[:1])
-    cfg = trained.cfg
-    # Decoding exits per token: a decoding step has no later tokens to wait for.
-    rule = ExitRule.from_config(cfg.model, granularity="token", **overrides)
-    tau = rule.threshold
-    ids, tokenizer = encode_prompt(cfg, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.bos)
-    eos = None if FLAGS.ignore_eos or tokenizer is None else tokenizer.eos_id
-    sampling = decoding.Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                                 seed=FLAGS.seed)
-    t0 = time.perf_counter()
-    gen = decoding.generate(trained.run.model, trained.params, ids, max_new_tokens=FLAGS.max_new_tokens,
-                            sampling=sampling, rule=rule, eos_id=eos)
-    dt = time.perf_counter() - t0
-  except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
-    raise  # ztt_jax.cli prints it as one line (exit 2 for config/data errors, 1 for checkpoints)
+  # Decoding exits per token: a decoding step has no later tokens to wait for.
+  trained, rule = cli.load_trained_run(devices=jax.devices()[:1], granularity="token")
+  cfg = trained.cfg
+  ids, tokenizer = encode_prompt(cfg, FLAGS.prompt, FLAGS.prompt_ids, FLAGS.bos)
+  eos = None if FLAGS.ignore_eos or tokenizer is None else tokenizer.eos_id
+  sampling = decoding.Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                               seed=FLAGS.seed)
+  t0 = time.perf_counter()
+  gen = decoding.generate(trained.run.model, trained.params, ids, max_new_tokens=FLAGS.max_new_tokens,
+                          sampling=sampling, rule=rule, eos_id=eos)
+  dt = time.perf_counter() - t0
   new = gen.tokens[0, :gen.num_new]
   if eos is not None and (new == eos).any():
     new = new[: int(np.argmax(new == eos))]
@@ -78,13 +67,12 @@ def main(argv):
     print(",".join(map(str, ids.tolist())) + " | " + ",".join(map(str, new.tolist())))
   cyc = gen.step_cycles[0, :gen.num_new]
   print(f"[{gen.num_new} tokens in {dt:.2f}s incl. compile | mean cycles per new token {cyc.mean():.2f} of "
-        f"{cfg.model.cycles} | exit_threshold {tau}]")
+        f"{cfg.model.cycles} | exit_threshold {rule.threshold}]")
 
 
 def _define_flags():
   from absl import flags
-  flags.DEFINE_string("workdir", None, "Work directory of a training run.", required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  cli.define_trained_run_flags()  # --workdir, --step, --exit_threshold, --frozen_kv
   flags.DEFINE_string("prompt", None, "Prompt text (encoded with the run's tokenizer).")
   flags.DEFINE_string("prompt_ids", None, "Prompt as comma-separated token ids (pre-tokenized runs).")
   flags.DEFINE_enum("bos", "auto", ["auto", "yes", "no"], "Prepend BOS (auto: for the multi-hop task).")
@@ -92,16 +80,10 @@ def _define_flags():
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
-  flags.DEFINE_string("exit_threshold", None, "Zero-attention exit threshold, or 'none' (default: "
-                      "model.exit_threshold).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_bool("ignore_eos", False, "Keep generating after EOS.")
-  flags.DEFINE_enum("frozen_kv", None, ["state", "stack"],
-                    "Override model.frozen_kv. state: exited tokens skip the remaining cycles (cache "
-                    "filled from their frozen state). stack: no skipping.")
 
 
 if __name__ == "__main__":
-  from ztt_jax import cli
   _define_flags()
-  cli.run(main)
+  cli.run(main)  # one-line errors (exit 2: flags, config, data; 1: checkpoints), --verbose

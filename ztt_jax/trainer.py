@@ -21,7 +21,7 @@ from ztt_jax import outdir, partitioning, resume
 from ztt_jax.checkpointing import Checkpointer, saved_config
 from ztt_jax.config import Config
 from ztt_jax.distributed import compile_synced
-from ztt_jax.evaluate import Evaluator
+from ztt_jax.evaluator import Evaluator
 from ztt_jax.flops import peak_flops_info, train_flops_per_token
 from ztt_jax.metrics import MetricsWriter, eval_summary
 from ztt_jax.partitioning import to_global

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from ztt_jax import evaluate, restore
+from ztt_jax import evaluator, restore
 from ztt_jax.experiments.ladder import result_stem, run_name
 from ztt_jax.experiments.runs import finished
 from ztt_jax.model.exit import ExitRule
@@ -46,9 +46,9 @@ def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, rung: str = 
   if task == "multihop":
     paths.append(lambda s: depth_path(results_dir, task, s, rung))
   for seed, workdir, trained in _trained_runs(task, out, seeds, rung, paths, log):
-    result = evaluate.sweep(trained, num_thresholds=num_thresholds, max_batches=MAX_BATCHES[task])
+    result = evaluator.sweep(trained, num_thresholds=num_thresholds, max_batches=MAX_BATCHES[task])
     result.update(task=task, seed=seed, rung=rung, workdir=workdir)
-    evaluate.write_json(result, sweep_path(results_dir, task, seed, rung))
+    evaluator.write_json(result, sweep_path(results_dir, task, seed, rung))
     log(f"[{task}] sweep seed {seed}: {len(result['points'])} points")
     if task == "multihop":
       c = trained.cfg.model.cycles
@@ -56,8 +56,8 @@ def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, rung: str = 
       depth = {"task": task, "seed": seed, "rung": rung, "workdir": workdir, "trained_cycles": c,
                "trained_max_hops": trained.cfg.data.max_hops, "max_hops": hops, "points": []}
       for f in DEPTH_FACTORS:
-        r = evaluate.evaluate(trained, ExitRule.from_config(trained.cfg.model).replace(threshold=None),
-                              num_cycles=int(math.ceil(f * c)), max_hops=hops)
+        r = evaluator.evaluate(trained, ExitRule.from_config(trained.cfg.model).replace(threshold=None),
+                               num_cycles=int(math.ceil(f * c)), max_hops=hops)
         depth["points"].append({"num_cycles": r["num_cycles"], "accuracy": r["accuracy"], "per_hop": r["per_hop"]})
         log(f"[{task}] depth seed {seed}: {r['num_cycles']} cycles, accuracy {r['accuracy']:.3f}")
-      evaluate.write_json(depth, depth_path(results_dir, task, seed, rung))
+      evaluator.write_json(depth, depth_path(results_dir, task, seed, rung))

@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from ztt_jax import evaluate, restore
+from ztt_jax import evaluator, restore
 from ztt_jax import run as run_lib
 from ztt_jax.data.pipeline import open_source
 from ztt_jax.data.sources import example_from_tokens
@@ -47,7 +47,7 @@ def nanogpt_batches(cfg, *, num_batches: int = 20, batch_size: int = 12, seed: i
 def nanogpt_loss(workdir: str) -> float:
   """Held-out nats per byte of a finished text run on nanoGPT's protocol (see nanogpt_batches)."""
   trained = restore.load_trained(workdir)
-  return evaluate.evaluate(trained, batches=nanogpt_batches(trained.cfg))["loss"]
+  return evaluator.evaluate(trained, batches=nanogpt_batches(trained.cfg))["loss"]
 
 
 def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, steps=None) -> dict:
