@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,8 +50,9 @@ import jax.numpy as jnp
 from ztt_jax.errors import ConfigError
 from ztt_jax.model.block import LayerStack, zero_key_init
 from ztt_jax.model.config import ModelConfig
+from ztt_jax.model.cycle import CycleOut, CycleState, ExitGate, InputInjection
 from ztt_jax.model.exit import ExitRule, confidence
-from ztt_jax.model.layers import Embedder, Norm, constrain, dtype_of, logical_param
+from ztt_jax.model.layers import Embedder, Norm, logical_param
 
 Array = jax.Array
 
@@ -64,67 +64,6 @@ def count_params(params: Any, include_pool: bool = True) -> int:
   if not include_pool:
     params = {k: v for k, v in params.items() if k not in ("zero_key_pool", "zero_bias_pool")}
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-@flax.struct.dataclass
-class CycleState:
-  """What one cycle hands the next."""
-  x_BxTxD: Array
-  """The state; an exited token's stays the one it had when it exited."""
-  exited_BxT: Array
-  """bool; exit is sticky."""
-  used_BxT: Array
-  """int32: cycles each token has run."""
-  inject_BxTxD: Optional[Array] = None
-  """input_injection: what every cycle adds to the state it feeds the middle stack (norm(e) W)."""
-  survival_BxT: Optional[Array] = None
-  """exit_gate: float32 prod_{j<c} (1 - lambda_j), the gate's probability of not having exited."""
-
-  @classmethod
-  def start(cls, x_BxTxD: Array, inject_BxTxD: Optional[Array] = None, gate: bool = False) -> "CycleState":
-    B, T = x_BxTxD.shape[:2]
-    return cls(x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), inject_BxTxD,
-               jnp.ones((B, T), jnp.float32) if gate else None)
-
-
-@flax.struct.dataclass
-class CycleOut:
-  """What one cycle reports besides the new state."""
-  zero_attention_BxT: Array
-  """Mean a0 over heads and cycled layers; 0 for tokens that did not run this cycle."""
-  signal_BxT: Array
-  """The signal the rule used, same masking."""
-  kv: Optional[dict] = None
-  """The cycle's K/V cache {'k','v'} [S, B, M, H, K] after writing (cached decoding only)."""
-  gate_BxT: Optional[Array] = None
-  """exit_gate: the halting probability lambda_c, same masking."""
-
-
-class InputInjection(nn.Module):
-  """norm(e) W, W [D, D] zero-initialised: what each cycle adds to its input (model.input_injection)."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, e_BxTxD: Array) -> Array:
-    cfg = self.cfg
-    w_DxD = logical_param(self, "kernel", nn.initializers.zeros, (cfg.d_model, cfg.d_model), ("embed", None))
-    h_BxTxD = Norm(cfg, name="norm")(e_BxTxD)
-    return constrain(jnp.einsum("btd,de->bte", h_BxTxD, w_DxD.astype(dtype_of(cfg.dtype))))
-
-
-class ExitGate(nn.Module):
-  """The learned exit gate's probe (model.exit_gate): lambda = sigmoid(norm(h) w + b) per token,
-  float32 [B,T]. w and b start at 0 (lambda = 1/2 everywhere)."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, h_BxTxD: Array) -> Array:
-    cfg = self.cfg
-    w_D = logical_param(self, "kernel", nn.initializers.zeros, (cfg.d_model,), ("embed",))
-    b_1 = logical_param(self, "bias", nn.initializers.zeros, (1,), (None,))
-    z_BxT = jnp.einsum("btd,d->bt", Norm(cfg, name="norm")(h_BxTxD).astype(jnp.float32),
-                       w_D.astype(jnp.float32)) + b_1[0].astype(jnp.float32)
-    return jax.nn.sigmoid(z_BxT)
 
 
 class ZTTModel(nn.Module):
