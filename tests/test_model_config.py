@@ -20,9 +20,9 @@ def test_fields_are_simple_types_and_roundtrip_through_configdict():
 
 
 def test_unknown_key_is_named_and_valid_keys_listed():
-  with pytest.raises(ConfigError) as e:
+  # The message every config section gives (ztt_jax/schema.py).
+  with pytest.raises(ConfigError, match="^Unknown field model.num_head. Valid fields: vocab_size, d_model, num_heads"):
     ModelConfig.from_any({"d_model": 64, "num_head": 4})
-  assert "num_head" in str(e.value) and "num_heads" in str(e.value) and "vocab_size" in str(e.value)
 
 
 @pytest.mark.parametrize("kw, field", [
