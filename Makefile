@@ -29,8 +29,10 @@ test: $(VENV)/.test-deps
 	cache=$$(mktemp -d) && JAX_COMPILATION_CACHE_DIR=$$cache $(PY) -m pytest -q -n 2 --dist loadfile tests $(ARGS); \
 	  status=$$?; rm -rf "$$cache"; exit $$status
 
+# Every suite of ztt_jax.bench (the exit suite includes benchmarks/bench_decode.py's decoding
+# speedup) into bench.json; e.g. ARGS="--suite=compile,exit --quick" for a subset.
 bench: $(VENV)/.test-deps
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) -m ztt_jax.bench $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

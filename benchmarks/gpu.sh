@@ -78,8 +78,10 @@ export PYTHONPATH="$REPO${EXTRA_PATH:+:$EXTRA_PATH}${PYTHONPATH:+:$PYTHONPATH}"
 
 # The whole import chain of the driver, before any GPU time is spent on a broken install.
 if ! "$RUN_PY" - >>"$LOG" 2>&1 <<'EOF'
+import sys
 import jax, flax, optax, orbax.checkpoint, grain, ml_collections, psutil
-import ztt_jax.config, ztt_jax.decoding, ztt_jax.flops
+sys.path.insert(0, "benchmarks")
+import gpu_bench, attention_check, ztt_jax.decoding  # the driver and what it imports lazily
 print("imports ok: jax", jax.__version__, "flax", flax.__version__, "grain", grain.__version__ if hasattr(grain, "__version__") else "?")
 print("devices:", jax.devices())
 EOF

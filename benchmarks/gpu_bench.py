@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
@@ -43,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ztt_step import ZttStep, dropped_model_keys, make_config, token_batches  # noqa: E402
+from ztt_step import ZttStep, make_config, token_batches  # noqa: E402
 from ztt_jax.flops import datasheet_peak, peak_flops_info, train_flops_per_token  # noqa: E402
 
 # ~1.1B unique params: 20 layers x 51.4M (attention 4 D^2 + SwiGLU 3 D F) + 67M tied embedding.
@@ -158,9 +157,6 @@ def bench_train(args, budget: Budget, peak: dict, keep_for_decode: dict, configs
   rows = []
   for seq, c, batch, model in configs:
     row = {"seq_len": seq, "cycles": c, "batch": batch, "tokens_per_step": batch * seq}
-    dropped = dropped_model_keys(model)
-    if dropped:
-      row["note"] = f"this checkout's ModelConfig lacks {dropped}; ran without them"
     # The first compile is unknown: assume 90 s on an accelerator; later ones scale with depth.
     est = (max(compile_seen) if compile_seen else (90.0 if not args.tiny else 10.0)) * (1.5 if c > 1 else 1.0)
     if not budget.fits(est + 20):
@@ -172,7 +168,7 @@ def bench_train(args, budget: Budget, peak: dict, keep_for_decode: dict, configs
     try:
       cfg = make_config(seq_len=seq, batch=batch, steps=1000, model=model, lr=3e-4, warmup=10)
       row.update(params=_param_count(cfg), effective_depth=cfg.model.effective_depth,
-                 attention_impl=getattr(cfg.model, "attention_impl", "reference (no attention_impl field)"),
+                 attention_impl=cfg.model.attention_impl,
                  resolved_attention=_resolved(cfg, seq), remat_policy=cfg.model.remat_policy)
       step = ZttStep(cfg, jax.devices()[0])
       row["init_s"] = step.init_s
@@ -220,35 +216,20 @@ def _param_count(cfg) -> int:
 
 
 def _resolved(cfg, seq) -> str:
-  impl = getattr(cfg.model, "attention_impl", None)
-  if impl is None:
-    return "reference"
-  try:
-    from ztt_jax.model.attention_impls import resolve
-    return resolve(impl, seq_len=seq, dtype=cfg.model.dtype, head_dim=cfg.model.head_dim,
-                   zero_slot=cfg.model.use_zero_token)
-  except Exception as e:
-    return f"? ({type(e).__name__}: {e})"
+  from ztt_jax.model.attention_impls import resolve
+  return resolve(cfg.model.attention_impl, seq_len=seq, dtype=cfg.model.dtype, head_dim=cfg.model.head_dim,
+                 zero_slot=cfg.model.use_zero_token)
 
 
 # ------------------------------------------------------------------------------------ 3. decode
 
 def generate_call(model, params, prompt, new_tokens: int, threshold):
-  """ztt_jax.decoding.generate with exit off (threshold None) or on, greedy; adapts to its signature
-  (an ExitRule `rule=` in the refactored API, `exit_threshold=` before)."""
+  """ztt_jax.decoding.generate, greedy, with exit off (threshold None) or on at `threshold`."""
   from ztt_jax import decoding
-  sig = inspect.signature(decoding.generate).parameters
-  kw = {"max_new_tokens": new_tokens}
-  if "rule" in sig:
-    from ztt_jax.model.exit import ExitRule
-    kw["rule"] = None if threshold is None else ExitRule.from_config(model.cfg, threshold=threshold)
-  else:
-    kw["exit_threshold"] = threshold
-  if "sampling" in sig:
-    kw["sampling"] = decoding.Sampling(temperature=0.0)
-  elif "temperature" in sig:
-    kw["temperature"] = 0.0
-  return decoding.generate(model, params, prompt, **kw)
+  from ztt_jax.model.exit import ExitRule
+  rule = None if threshold is None else ExitRule.from_config(model.cfg, threshold=threshold)
+  return decoding.generate(model, params, prompt, max_new_tokens=new_tokens, rule=rule,
+                           sampling=decoding.Sampling(temperature=0.0))
 
 
 def bench_decode(args, budget: Budget, kept: dict) -> dict:
@@ -270,7 +251,7 @@ def bench_decode(args, budget: Budget, kept: dict) -> dict:
       t0 = time.perf_counter()
       g = generate_call(model, params, prompt, N, tau)
       dt = time.perf_counter() - t0
-      n_new = int(getattr(g, "num_new", N))
+      n_new = int(g.num_new)
       cyc = np.asarray(g.step_cycles)[:, :n_new]
       out[name] = {"threshold": tau, "compile_and_first_s": first, "seconds": dt, "new_tokens": n_new,
                    "tokens_per_sec": B * n_new / dt, "mean_cycles": float(cyc[cyc > 0].mean()) if (cyc > 0).any() else 0.0}

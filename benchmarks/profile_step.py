@@ -97,8 +97,7 @@ def variant_setup(variant: str, layout: str):
   if variant == "default":
     return {}, contextlib.nullcontext()
   if variant in ("reference", "chunked"):
-    from ztt_step import model_fields
-    return ({"attention_impl": variant}, contextlib.nullcontext()) if "attention_impl" in model_fields() else None
+    return {"attention_impl": variant}, contextlib.nullcontext()
   if variant == "remat_none":
     return {"remat_policy": "none"}, contextlib.nullcontext()
   if variant == "remat_nothing":

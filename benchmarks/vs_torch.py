@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 import jax  # noqa: E402
 
 from ztt_step import ZttStep, make_config, token_batches  # noqa: E402
-from ztt_jax.flops import peak_flops_info, train_flops_per_token  # noqa: E402
+from ztt_jax.flops import cpu_model, peak_flops_info, train_flops_per_token  # noqa: E402
 from ztt_jax.model.lm import count_params  # noqa: E402
 from ztt_jax.optimizer import lr_schedule  # noqa: E402
 
@@ -235,7 +234,7 @@ def build_row(name, args, batches_cache):
   n_jax = count_params(params)
   if n_torch != n_jax:
     raise AssertionError(f"row {name}: torch has {n_torch} params, ztt_jax {n_jax}; the models differ")
-  info.update(params=n_jax, compile_s=compile_s, api=runners["ztt_jax"].api,
+  info.update(params=n_jax, compile_s=compile_s,
               xla_cost=runners["ztt_jax"].cost_analysis(),
               model_flops_per_token=train_flops_per_token(mc, s["T"]),
               effective_depth=mc.effective_depth, remat_policy=mc.remat_policy)
@@ -304,7 +303,7 @@ def _cores() -> int:
 def thread_report() -> dict:
   cores = _cores()
   return {
-      "cores_usable": cores, "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+      "cores_usable": cores, "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
       "torch": {"version": torch.__version__, "num_threads": torch.get_num_threads(),
                 "num_interop_threads": torch.get_num_interop_threads(),
                 "parallel_backend": "OpenMP" if torch.backends.openmp.is_available() else "native",
@@ -314,14 +313,6 @@ def thread_report() -> dict:
               # XLA:CPU sizes its intra-op (Eigen) pool to the usable cores; it has no runtime knob.
               "intra_op_threads": "XLA default = usable cores", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
   }
-
-
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
-  except OSError:
-    return platform.processor()
 
 
 def uptime() -> str:

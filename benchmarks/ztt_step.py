@@ -1,14 +1,12 @@
-"""One adapter to ztt_jax's real train step, shared by benchmarks/vs_torch.py and benchmarks/gpu_bench.py.
+"""ztt_jax's real train step on synthetic batches, shared by benchmarks/vs_torch.py,
+benchmarks/gpu_bench.py and benchmarks/profile_step.py.
 
-The step is built and jitted by the project's own code (`build` + `jit_train_step` + `to_global`).
-Those live in `ztt_jax.run` after the trainer refactor and in `ztt_jax.trainer` before it; this
-module takes whichever exists, so the benchmarks run on both sides of that change.
+The step is built and jitted by the project's own code (`run.build` + `run.jit_train_step`, fed by
+`partitioning.to_global`), as the trainer does.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import pathlib
 import sys
 import time
@@ -22,33 +20,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ztt_jax.config import base_config, parse  # noqa: E402
-
-
-def train_api():
-  """(build, jit_train_step, to_global, module name) from ztt_jax.run if it has them, else ztt_jax.trainer."""
-  names = ("build", "jit_train_step", "to_global")
-  for mod_name in ("ztt_jax.run", "ztt_jax.trainer"):
-    if importlib.util.find_spec(mod_name) is None:
-      continue
-    mod = importlib.import_module(mod_name)
-    if all(hasattr(mod, n) for n in names):
-      return (*(getattr(mod, n) for n in names), mod_name)
-  raise ImportError("neither ztt_jax.run nor ztt_jax.trainer provides build / jit_train_step / to_global")
-
-
-def model_fields() -> set:
-  from ztt_jax.model.config import ModelConfig
-  return set(ModelConfig.field_names())
+from ztt_jax.partitioning import to_global  # noqa: E402
+from ztt_jax.run import build, jit_train_step  # noqa: E402
 
 
 def make_config(*, seq_len: int, batch: int, steps: int, model: dict, lr: float = 1e-3, warmup: int = 10,
                 seed: int = 0):
-  """A validated Config for a synthetic-batch benchmark (no eval, no checkpoints, no TensorBoard).
-  Keys of `model` that this checkout's ModelConfig lacks (e.g. attention_impl before it lands)
-  are dropped and reported by `dropped_model_keys`."""
+  """A validated Config for a synthetic-batch benchmark (no eval, no checkpoints, no TensorBoard)."""
   cfg = base_config()
-  known = model_fields()
-  cfg.model.update({k: v for k, v in model.items() if k in known})
+  cfg.model.update(model)
   cfg.model.max_seq_len = model.get("max_seq_len", seq_len)  # the learned position table: seq_len rows
   cfg.model.cycle_loss_weight = model.get("cycle_loss_weight", 0.0)
   # The benchmarks feed their own batches; the data section only has to validate (it is never opened).
@@ -65,10 +45,6 @@ def make_config(*, seq_len: int, batch: int, steps: int, model: dict, lr: float 
   return parse(cfg)
 
 
-def dropped_model_keys(model: dict) -> list:
-  return sorted(set(model) - model_fields())
-
-
 class ZttStep:
   """ztt_jax's jitted, sharded train step on one device, fed numpy batches like the trainer feeds them.
 
@@ -76,9 +52,7 @@ class ZttStep:
   trainer's loop); `sync()` waits for it and returns the last loss as a float."""
 
   def __init__(self, cfg, device=None):
-    build, jit_train_step, to_global, self.api = train_api()
     self.cfg = cfg
-    self._to_global = to_global
     device = device or jax.devices()[0]
     self.run = build(cfg, [device])
     t0 = time.perf_counter()
@@ -103,7 +77,7 @@ class ZttStep:
     """Lowers and compiles the step for this batch's shapes; returns the seconds it took."""
     t0 = time.perf_counter()
     with self._ctx():
-      self.compiled = self.fn.lower(self.state, self._to_global(batch, self.run.mesh)).compile()
+      self.compiled = self.fn.lower(self.state, to_global(batch, self.run.mesh)).compile()
     return time.perf_counter() - t0
 
   def cost_analysis(self) -> dict:
@@ -121,7 +95,7 @@ class ZttStep:
     # a temporary patch (benchmarks/profile_step.py) keeps running as it was compiled.
     fn = self.compiled or self.fn
     with self._ctx():
-      self.state, self.metrics = fn(self.state, self._to_global(batch, self.run.mesh))
+      self.state, self.metrics = fn(self.state, to_global(batch, self.run.mesh))
 
   def sync(self) -> float:
     return float(jax.device_get(self.metrics["loss"]))

@@ -29,6 +29,22 @@ def test_ladder_layouts():
     ladder.rung_config("text", "bc", 0)
 
 
+def test_multihop_ladder_is_configs_default_without_reading_it():
+  """The package builds the multi-hop rungs itself (configs/ is not installed with it); the ztt rung
+  at the default budget has configs/default.py's data, width and schedule."""
+  from test_config import load_config
+  from ztt_jax.config import parse
+  want = parse(load_config("default"))
+  got = ladder.rung_config("multihop", "ztt", 0)
+  assert got.data == want.data
+  for section, fields in (("model", ("d_model", "num_heads", "mlp_dim", "token_shift",
+                                     "cycle_loss_weight", "n_head_layers", "n_tail_layers")),
+                          ("train", ("steps", "global_batch_size", "learning_rate", "warmup_steps")),
+                          ("eval", ("batch_size", "max_batches"))):
+    assert {k: getattr(getattr(got, section), k) for k in fields} == \
+        {k: getattr(getattr(want, section), k) for k in fields}, section
+
+
 def _fake_run(root, task, rung, seed, loss, acc=None):
   d = os.path.join(root, task, ladder.run_name(rung, seed))
   os.makedirs(d)

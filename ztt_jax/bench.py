@@ -1,12 +1,13 @@
 """Speed benchmarks; each figure is a ratio of two measurements taken in the same run.
 
-  python -m ztt_jax.bench [--suite=throughput,compile,exit,remat,mfu] [--json=PATH] [--quick]
+  python -m ztt_jax.bench [--suite=throughput,compile,exit,remat,mfu] [--json=PATH] [--quick] [--merge]
 
 Suites:
   throughput  train-step tokens/s and MFU, ztt vs vanilla at equal effective depth and width (target >= 0.95)
-  compile     fwd+bwd compile time vs num_cycles in {2,4,8,16,32} (target C=32/C=2 <= 1.5)
+  compile     fwd+bwd compile time vs num_cycles in {2,4,8,16,32} (target C=32/C=2 <= 1.5); forward
+              alone at C=2 and 32
   exit        forward (and cached decoding, when benchmarks/bench_decode.py is there) speedup vs the
-              cycles actually run, on the real-skip path
+              cycles actually run, on the real-skip path; the masked (where) path for comparison
   remat       XLA's memory analysis of the compiled train step under each remat policy
   mfu         train-step MFU at d_model 512, 8 effective layers, seq 512, vs this CPU's measured matmul peak
 
@@ -14,12 +15,10 @@ Timings alternate between the two sides of a ratio, so a noisy neighbour slows b
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ztt_jax.config import base_config, parse
-from ztt_jax.flops import measured_cpu_matmul_peak, peak_flops, train_flops_per_token
+from ztt_jax.flops import cpu_model, measured_cpu_matmul_peak, peak_flops, train_flops_per_token
 from ztt_jax.model import ExitRule, ModelConfig, ZTTModel
 from ztt_jax.partitioning import to_global
 from ztt_jax.run import build, jit_train_step
@@ -37,7 +36,7 @@ from ztt_jax.run import build, jit_train_step
 SUITES = ("throughput", "compile", "exit", "remat", "mfu")
 
 
-# ------------------------------------------------------------------ shared helpers (also used by benchmarks/)
+# ------------------------------------------------------------------ shared helpers
 
 def abstract_params(model, toks):
   return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), toks)["params"]))
@@ -172,8 +171,11 @@ def suite_compile(q):
     # a distinct vocab per C defeats any compilation cache
     cfg = ModelConfig(d_model=width, num_heads=4, mlp_dim=4 * width, num_cycles=C, vocab_size=256 + C)
     times[C] = compile_seconds(cfg, toks, grad=True)
+  forward = {C: compile_seconds(ModelConfig(d_model=width, num_heads=4, mlp_dim=4 * width, num_cycles=C,
+                                            vocab_size=512 + C), toks, grad=False) for C in (2, 32)}
   return {"what": "jit(grad(forward)).lower().compile(), ztt 1+2xC+1 layers", "d_model": width,
           "seconds": {str(C): s for C, s in times.items()},
+          "forward_seconds": {str(C): s for C, s in forward.items()}, "forward_ratio": forward[32] / forward[2],
           "ratio": times[32] / times[2], "target": "<= 1.5"}
 
 
@@ -196,14 +198,17 @@ def suite_exit(q):
   # Baseline: the same skip path with a threshold no a0 reaches, so only the exits differ.
   skip_none = jax.jit(lambda p, t: model.apply({"params": p}, t, ExitRule(threshold=2.0, skip_exited=True))[0])
   plain = jax.jit(lambda p, t: model.apply({"params": p}, t, None)[0])  # no exit machinery at all
+  # Every token exits after 1 cycle but every cycle still runs, masked: what skipping saves.
+  where = jax.jit(lambda p, t: model.apply({"params": p}, t, ExitRule(threshold=-1.0))[0])
   ks = (1, 2, 4, 8)
   fns = {"full": lambda: skip_none(params, toks), "plain": lambda: plain(params, toks),
-         **{k: fwd(k) for k in ks}}
+         "where": lambda: where(params, toks), **{k: fwd(k) for k in ks}}
   t = interleaved(fns, n=5 if q else 10)
   rows = [{"cycles_run": k, "mean_cycles": float(jnp.mean(fns[k]()[1])), "ms": 1e3 * t[k],
            "speedup": t["full"] / t[k]} for k in ks]
   out = {"shape": dict(d_model=d, seq_len=T, batch=B, num_cycles=C), "full_ms": 1e3 * t["full"],
-         "plain_no_exit_ms": 1e3 * t["plain"], "forward": rows, "ratio": rows[0]["speedup"],
+         "plain_no_exit_ms": 1e3 * t["plain"], "where_exit_after_1_ms": 1e3 * t["where"],
+         "forward": rows, "ratio": rows[0]["speedup"],
          "ratio_is": "forward time, skip path: no token exits / every token exits after 1 of 8 cycles"}
   try:
     decode = _decode_bench(q)
@@ -280,9 +285,11 @@ def headline(name, r) -> str:
             f"{r['vanilla']['tokens_per_sec']:,.0f} tok/s (MFU {100 * r['vanilla']['mfu']:.1f}%); "
             f"htc/vanilla {r['htc_over_vanilla']:.3f}")
   if name == "compile":
-    return "  ".join(f"C={c}: {s:.2f}s" for c, s in r["seconds"].items())
+    return ("  ".join(f"C={c}: {s:.2f}s" for c, s in r["seconds"].items())
+            + f"  | forward C32/C2 {r['forward_ratio']:.2f}")
   if name == "exit":
     s = "  ".join(f"{x['cycles_run']}/8: {x['speedup']:.2f}x" for x in r["forward"])
+    s += f"  (1/8 masked, no skip: {r['full_ms'] / r['where_exit_after_1_ms']:.2f}x)"
     if isinstance(r.get("decode"), dict) and "ratio" in r["decode"]:
       s += f"  | decode {r['decode']['ratio']:.2f}x at {r['decode']['mean_cycles']:.2f}/{r['decode']['cycles']} cycles"
     return s
@@ -304,50 +311,52 @@ def ratio_text(r) -> str:
 def host_info() -> dict:
   return {"jax": jax.__version__, "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
           "devices": jax.device_count(), "cpus": os.cpu_count(), "machine": platform.machine(),
-          "processor": _cpu_model(), "load_avg_at_start": os.getloadavg()}
+          "processor": cpu_model(), "load_avg_at_start": os.getloadavg()}
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--suite", default=",".join(SUITES), help="comma-separated subset of " + ",".join(SUITES))
-  ap.add_argument("--json", default="bench.json", help="where to write the results")
-  ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
-  ap.add_argument("--merge", action="store_true", help="keep the other suites already in --json (rerun some)")
-  args = ap.parse_args(argv)
-  suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-  unknown = sorted(set(suites) - set(SUITES))
-  if unknown:
-    ap.error(f"unknown suite(s) {unknown}; choose from {','.join(SUITES)}")
-  out = {"host": host_info(), "quick": args.quick, "suites": {}}
+def run_suites(suites, json_path: str, *, quick: bool = False, merge: bool = False) -> dict:
+  """Runs `suites` in order, printing a line each and rewriting `json_path` after every one (a long
+  run keeps what it measured); merge keeps the other suites already in json_path."""
+  out = {"host": host_info(), "quick": quick, "suites": {}}
   print(f"jax {jax.__version__} on {out['host']['platform']} x{out['host']['devices']}, "
         f"cpus={out['host']['cpus']}, load {out['host']['load_avg_at_start'][0]:.1f}", flush=True)
   print(f"{'suite':11s} {'ratio':>28s}  detail", flush=True)
-  if args.merge and os.path.isfile(args.json):
-    with open(args.json) as f:
+  if merge and os.path.isfile(json_path):
+    with open(json_path) as f:
       out["suites"] = json.load(f).get("suites", {})
   for name in suites:
     t0 = time.perf_counter()
-    r = RUNNERS[name](args.quick)
+    r = RUNNERS[name](quick)
     r["suite_wall_s"] = time.perf_counter() - t0
     r["load_avg"] = os.getloadavg()
     out["suites"][name] = r
     print(f"{name:11s} {ratio_text(r):>28s}  {headline(name, r)}", flush=True)
-    with open(args.json, "w") as f:  # after every suite, so a long run keeps what it measured
+    with open(json_path, "w") as f:
       json.dump(out, f, indent=1)
-  print(f"wrote {args.json}")
+  print(f"wrote {json_path}")
   return out
 
 
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected argument(s) {argv[1:]}; every option is a --flag (--helpshort lists them)")
+  f = flags.FLAGS
+  unknown = sorted(set(f.suite) - set(SUITES))
+  if unknown or not f.suite:
+    raise app.UsageError(f"--suite={','.join(f.suite)}: unknown suite(s) {unknown}; choose from {','.join(SUITES)}")
+  return run_suites(f.suite, f.json, quick=f.quick, merge=f.merge)
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_list("suite", list(SUITES), "Comma-separated subset of " + ",".join(SUITES) + ".")
+  flags.DEFINE_string("json", "bench.json", "Where to write the results.")
+  flags.DEFINE_bool("quick", False, "Smaller shapes and fewer repeats.")
+  flags.DEFINE_bool("merge", False, "Keep the other suites already in --json (rerun some).")
+
+
 if __name__ == "__main__":
-  main()
+  from ztt_jax import cli
+  _define_flags()
+  cli.run(main)

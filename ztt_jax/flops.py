@@ -1,4 +1,7 @@
-"""FLOPs of a train step and the hardware peak they are compared with (MFU)."""
+"""FLOPs of a train step and the hardware peak they are compared with (MFU).
+
+  python -m ztt_jax.flops [--remeasure] [--dtype=float32|bfloat16]   # this machine's cached peak
+"""
 from __future__ import annotations
 
 import functools
@@ -86,7 +89,7 @@ def peak_cache_key(device, dtype: str) -> str:
   the host's CPU model, since the same device kind ('cpu') covers very different hosts."""
   key = f"{device.platform}/{device.device_kind}/{jnp.dtype(dtype).name}/jax-{jax.__version__}"
   if device.platform == "cpu":
-    key += f"/cores-{_usable_cores()}/{_cpu_model()}"
+    key += f"/cores-{_usable_cores()}/{cpu_model()}"
   return key
 
 
@@ -104,7 +107,8 @@ def _load_1m() -> Optional[float]:
     return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+  """The host CPU's model name (/proc/cpuinfo on Linux)."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -250,18 +254,16 @@ def measured_cpu_matmul_peak() -> float:
   return measured_peak(jax.local_devices(backend="cpu")[0], "float32")["flops"]
 
 
-def main(argv=None) -> None:
-  """python -m ztt_jax.flops [--remeasure] [--dtype=float32]: print (or refresh) this machine's peak."""
-  import argparse
-  ap = argparse.ArgumentParser(description=main.__doc__)
-  ap.add_argument("--remeasure", action="store_true", help="measure again and overwrite the cache entry")
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  args = ap.parse_args(argv)
+def main(argv) -> None:
+  """Prints (or with --remeasure refreshes) this machine's cached matmul peak."""
+  del argv
+  from absl import flags
+  f = flags.FLAGS
   dev = jax.local_devices()[0]
-  m = measured_peak(dev, args.dtype, remeasure=args.remeasure)
+  m = measured_peak(dev, f.dtype, remeasure=f.remeasure)
   sizes = ", ".join(f"{k}: {v / 1e9:.1f}" for k, v in sorted(m["per_size"].items(), key=lambda kv: int(kv[0])))
   load = m.get("load_avg_1m")
-  print(f"{peak_cache_key(dev, args.dtype)}\n  peak {m['flops'] / 1e9:.1f} GFLOP/s "
+  print(f"{peak_cache_key(dev, f.dtype)}\n  peak {m['flops'] / 1e9:.1f} GFLOP/s "
         f"({'from cache' if m['from_cache'] else 'measured now'} at {m.get('measured_at', '?')}, load average "
         f"{'?' if load is None else load}; per size GFLOP/s {sizes})\n  cache {m['cache']}")
   table = datasheet_peak(dev.device_kind) if dev.platform != "cpu" else None
@@ -269,5 +271,13 @@ def main(argv=None) -> None:
     print(f"  MFU uses the datasheet dense bf16 peak instead: {table / 1e12:.0f} TFLOP/s per chip")
 
 
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_bool("remeasure", False, "Measure again and overwrite the cache entry.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Matmul input dtype.")
+
+
 if __name__ == "__main__":
-  main()
+  from ztt_jax import cli
+  _define_flags()
+  cli.run(main)

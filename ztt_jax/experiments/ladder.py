@@ -8,10 +8,8 @@ docs/architecture.md's "looped-training recipes", to pick the best one by measur
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from ztt_jax.config import Config, base_config, parse
+from ztt_jax.errors import ConfigError
 
 _ZTT = dict(variant="ztt", n_middle_layers=2, num_cycles=3)
 RUNGS = {
@@ -30,12 +28,15 @@ TASKS = ("text", "multihop")
 
 # Text: nanoGPT's CPU "baby" budget (shakespeare_char: block 64, batch 12, 2000 iters, n_embd 128,
 # 4 heads), byte-level, the last 10% held out. Multi-hop: the width, data and schedule of
-# configs/default.py (the embedded task at 1..6 hops). Change a budget here, not per rung.
+# configs/default.py (the embedded task at 1..6 hops; tests/test_experiments_report.py checks they
+# stay equal). The package builds them itself: configs/ is not installed with it. Change a budget
+# here, not per rung.
 TASK_DEFAULTS = {
     "text": dict(width=dict(d_model=128, num_heads=4, mlp_dim=512), seq_len=64, batch=12, steps=2000,
                  lr=3e-3, warmup=100),
     "multihop": dict(width=dict(d_model=64, num_heads=4, mlp_dim=256), seq_len=61, batch=16, steps=1500,
-                     lr=3e-3, warmup=100),
+                     lr=3e-3, warmup=100, data=dict(kind="multihop", max_hops=6, num_queries=3,
+                                                    num_distractors=2, curriculum_examples=24000)),
 }
 # Deep supervision for every rung, so the only difference between htc and ztt is the zero token,
 # and the fixed-cut and confidence exit rules have a trained read-out after each cycle.
@@ -52,21 +53,12 @@ def result_stem(task: str, rung: str) -> str:
   return task if rung == "ztt" else f"{task}_{rung}"
 
 
-def _default_task_data():
-  """configs/default.py's data section (the repository's default task), read from the file."""
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py")
-  spec = importlib.util.spec_from_file_location("ztt_default_config", os.path.abspath(path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().data
-
-
 def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None,
                 steps: int | None = None) -> Config:
   if task not in TASKS:
-    raise ValueError(f"task={task!r}: use one of {TASKS}")
+    raise ConfigError(f"task={task!r}: use one of {TASKS}")
   if rung not in RUNGS:
-    raise ValueError(f"rung={rung!r}: use one of {list(RUNGS)}")
+    raise ConfigError(f"rung={rung!r}: use one of {list(RUNGS)}")
   d = TASK_DEFAULTS[task]
   steps = steps or d["steps"]
   cfg = base_config()
@@ -80,14 +72,14 @@ def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None
   cfg.model.exit_threshold = None  # the ladder compares full-depth models; exits are swept afterwards
   if task == "text":
     if not data_path:
-      raise ValueError("--task=text needs --data=PATH to a text file")
+      raise ConfigError("--task=text needs --data=PATH to a text file")
     cfg.data.kind = "text"
     cfg.data.path = data_path
     cfg.data.eval_fraction = 0.1
     cfg.eval.max_batches = 8
     cfg.eval.batch_size = 32  # 256 held-out windows of 64 bytes (nanoGPT's protocol runs after training)
   else:
-    cfg.data = _default_task_data()
+    cfg.data.update(d["data"])
     cfg.model.token_shift = True  # as configs/default.py: without it no rung learns even one lookup
     # The curriculum keeps its shape (all hop counts from 5/6 of the run) at a shorter budget.
     cfg.data.curriculum_examples = min(cfg.data.curriculum_examples, steps * d["batch"])
