@@ -6,8 +6,8 @@ Suites:
   throughput  train-step tokens/s and MFU, ztt vs vanilla at equal effective depth and width (target >= 0.95)
   compile     fwd+bwd compile time vs num_cycles in {2,4,8,16,32} (target C=32/C=2 <= 1.5); forward
               alone at C=2 and 32
-  exit        forward (and cached decoding, when benchmarks/bench_decode.py is there) speedup vs the
-              cycles actually run, on the real-skip path; the masked (where) path for comparison
+  exit        forward speedup vs the cycles actually run, on the real-skip path (the masked, where
+              path for comparison); cached-decoding speedup (ztt_jax.bench_decode)
   remat       XLA's memory analysis of the compiled train step under each remat policy
   mfu         train-step MFU at d_model 512, 8 effective layers, seq 512, vs this CPU's measured matmul peak
 
@@ -15,10 +15,8 @@ Timings alternate between the two sides of a ratio, so a noisy neighbour slows b
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
 import statistics
 import time
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ztt_jax import bench_decode
 from ztt_jax.config import base_config, parse
 from ztt_jax.flops import cpu_model, measured_cpu_matmul_peak, peak_flops, train_flops_per_token
 from ztt_jax.model import ExitRule, ModelConfig, ZTTModel
@@ -211,29 +210,17 @@ def suite_exit(q):
          "forward": rows, "ratio": rows[0]["speedup"],
          "ratio_is": "forward time, skip path: no token exits / every token exits after 1 of 8 cycles"}
   try:
-    decode = _decode_bench(q)
-  except Exception as e:  # the decode half is optional; keep the forward figures
-    decode = {"skipped": f"bench_decode failed: {type(e).__name__}: {e}"}
-  if decode is not None:
-    out["decode"] = decode
+    out["decode"] = _decode_bench(q)
+  except Exception as e:  # noqa: BLE001 - a failed decode half keeps the forward figures
+    out["decode"] = {"skipped": f"bench_decode failed: {type(e).__name__}: {e}"}
   return out
 
 
 def _decode_bench(q):
-  """Cached-decoding speedup from benchmarks/bench_decode.py, when it exists and exposes `measure`."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
-  if not path.is_file():
-    return None
-  spec = importlib.util.spec_from_file_location("bench_decode", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  if not hasattr(mod, "measure"):
-    return {"skipped": "benchmarks/bench_decode.py has no measure(args) function"}
-  # a random 8-cycle ZTT; 2x new_tokens must fit its cache
-  args = mod.parse_args(["--new_tokens=32", "--repeats=2"] if q else ["--new_tokens=64", "--repeats=3"])
-  r = mod.measure(args)
+  """Cached-decoding speedup of a random 8-cycle ZTT (2x new_tokens must fit its cache)."""
+  r = bench_decode.measure(new_tokens=32 if q else 64, repeats=2 if q else 3)
   if not r["ratio"] > 0:
-    # bench_decode times n steps as t(2n) - t(n); a busy CPU can make that difference negative
+    # measure times n steps as t(2n) - t(n); a busy CPU can make that difference negative
     r["unreliable"] = "non-positive decode-time difference (CPU contention); rerun on a quiet machine"
   r["ratio_is"] = "decode tokens/s at the threshold halving mean cycles / exit off"
   return r

@@ -133,7 +133,7 @@ def _bench_detail(name, r) -> str:
     elif isinstance(d, dict):
       s += f"; decode: {d.get('skipped', 'not measured')}"
     else:
-      s += "; decode: not measured (no benchmarks/bench_decode.py)"
+      s += "; decode: not measured"
     return s
   if name == "remat":
     return ", ".join(f"{p}: {v['peak_bytes'] / 2**20:.1f} MiB (temp {v['temp_size_in_bytes'] / 2**20:.1f})"
