@@ -34,10 +34,9 @@ import string
 import numpy as np
 
 from ztt_jax.data.config import DataConfig, multihop_query_depths
+from ztt_jax.data.synthetic import EVAL_STREAM, TRAIN_STREAM, SyntheticSource, curriculum_level  # noqa: F401 (streams: tests)
 from ztt_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-TRAIN_STREAM = 0
-EVAL_STREAM = 1
 VARIABLES = string.ascii_lowercase
 DIGITS = string.digits
 # A distractor is a copy of an existing variable (a branch) with this probability, else a fresh literal.
@@ -103,39 +102,22 @@ def _resolve(table: dict, var: str) -> str:
 
 
 def curriculum_depth(cfg: DataConfig, index: int) -> int:
-  """Deepest query of training example `index`: grows linearly from 1 to max_hops over the first
-  cfg.curriculum_examples examples (max_hops throughout when 0). Shallow examples first let the
-  one-hop lookup form before deeper chains, whose answers a model without it can only guess,
-  drown its signal."""
-  if cfg.curriculum_examples <= 0:
-    return cfg.max_hops
-  return min(cfg.max_hops, 1 + cfg.max_hops * index // cfg.curriculum_examples)
+  """Deepest query of training example `index` (see `synthetic.curriculum_level`)."""
+  return curriculum_level(index, cfg.max_hops, cfg.curriculum_examples)
 
 
-class MultiHopSource:
+class MultiHopSource(SyntheticSource):
   """Random-access multi-hop examples; train and eval use disjoint seed streams."""
 
-  has_hops = True
-  pad_id = PAD_ID
   max_token_id = EOS_ID
+  name = "the multi-hop task (data.kind='multihop')"
 
-  def __init__(self, cfg: DataConfig):
-    self.cfg = cfg
-    self.seq_len = cfg.seq_len
-    self.num_eval = cfg.eval_examples
-    self.name = "the multi-hop task (data.kind='multihop')"
+  def _train_args(self, index: int) -> dict:
+    return dict(start=None, depth_limit=curriculum_depth(self.cfg, index))
 
-  def train_example(self, index: int) -> dict:
-    return self._example(TRAIN_STREAM, index, start=None, depth_limit=curriculum_depth(self.cfg, index))
-
-  def eval_example(self, index: int) -> dict:
+  def _eval_args(self, index: int) -> dict:
     # Eval steps through the start of the depth cycle so every depth gets the same number of queries.
-    return self._example(EVAL_STREAM, index, start=index % self.cfg.max_hops)
-
-  def pad_example(self) -> dict:
-    T = self.seq_len
-    return {'inputs': np.full(T, PAD_ID, np.int32), 'targets': np.full(T, PAD_ID, np.int32),
-            'weights': np.zeros(T, np.float32), 'hops': np.zeros(T, np.int32)}
+    return dict(start=index % self.cfg.max_hops)
 
   def _example(self, stream: int, index: int, start: int | None, depth_limit: int | None = None) -> dict:
     cfg = self.cfg

@@ -29,7 +29,7 @@ FROZEN_KV = ("state", "stack")
 ZERO_TOKEN_LAYERS = ("middle", "all")
 ZERO_KEY_INITS = ("normal", "truncated_normal", "zeros")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "pallas")  # ztt_jax/model/attention_impls.py
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "pallas")  # ztt_jax/model/attention_impls/
 EXIT_SIGNALS = ("zero_attention", "confidence", "gate")  # ztt_jax/model/exit.py
 INPUT_INJECTIONS = ("none", "head", "embed")
 
@@ -113,7 +113,7 @@ class ModelConfig:
   remat_policy: str = "dots_with_no_batch_dims_saveable"
   """Rematerialisation of each scanned layer: none | dots_with_no_batch_dims_saveable | nothing_saveable."""
   attention_impl: str = "auto"
-  """Zero-slot attention kernel (ztt_jax/model/attention_impls.py), all the same function:
+  """Zero-slot attention kernel (ztt_jax/model/attention_impls/), all the same function:
   reference (dense [B,H,T,S] scores; the oracle), chunked (blockwise online softmax with a
   flash-style backward in pure JAX: O(T * block) memory, any backend), cudnn (GPU fused kernel,
   bfloat16/float16), pallas (TPU Pallas flash kernel), auto (cudnn on GPU where it supports the
