@@ -42,6 +42,7 @@ from ml_collections import config_flags
 from ztt_jax import config as config_lib
 from ztt_jax import partitioning
 from ztt_jax import run as run_lib
+from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
@@ -138,8 +139,8 @@ def abstract_batch(cfg, mesh):
   sharding = partitioning.batch_sharding(mesh)
   spec = {"inputs": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32),
           "weights": ((b, t), jnp.float32)}
-  if cfg.data.kind == "multihop":
-    spec["hops"] = ((b, t), jnp.int32)  # per token: the depth of the query answered there
+  if cfg.data.kind in SYNTHETIC_KINDS:
+    spec["hops"] = ((b, t), jnp.int32)  # per token: the difficulty of the position scored there
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
 
 

@@ -196,6 +196,10 @@ class Config:
           f"train.cycles_distribution={self.train.cycles_distribution!r} draws a cycle count, but "
           "model.variant='vanilla' runs one pass; use a cycled variant or "
           "--config.train.cycles_distribution=none.")
+    if self.data.kind == "propagation" and self.model.attention_window != self.data.window:
+      raise ConfigError(
+          f"data.window={self.data.window} but model.attention_window={self.model.attention_window}: the "
+          "propagation task measures difficulty in the model's window; set both to the same value.")
     if self.data.seq_len > self.model.max_seq_len:
       raise ConfigError(
           f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from ztt_jax import cli
+from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.errors import ConfigError
 
 
@@ -23,7 +24,7 @@ def encode_prompt(cfg, prompt: str | None, prompt_ids: str | None, bos: str = "a
   if (prompt is None) == (prompt_ids is None):
     raise ConfigError("give exactly one of --prompt (text) and --prompt_ids (comma-separated token ids)")
   kind = cfg.data.kind
-  tokenizer = load_tokenizer(cfg.data.tokenizer) if kind in ("multihop", "text") else None
+  tokenizer = load_tokenizer(cfg.data.tokenizer) if kind in SYNTHETIC_KINDS + ("text",) else None
   if prompt_ids is not None:
     try:
       ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
@@ -34,8 +35,8 @@ def encode_prompt(cfg, prompt: str | None, prompt_ids: str | None, bos: str = "a
       raise ConfigError(f"this run trained on pre-tokenized data (data.kind={kind!r}), so its tokenizer is "
                         "unknown; pass --prompt_ids=ID,ID,... instead of --prompt")
     ids = [int(t) for t in tokenizer.encode(prompt)]
-  # Multi-hop examples start with BOS; byte text windows do not.
-  if bos == "yes" or (bos == "auto" and kind == "multihop"):
+  # Rows of the embedded tasks start with BOS; byte text windows do not.
+  if bos == "yes" or (bos == "auto" and kind in SYNTHETIC_KINDS):
     ids = [BOS_ID] + ids
   if not ids:
     raise ConfigError("the prompt is empty; give at least one character or id")

@@ -30,6 +30,7 @@ import os
 from typing import Any, Callable, Optional
 
 from ztt_jax import config as config_lib
+from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ FATAL: dict[str, dict[str, Callable]] = {
         "path": _data_kind(*_WINDOW_KINDS), "eval_fraction": _data_kind(*_WINDOW_KINDS),
         "tokenizer": _data_kind("text"), "token_dtype": _data_kind("tokens"),
         "max_hops": _data_kind("multihop"), "num_queries": _data_kind("multihop"),
-        "num_distractors": _data_kind("multihop"), "curriculum_examples": _data_kind("multihop"),
+        "num_distractors": _data_kind("multihop"), "order": _data_kind("multihop"),
+        "label_statements": _data_kind("multihop"), "curriculum_examples": _data_kind(*SYNTHETIC_KINDS),
+        "window": _data_kind("propagation"), "max_difficulty": _data_kind("propagation"),
     },
     "train": {"seed": _always},
 }

@@ -1,15 +1,15 @@
-"""Data: the embedded multi-hop task, text/token/ArrayRecord sources, and Grain pipelines.
+"""Data: the embedded tasks (propagation, multi-hop), text/token/ArrayRecord sources, and Grain pipelines.
 
 Batches are dicts of numpy arrays holding this process's rows of the global batch:
 `inputs` int32 [b, T], `targets` int32 [b, T] (next token), `weights` float32 [b, T] (loss mask)
-and, for multi-hop, `hops` int32 [b, T] (the depth of the query scored at each target position, 0
-where nothing is scored); b = global_batch_size // process_count.
+and, for the embedded tasks, `hops` int32 [b, T] (the difficulty of each scored position: the
+propagation task's windows to the marker, multi-hop's lookups; 0 where nothing is scored); b = global_batch_size // process_count.
 """
 from typing import Any, Optional
 
 import grain
 
-from ztt_jax.data.config import DataConfig, multihop_min_seq_len
+from ztt_jax.data.config import SYNTHETIC_KINDS, DataConfig, multihop_min_seq_len
 from ztt_jax.data.pipeline import EvalBatches, check_vocab, local_batch_size, open_source, train_dataset
 from ztt_jax.data.sources import write_array_record
 from ztt_jax.data.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, load_tokenizer
@@ -54,7 +54,7 @@ def required_vocab_size(data_cfg: Any) -> int:
   """Smallest model vocab_size the data fits: BYTE_VOCAB_SIZE for bytes, the tokenizer's size for
   an HF tokenizer, and max id + 1 for tokens/ArrayRecord (which scans the data)."""
   cfg = DataConfig.from_any(data_cfg)
-  if cfg.kind == 'multihop':
+  if cfg.kind in SYNTHETIC_KINDS:
     return BYTE_VOCAB_SIZE
   if cfg.kind == 'text':
     return load_tokenizer(cfg.tokenizer).vocab_size

@@ -10,7 +10,10 @@ from typing import Any, Optional
 from ztt_jax import schema
 from ztt_jax.errors import ConfigError
 
-KINDS = ('multihop', 'text', 'tokens', 'array_record')
+KINDS = ('propagation', 'multihop', 'text', 'tokens', 'array_record')
+# Generated in memory from (seed, index): no path, byte tokens, a per-token difficulty, scored by accuracy.
+SYNTHETIC_KINDS = ('propagation', 'multihop')
+MULTIHOP_ORDERS = ('shuffled', 'topological')
 TOKEN_DTYPES = ('uint16', 'uint32')
 # Variable names are single lowercase letters, so one example can define at most this many.
 MAX_VARIABLES = 26
@@ -38,12 +41,18 @@ def multihop_min_seq_len(max_hops: int, num_distractors: int, num_queries: int =
   return 3 * statements + 3 * num_queries + 1
 
 
+def propagation_min_seq_len(window: int, max_difficulty: int) -> int:
+  """Shortest seq_len whose rows hold BOS, the first marker's phase and one longest gap."""
+  return max_difficulty * (window - 1) + 1 + window + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where training and eval batches come from."""
 
   kind: str = 'multihop'
-  """One of 'multihop' (embedded synthetic task, no file needed), 'text' (UTF-8 file or folder),
+  """One of 'propagation' or 'multihop' (embedded synthetic tasks, no file needed; see
+  `ztt_jax.data.propagation` and `ztt_jax.data.multihop`), 'text' (UTF-8 file or folder),
   'tokens' (pre-tokenized .bin/.npy, uint16 or uint32) or 'array_record' (one token sequence per
   record, see `ztt_jax.data.sources.write_array_record`)."""
 
@@ -67,6 +76,22 @@ class DataConfig:
   curriculum_examples: int = 0
   """Multi-hop training only: the deepest query grows linearly from 1 to max_hops over the first
   this many training examples (0: every example draws from 1..max_hops). Eval is unaffected."""
+
+  order: str = 'shuffled'
+  """Multi-hop: statement order. 'shuffled' (any order: a lookup may point forward) or 'topological'
+  (a random order in which every variable is assigned before it is used)."""
+
+  label_statements: bool = False
+  """Multi-hop: also score every statement: the target at the value byte of `xv;` is the digit x
+  resolves to, with x's depth as its difficulty (dense supervision at every depth)."""
+
+  window: int = 4
+  """Propagation: the attention window (keys per query, its own included) that difficulty is
+  measured in; one layer moves a fact window - 1 positions. Must equal model.attention_window."""
+
+  max_difficulty: int = 8
+  """Propagation: the hardest position needs this many windows (layers) between it and its marker;
+  markers are spaced so every difficulty 1..max_difficulty occurs in every gap."""
 
   num_distractors: int = 2
   """Multi-hop: extra statements per example, each a fresh literal or a copy branching off any
@@ -105,13 +130,13 @@ class DataConfig:
     self._check_types()
     if self.kind not in KINDS:
       raise ConfigError(f'data.kind={self.kind!r} is not one of {KINDS}. Set --config.data.kind to one of them.')
-    if self.kind == 'multihop':
+    if self.kind in SYNTHETIC_KINDS:
       if self.path is not None:
         raise ConfigError(
-            f"data.path={self.path!r} is set but data.kind='multihop' uses the embedded task and "
+            f"data.path={self.path!r} is set but data.kind={self.kind!r} uses the embedded task and "
             "ignores it. Set data.kind to 'text', 'tokens' or 'array_record', or unset data.path.")
       if self.tokenizer != 'bytes':
-        raise ConfigError("data.tokenizer must be 'bytes' for data.kind='multihop' (its tokens are bytes).")
+        raise ConfigError(f"data.tokenizer must be 'bytes' for data.kind={self.kind!r} (its tokens are bytes).")
     elif not self.path:
       raise ConfigError(f"data.kind={self.kind!r} needs data.path. Set --config.data.path=FILE_OR_FOLDER.")
     if self.kind != 'text' and self.tokenizer != 'bytes':
@@ -126,6 +151,10 @@ class DataConfig:
       raise ConfigError(f'data.curriculum_examples={self.curriculum_examples} must be >= 0 (0: no curriculum).')
     if self.num_queries < 1:
       raise ConfigError(f'data.num_queries={self.num_queries} must be >= 1.')
+    if self.order not in MULTIHOP_ORDERS:
+      raise ConfigError(f'data.order={self.order!r} must be one of {MULTIHOP_ORDERS}.')
+    if self.kind == 'propagation':
+      self._check_propagation()
     if self.kind == 'multihop':
       variables = multihop_max_variables(self.max_hops, self.num_queries, self.num_distractors)
       if variables > MAX_VARIABLES:
@@ -147,6 +176,18 @@ class DataConfig:
       raise ConfigError(f'data.token_dtype={self.token_dtype!r} must be one of {TOKEN_DTYPES}.')
     if self.read_threads < 0 or self.prefetch_batches < 0:
       raise ConfigError('data.read_threads and data.prefetch_batches must be >= 0.')
+
+  def _check_propagation(self) -> None:
+    if self.window < 2:
+      raise ConfigError(f'data.window={self.window} must be >= 2: a window of one key moves nothing.')
+    if self.max_difficulty < 1:
+      raise ConfigError(f'data.max_difficulty={self.max_difficulty} must be >= 1.')
+    need = propagation_min_seq_len(self.window, self.max_difficulty)
+    if self.seq_len < need:
+      raise ConfigError(
+          f'data.seq_len={self.seq_len} is too short for the propagation task with window={self.window} and '
+          f'max_difficulty={self.max_difficulty}: a row must hold one whole gap between markers, so the '
+          f'minimum seq_len is {need}. Raise data.seq_len or lower data.max_difficulty.')
 
   def _check_types(self) -> None:
     for f in dataclasses.fields(self):

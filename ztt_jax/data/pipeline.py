@@ -10,7 +10,7 @@ from typing import Protocol
 import grain
 import numpy as np
 
-from ztt_jax.data import multihop, sources, text
+from ztt_jax.data import multihop, propagation, sources, text
 from ztt_jax.data.config import DataConfig
 from ztt_jax.data.tokenizer import load_tokenizer
 from ztt_jax.errors import DataError
@@ -34,6 +34,8 @@ class Source(Protocol):
 
 def open_source(cfg: DataConfig) -> Source:
   """Opens (and for text, tokenizes once) the configured data; raises DataError on bad input."""
+  if cfg.kind == 'propagation':
+    return propagation.PropagationSource(cfg)
   if cfg.kind == 'multihop':
     return multihop.MultiHopSource(cfg)
   common = dict(seq_len=cfg.seq_len, seed=cfg.seed, eval_fraction=cfg.eval_fraction)
