@@ -42,16 +42,17 @@ def rope(x, theta):
   return out
 
 
-def attention(q, k, v, zero_key=None, zero_bias=None, mask_zero=False):
-  """One sequence. q,k,v [T,H,K]; zero_key [H,K]. Softmax over [zero slot, keys 0..t] with a
-  zero-value column. Returns out [T,H,K], a0 [H,T]."""
+def attention(q, k, v, zero_key=None, zero_bias=None, mask_zero=False, window=None):
+  """One sequence. q,k,v [T,H,K]; zero_key [H,K]. Softmax over [zero slot, keys 0..t] (keys
+  t-window+1..t with a window) with a zero-value column. Returns out [T,H,K], a0 [H,T]."""
   T, H, K = q.shape
   out = np.zeros((T, H, K))
   a0 = np.zeros((H, T))
   for h in range(H):
     for t in range(T):
-      logits = [q[t, h] @ k[s, h] / math.sqrt(K) for s in range(t + 1)]
-      values = [v[s, h] for s in range(t + 1)]
+      keys = range(0 if window is None else max(0, t - window + 1), t + 1)
+      logits = [q[t, h] @ k[s, h] / math.sqrt(K) for s in keys]
+      values = [v[s, h] for s in keys]
       if zero_key is not None:
         z = q[t, h] @ zero_key[h] / math.sqrt(K) + (0.0 if zero_bias is None else zero_bias[h])
         logits = [-np.inf if mask_zero else z] + logits
@@ -76,7 +77,7 @@ def block(p, x, cfg, zero_key=None, zero_bias=None, mask_zero=False):
                for n in "qkv")
     if cfg.position == "rope":
       q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
-    o, a0 = attention(q, k, v, zero_key, zero_bias, mask_zero)
+    o, a0 = attention(q, k, v, zero_key, zero_bias, mask_zero, cfg.attention_window)
     y = x[b] + np.einsum("thk,hkd->td", o, a["o_kernel"]) + (a["o_bias"] if cfg.use_bias else 0)
     m = p["mlp"]
     h = norm(p["mlp_norm"], y, cfg)

@@ -11,7 +11,7 @@ from ztt_jax.model import ModelConfig
 def test_fields_are_simple_types_and_roundtrip_through_configdict():
   cfg = ModelConfig(d_model=64, variant="htc", zero_token=True, exit_threshold=0.5)
   for f in dataclasses.fields(ModelConfig):
-    assert f.type in ("int", "float", "str", "bool", "Optional[bool]", "Optional[float]"), f
+    assert f.type in ("int", "float", "str", "bool", "Optional[bool]", "Optional[int]", "Optional[float]"), f
   cd = ml_collections.ConfigDict(cfg.to_dict())
   assert ModelConfig.from_any(cd) == cfg
   assert ModelConfig.from_any(ml_collections.FrozenConfigDict(cd)) == cfg

@@ -25,13 +25,17 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                         zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
                         mask_zero_slot: Optional[Array] = None,
                         valid_TxS: Optional[Array] = None, *, q_positions_T: Optional[Array] = None,
-                        impl: str = "reference", block_size: int = 0) -> tuple[Array, Array]:
+                        impl: str = "reference", block_size: int = 0,
+                        window: Optional[int] = None) -> tuple[Array, Array]:
   """Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
 
   q_positions_T: absolute positions of the queries (key s is at position s); a query sees the keys
     at positions <= its own. Default: causal with the queries as the last T keys. Decoding passes
     it because its keys are a fixed-size cache whose tail is not written yet.
-  valid_TxS: an explicit [T, S] mask instead (dense: always runs the reference).
+  valid_TxS: an explicit [T, S] mask instead (dense: always runs the reference; `window` is then
+    ignored: the mask says it all).
+  window: model.attention_window; a query at position t also needs t - s < window to see key s.
+    The zero slot is always visible.
   impl: model.attention_impl, auto | reference | chunked | cudnn | pallas; block_size: the chunked
     implementation's block (model.attention_block_size). See ztt_jax/model/attention_impls/.
 
@@ -40,7 +44,7 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   """
   return attention_impls.attention(impl, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zero_bias_H,
                                    mask_zero_slot, q_positions_T=q_positions_T, valid_TxS=valid_TxS,
-                                   block_size=block_size)
+                                   block_size=block_size, window=window)
 
 
 @flax.struct.dataclass
@@ -105,7 +109,8 @@ class Attention(nn.Module):
       q_positions_T = pos_T  # the cache's unwritten tail lies after every query
     o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot,
                                               q_positions_T=q_positions_T, impl=cfg.attention_impl,
-                                              block_size=cfg.attention_block_size)
+                                              block_size=cfg.attention_block_size,
+                                              window=cfg.attention_window)
     wo_HxKxD = logical_param(self, "o_kernel", fan_in_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, wo_HxKxD.astype(dt))
     if cfg.use_bias:

@@ -30,7 +30,9 @@ ZERO_TOKEN_LAYERS = ("middle", "all")
 ZERO_KEY_INITS = ("normal", "truncated_normal", "zeros")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "pallas")  # ztt_jax/model/attention_impls/
-EXIT_SIGNALS = ("zero_attention", "confidence", "gate")  # ztt_jax/model/exit.py
+EXIT_SIGNALS = ("zero_attention", "zero_attention_last", "zero_attention_delta", "state_delta", "confidence",
+                "gate")  # ztt_jax/model/exit.py
+ZERO_ATTENTION_SIGNALS = ("zero_attention", "zero_attention_last", "zero_attention_delta")  # need the zero token
 INPUT_INJECTIONS = ("none", "head", "embed")
 
 
@@ -120,6 +122,14 @@ class ModelConfig:
   dtype and head dim, else chunked; pallas on TPU; chunked on CPU, where it measured as fast as
   reference at T=256 and faster beyond). cudnn/pallas run the full-sequence (training) call;
   decoding against a KV cache uses chunked."""
+  attention_window: Optional[int] = None
+  """Sliding causal window w (Mistral, Gemma 2/3): a query at position t sees the keys at positions
+  t-w+1..t (w keys, its own included) plus the zero slot, which is always visible. None: full causal
+  attention. Information then moves at most w-1 positions per attention layer, so a model that
+  applies n attention layers (head + C*k + tail for a looped one; token_shift adds one position)
+  cannot carry a token farther than n*(w-1) (+1) positions: depth is needed by construction.
+  For now a windowed call always runs the reference implementation (dense scores), and cached
+  decoding keeps the full-length cache."""
   attention_block_size: int = 0
   """Query and key block length of attention_impl=chunked; any sequence length works (padded and
   masked). 0: the backend's default, 128 on CPU (fastest there: the [B,H,128,128] block stays in
@@ -140,9 +150,13 @@ class ModelConfig:
   through each later cycle's stack and only its result is discarded, so layers after the first
   see recomputed states. The two agree when the stack has one layer."""
   exit_signal: str = "zero_attention"
-  """The signal of the default exit rule (ExitRule.from_config) for evaluation and generation:
-  zero_attention (mean a0), confidence (max softmax probability of the cycle's read-out; not in
-  cached decoding) or gate (the learned exit gate's cumulative exit probability; needs exit_gate)."""
+  """The signal of the default exit rule (ExitRule.from_config) for evaluation and generation, each
+  float32 in [0, 1], higher = readier to exit (full definitions: ExitRule in model/exit.py):
+  zero_attention (mean a0 over heads and cycled layers; the paper's), zero_attention_last (mean a0
+  of the last cycled layer), zero_attention_delta (1 - |a0_c - a0_{c-1}|; 0 at the first cycle),
+  state_delta (1 - ||h_c - h_{c-1}|| / ||h_{c-1}||: the state has converged), confidence (max softmax
+  probability of the cycle's read-out; not in cached decoding) or gate (the learned exit gate's
+  cumulative exit probability; needs exit_gate). The zero_attention* signals need the zero token."""
   cycle_loss_weight: float = 0.0
   """Weight of the per-cycle (deep supervision) loss; > 0 makes apply() return aux['cycle_logits']."""
 
@@ -176,6 +190,15 @@ class ModelConfig:
   exit_gate_kl_weight: float = 0.1
   """Weight of KL(p || uniform over the cycles run) per scored token (exit_gate only). Keeps the exit
   distribution from collapsing onto one cycle (a geometric prior under-trains the later ones)."""
+  zero_attention_target_weight: float = 0.0
+  """a0 learned against a target (0: off). Raw a0 says "nothing to attend to in this layer", not
+  "done": on a windowed task the hardest tokens attend to the zero slot most and exit first. This
+  adds weight * mean_c sum_tokens BCE(a0_c, [argmax(read-out of cycle c) == target]) over the
+  loss-weighted tokens (the right/wrong target is a constant), so each cycle's mean a0 learns to say
+  "this cycle's answer is already right" and exit_signal=zero_attention at a threshold follows
+  difficulty. a0 enters the BCE as eps + (1 - 2 eps) a0 (eps 1e-6), which keeps the log finite
+  without a clip's dead gradient. Needs the zero token; makes apply() return aux['cycle_logits'];
+  the trainer logs train/zero_attention_target_loss."""
 
   # ---------------------------------------------------------------- construction
 
@@ -263,6 +286,10 @@ class ModelConfig:
       v = getattr(self, field)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         fail(field, "must be an integer >= 0")
+    w = self.attention_window
+    if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+      fail("attention_window", "must be an integer >= 1 (keys per query, its own included) or none (full "
+           "causal attention); e.g. --config.model.attention_window=4")
     if self.variant not in VARIANT_PRESETS and self.variant not in VARIANT_ALIASES:
       fail("variant", f"unknown variant; use one of {', '.join([*VARIANT_PRESETS, *VARIANT_ALIASES])}")
     if self.d_model % self.num_heads:
@@ -306,14 +333,15 @@ class ModelConfig:
              "e.g. --config.model.exit_threshold=0.5")
       # The threshold is the default of evaluation and generation, whose zero-attention exit needs
       # the zero token; without one the first evaluation would fail after training had begun.
-      if self.exit_signal == "zero_attention" and not self.use_zero_token:
+      if self.exit_signal in ZERO_ATTENTION_SIGNALS and not self.use_zero_token:
         fail("exit_threshold", f"variant={self.variant!r} has no zero token, so there is no zero-attention "
              "exit signal; pass --config.model.exit_threshold=none (or use variant=ztt, or "
              "zero_token=True)")
     return self
 
   def _validate_recipes(self, fail) -> None:
-    """The looped-training recipe fields (backprop_cycles, input_injection, exit_gate, zero_bias_init)."""
+    """The looped-training recipe fields (backprop_cycles, input_injection, exit_gate, zero_bias_init,
+    zero_attention_target_weight)."""
     k = self.backprop_cycles
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
       fail("backprop_cycles", "must be an integer >= 0 (the last k cycles get gradients; 0: all of them)")
@@ -326,3 +354,8 @@ class ModelConfig:
       fail("exit_gate", "must be True or False")
     if self.exit_signal == "gate" and not self.exit_gate:
       fail("exit_signal", "the gate signal needs the learned gate; add --config.model.exit_gate=True")
+    if not self.zero_attention_target_weight >= 0:
+      fail("zero_attention_target_weight", "must be >= 0 (0 turns the a0 target loss off)")
+    if self.zero_attention_target_weight > 0 and not self.use_zero_token:
+      fail("zero_attention_target_weight", f"variant={self.variant!r} has no zero token to train; set it to 0 "
+           "or use variant=ztt")

@@ -31,7 +31,7 @@ from ztt_jax.model.attention_impls.chunked import SAVED_NAMES, chunked_attention
 from ztt_jax.model.attention_impls.cudnn import cudnn_kernel, xla_kernel
 from ztt_jax.model.attention_impls.fused import augment_for_causal_kernel, fused_attention
 from ztt_jax.model.attention_impls.pallas import pallas_kernel
-from ztt_jax.model.attention_impls.reference import reference_attention
+from ztt_jax.model.attention_impls.reference import reference_attention, visible_TxS
 from ztt_jax.model.config import ATTENTION_IMPLS
 
 __all__ = ["attention", "resolve", "remat_policy", "reference_attention", "chunked_attention",
@@ -75,15 +75,16 @@ def resolve(impl: str, *, seq_len: int, dtype, head_dim: int, zero_slot: bool = 
 
 
 def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zero_bias_H=None,
-              mask_zero_slot=None, *, q_positions_T=None, valid_TxS=None, block_size: int = 0):
+              mask_zero_slot=None, *, q_positions_T=None, valid_TxS=None, block_size: int = 0,
+              window=None):
   """Dispatch to one implementation (see `ztt_jax.model.attention.zero_slot_attention`)."""
   T, S = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
   K = q_BxTxHxK.shape[-1]
   name = resolve(impl, seq_len=S, dtype=q_BxTxHxK.dtype, head_dim=K, zero_slot=zero_key_HxK is not None)
   args = (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zero_bias_H, mask_zero_slot)
-  if valid_TxS is not None or name == "reference":
-    if valid_TxS is None and q_positions_T is not None:
-      valid_TxS = jnp.arange(S)[None, :] <= jnp.asarray(q_positions_T)[:, None]
+  if valid_TxS is not None or name == "reference" or window is not None:
+    if valid_TxS is None:
+      valid_TxS = visible_TxS(T, S, q_positions_T, window)
     return reference_attention(*args, valid_TxS=valid_TxS)
   if name in ("cudnn", "pallas") and q_positions_T is None and T == S:
     kernel = cudnn_kernel if name == "cudnn" else pallas_kernel

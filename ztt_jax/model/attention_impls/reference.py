@@ -10,6 +10,14 @@ import jax.numpy as jnp
 from ztt_jax.model.attention_impls.common import Array, zero_logit
 
 
+def visible_TxS(T: int, S: int, q_positions_T: Optional[Array] = None, window: Optional[int] = None) -> Array:
+  """[T, S] bool: which keys each query sees. Key s sits at position s; the queries at
+  q_positions_T (default: the last T keys). Causal, and within the last `window` positions."""
+  pos_T = jnp.arange(T) + (S - T) if q_positions_T is None else jnp.asarray(q_positions_T)
+  d_TxS = pos_T[:, None] - jnp.arange(S)[None, :]
+  return (d_TxS >= 0) if window is None else (d_TxS >= 0) & (d_TxS < window)
+
+
 def reference_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                         zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
                         mask_zero_slot: Optional[Array] = None,
@@ -24,7 +32,7 @@ def reference_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   scale = 1.0 / jnp.sqrt(jnp.float32(K))
   s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
                          preferred_element_type=jnp.float32) * scale
-  causal_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :] if valid_TxS is None else valid_TxS
+  causal_TxS = visible_TxS(T, S) if valid_TxS is None else valid_TxS
   s_BxHxTxS = jnp.where(causal_TxS[None, None], s_BxHxTxS, -jnp.inf)
   m_BxHxT = jnp.max(s_BxHxTxS, axis=-1)
   if zero_key_HxK is not None:
