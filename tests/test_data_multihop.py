@@ -13,7 +13,7 @@ CFG = data.DataConfig(kind='multihop', seq_len=128, max_hops=6, num_queries=6, n
 
 def _decode(example):
   """Rebuilds the example's text and its scored (answer, hops) pairs from the model's view."""
-  inputs, targets, weights, hops = example['inputs'], example['targets'], example['weights'], example['hops']
+  inputs, targets, weights, hops = example['inputs'], example['targets'], example['weights'], example['difficulty']
   assert inputs[0] == data.BOS_ID
   np.testing.assert_array_equal(hops > 0, weights > 0)  # hops label exactly the scored tokens
   end = int(np.argmax(targets == data.EOS_ID))
@@ -50,7 +50,7 @@ def _resolve(table, var):
 def test_same_seed_and_index_give_same_bytes_and_other_indices_differ():
   a, b = MultiHopSource(CFG), MultiHopSource(CFG)
   for i in range(5):
-    for key in ('inputs', 'targets', 'weights', 'hops'):
+    for key in ('inputs', 'targets', 'weights', 'difficulty'):
       np.testing.assert_array_equal(a.train_example(i)[key], b.train_example(i)[key])
       np.testing.assert_array_equal(a.eval_example(i)[key], b.eval_example(i)[key])
   prompts = {_decode(a.train_example(i))[0] for i in range(50)}
@@ -133,7 +133,7 @@ def test_eval_set_is_held_out_balanced_and_correct():
 
 def test_pad_rows_score_nothing():
   pad = MultiHopSource(CFG).pad_example()
-  assert pad['hops'].shape == (CFG.seq_len,) and not pad['hops'].any() and not pad['weights'].any()
+  assert pad['difficulty'].shape == (CFG.seq_len,) and not pad['difficulty'].any() and not pad['weights'].any()
 
 
 def test_seq_len_too_short_names_the_minimum():
@@ -160,9 +160,9 @@ def test_batches_carry_per_token_hops_and_answer_only_weights():
   batch = next(it)
   assert batch['inputs'].dtype == np.int32 and batch['inputs'].shape == (8, 128)
   assert batch['targets'].dtype == np.int32 and batch['weights'].dtype == np.float32
-  assert batch['hops'].dtype == np.int32 and batch['hops'].shape == (8, 128)
+  assert batch['difficulty'].dtype == np.int32 and batch['difficulty'].shape == (8, 128)
   assert (batch['weights'].sum(axis=1) == CFG.num_queries).all()
-  assert ((batch['hops'] > 0) == (batch['weights'] > 0)).all()
+  assert ((batch['difficulty'] > 0) == (batch['weights'] > 0)).all()
   np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
   assert data.required_vocab_size(CFG) == data.BYTE_VOCAB_SIZE <= 264
 

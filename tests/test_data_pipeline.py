@@ -96,7 +96,7 @@ def test_eval_batches_pad_the_last_batch_and_shard_by_process():
   assert len(full) == 3  # 10 examples -> 4 + 4 + 2 real rows.
   weights = [b['weights'].sum(axis=1) for b in full]
   np.testing.assert_array_equal(np.concatenate(weights), [1] * 10 + [0] * 2)
-  assert not full[2]['hops'][2:].any()  # pad rows label no token with a hop count
+  assert not full[2]['difficulty'][2:].any()  # pad rows label no token with a difficulty
   _assert_equal(list(full)[1], list(full)[1])  # Re-iterable and deterministic.
   halves = [data.make_eval_batches(MULTIHOP, global_batch_size=4, vocab_size=V, process_index=p, process_count=2)
             for p in range(2)]

@@ -80,8 +80,8 @@ def test_no_exit_fields(trained, no_exit):
   assert "perplexity" not in r
   assert r["mean_cycles"] == C and math.isclose(r["compute_fraction"], 1.0)
   assert 0 <= r["accuracy"] <= 1
-  assert set(r["per_hop"]) == {"1", "2", "3"}
-  for h in r["per_hop"].values():
+  assert set(r["per_difficulty"]) == {"1", "2", "3"}
+  for h in r["per_difficulty"].values():
     assert h["mean_cycles"] == C and math.isclose(h["compute_fraction"], 1.0)
 
 
@@ -98,17 +98,17 @@ def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   logits, aux = jax.device_get(fn(trained.params, b["inputs"]))
   w = b["weights"]
   ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"]))
-  scored = b["hops"] > 0
+  scored = b["difficulty"] > 0
   np.testing.assert_array_equal(scored, w > 0)
   correct = (logits.argmax(-1) == b["targets"])[scored]
   cycles = np.asarray(aux["cycles_used"])[scored]
-  hops = b["hops"][scored]
+  hops = b["difficulty"][scored]
   np.testing.assert_allclose(r["loss"], (ce * w).sum() / w.sum(), rtol=1e-5)
   np.testing.assert_allclose(r["accuracy"], correct.mean())
   np.testing.assert_allclose(r["mean_cycles"], (np.asarray(aux["cycles_used"]) * w).sum() / w.sum(), rtol=1e-6)
   for h in np.unique(hops):
-    np.testing.assert_allclose(r["per_hop"][str(h)]["accuracy"], correct[hops == h].mean())
-    np.testing.assert_allclose(r["per_hop"][str(h)]["mean_cycles"], cycles[hops == h].mean(), rtol=1e-6)
+    np.testing.assert_allclose(r["per_difficulty"][str(h)]["accuracy"], correct[hops == h].mean())
+    np.testing.assert_allclose(r["per_difficulty"][str(h)]["mean_cycles"], cycles[hops == h].mean(), rtol=1e-6)
   assert 1 <= r["mean_cycles"] < cfg.model.num_cycles
   np.testing.assert_allclose(r["compute_fraction"], flops_fraction(cfg.model, cfg.data.seq_len, r["mean_cycles"]),
                              rtol=1e-9)
@@ -178,7 +178,7 @@ def test_test_time_depth_matches_a_direct_computation(trained):
   r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=None), max_batches=1,
                          num_cycles=C, max_hops=H)
   assert (r["num_cycles"], r["trained_cycles"], r["max_hops"], r["trained_max_hops"]) == (C, C - 2, H, H - 2)
-  assert set(r["per_hop"]) == {str(h) for h in range(1, H + 1)}
+  assert set(r["per_difficulty"]) == {str(h) for h in range(1, H + 1)}
   n = cfg.eval.batch_size or cfg.train.global_batch_size
   examples = [multihop.make_example(cfg.data.seed, multihop.EVAL_STREAM, i, H, cfg.data.num_queries,
                                     cfg.data.num_distractors, start=i % H) for i in range(n)]
@@ -194,6 +194,6 @@ def test_test_time_depth_matches_a_direct_computation(trained):
     for p, h in zip(pos, hops):
       by_hop.setdefault(int(h), []).append(logits[i, p - 1].argmax() == t[p])
   for h, ok in by_hop.items():
-    np.testing.assert_allclose(r["per_hop"][str(h)]["accuracy"], np.mean(ok))
+    np.testing.assert_allclose(r["per_difficulty"][str(h)]["accuracy"], np.mean(ok))
   with pytest.raises(ConfigError, match="alphabet|variables"):
     evaluator.at_hops(cfg, 40)

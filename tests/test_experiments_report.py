@@ -50,7 +50,7 @@ def _fake_run(root, task, rung, seed, loss, acc=None):
   os.makedirs(d)
   final = {"eval/loss": loss, "eval/mean_cycles": 3.0}
   if acc is not None:
-    final.update({"eval/accuracy": acc, "eval/accuracy_hops_1": acc + 0.1, "eval/accuracy_hops_2": acc - 0.1})
+    final.update({"eval/accuracy": acc, "eval/accuracy_difficulty_1": acc + 0.1, "eval/accuracy_difficulty_2": acc - 0.1})
   with open(os.path.join(d, "result.json"), "w") as f:
     json.dump({"task": task, "rung": rung, "seed": seed, "steps": 10, "tokens_per_step": 64, "params": 1234,
                "effective_depth": 8, "variant": rung, "num_cycles": 3, "wall_s": 6.0,
@@ -73,7 +73,7 @@ def test_report_tables_from_fabricated_json(tmp_path):
   assert list(s["rungs"]) == ["vanilla-4", "ztt"]  # ladder order, not file order
   z = s["rungs"]["ztt"]
   assert z["eval_loss"]["mean"] == pytest.approx(1.5) and z["eval_loss"]["spread"] == pytest.approx(0.5)
-  assert z["accuracy_by_hop"]["2"]["mean"] == pytest.approx(0.5)
+  assert z["accuracy_by_difficulty"]["2"]["mean"] == pytest.approx(0.5)
   rows = [l for l in blocks["ladder_multihop"].splitlines() if l.startswith("| `")]
   assert [r.split("|")[1].strip() for r in rows] == ["`vanilla-4`", "`ztt`"]
   assert "60.0 ± 10.0" in rows[1]  # accuracy %, mean ± half-range
@@ -109,7 +109,7 @@ def test_nanogpt_batches_are_seeded_windows_of_the_held_out_tail(tmp_path):
 
 def test_depth_table_marks_trained_cycles_and_untrained_hops():
   point = lambda c, accs: {"num_cycles": c, "accuracy": sum(accs) / len(accs),
-                           "per_hop": {str(h + 1): {"accuracy": a} for h, a in enumerate(accs)}}
+                           "per_difficulty": {str(h + 1): {"accuracy": a} for h, a in enumerate(accs)}}
   d = {"trained_cycles": 2, "trained_max_hops": 1, "points": [point(2, [1.0, 0.5]), point(3, [1.0, 0.25])]}
   rows = report.depth_table(d).splitlines()
   assert rows[0] == "| cycles | all | 1 hops | 2 hops (untrained) |"

@@ -143,8 +143,8 @@ def test_compile_check_reports_the_memory_of_the_real_train_step():
   run = run_lib.build(cfg)
   batch = compile_check.abstract_batch(cfg, run.mesh)
   # Independent count: the step's arguments are the train state and the batch arrays it reads, as
-  # sharded (`hops` is passed too, but the step never reads it and XLA drops it).
-  read = {k: v for k, v in batch.items() if k != "hops"}
+  # sharded (`difficulty` is passed too, but the step never reads it and XLA drops it).
+  read = {k: v for k, v in batch.items() if k != "difficulty"}
   want = _bytes_per_device(run.abstract_state, jax.devices()) + _bytes_per_device(read, jax.devices())
   assert report.memory["arguments"] == want
   assert report.memory["aliased"] > 0.9 * _bytes_per_device(run.abstract_state, jax.devices())  # donated

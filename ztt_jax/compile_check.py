@@ -140,7 +140,7 @@ def abstract_batch(cfg, mesh):
   spec = {"inputs": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32),
           "weights": ((b, t), jnp.float32)}
   if cfg.data.kind in SYNTHETIC_KINDS:
-    spec["hops"] = ((b, t), jnp.int32)  # per token: the difficulty of the position scored there
+    spec["difficulty"] = ((b, t), jnp.int32)  # per token: the difficulty of the position scored there
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
 
 

@@ -40,8 +40,8 @@ def main(argv):
   result = evaluator.evaluate(trained, rule, max_batches=FLAGS.max_batches, num_cycles=FLAGS.num_cycles,
                               max_hops=FLAGS.max_hops)
   print(json.dumps(result, indent=2))
-  if "per_hop" in result:
-    print(evaluator.per_hop_table(result))
+  if "per_difficulty" in result:
+    print(evaluator.per_difficulty_table(result))
   if FLAGS.output:
     evaluator.write_json(result, FLAGS.output)
 

@@ -47,15 +47,17 @@ def held_out_batches(cfg, max_batches: Optional[int] = None) -> list:
 
 
 class Evaluator:
-  """Held-out loss, and for the multi-hop task accuracy and mean cycles per hop count.
+  """Held-out loss, and for the embedded tasks accuracy and mean cycles per difficulty.
 
   rule: the exit rule (model.exit.ExitRule); default the run's configured one,
   ExitRule.from_config(run.cfg.model). Calling with another rule evaluates that one; when only its
   threshold differs the compiled step is reused (exit off is a second compile). num_cycles goes to
   model.apply (`sweep` uses it for the fixed-cut baseline).
-  Returns {"eval/loss", "eval/mean_cycles"} and, for the multi-hop task, "eval/accuracy" and
-  "eval/per_hop": {hops: {"accuracy", "mean_cycles"}} (flat names only in ztt_jax.metrics). With
-  per-token `hops` [B, T] (0 where unscored) these are per scored query; with `hops` [B], per example.
+  Returns {"eval/loss", "eval/mean_cycles"} and, for data with a `difficulty` label (the embedded
+  tasks), "eval/accuracy" and "eval/per_difficulty": {difficulty: {"accuracy", "mean_cycles"}} (flat
+  names only in ztt_jax.metrics). With per-token `difficulty` [B, T] (0 where unscored) these are per
+  scored token; with `difficulty` [B], per example. For the multi-hop task the difficulty is the
+  query's hop count; for propagation, the windows between a position and its marker.
   """
 
   def __init__(self, run: Run, batches: list, rule: Optional[ExitRule] = None, *,
@@ -65,7 +67,7 @@ class Evaluator:
     self.rule = ExitRule.from_config(run.cfg.model) if rule is None else rule
     step = make_eval_step(run.model, num_cycles=num_cycles)
     repl = partitioning.replicated(run.mesh)
-    self._fn = compile_synced(jax.jit(lambda p, b, rule: (step(p, b, rule), b.get("hops")),
+    self._fn = compile_synced(jax.jit(lambda p, b, rule: (step(p, b, rule), b.get("difficulty")),
                                       in_shardings=(run.param_shardings, None, None), out_shardings=repl))
 
   def __call__(self, params, rule: Optional[ExitRule] = None) -> dict:
@@ -73,32 +75,32 @@ class Evaluator:
       return {}
     rule = self.rule if rule is None else rule
     sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
-    per_hop: dict[int, list] = {}
+    per_difficulty: dict[int, list] = {}
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
       for local in self.batches:
-        out, hops = jax.device_get(self._fn(params, to_global(local, self.run.mesh), rule))
+        out, difficulty = jax.device_get(self._fn(params, to_global(local, self.run.mesh), rule))
         valid = out["weight_B"] > 0
         sums["ce"] += float(out["ce_sum_B"].sum())
         sums["w"] += float(out["weight_B"].sum())
         sums["cycles"] += float(out["cycles_sum_B"].sum())
-        if hops is not None and hops.ndim == 2:
-          # Per-token hops (several scored queries per example): one row per scored token.
-          scored_BxT = hops > 0
-          for h, ok, cyc in zip(hops[scored_BxT], out["correct_BxT"][scored_BxT], out["cycles_BxT"][scored_BxT]):
-            per_hop.setdefault(int(h), []).append((float(ok), float(cyc)))
-        elif hops is not None:
-          for h, ok, cyc, w in zip(hops[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
+        if difficulty is not None and difficulty.ndim == 2:
+          # Per-token difficulty (several scored tokens per example): one row per scored token.
+          scored_BxT = difficulty > 0
+          for d, ok, cyc in zip(difficulty[scored_BxT], out["correct_BxT"][scored_BxT],
+                                out["cycles_BxT"][scored_BxT]):
+            per_difficulty.setdefault(int(d), []).append((float(ok), float(cyc)))
+        elif difficulty is not None:
+          for d, ok, cyc, w in zip(difficulty[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
                                    out["weight_B"][valid]):
-            per_hop.setdefault(int(h), []).append((float(ok), float(cyc / w)))
+            per_difficulty.setdefault(int(d), []).append((float(ok), float(cyc / w)))
     result = {"eval/loss": sums["ce"] / max(sums["w"], 1.0),
               "eval/mean_cycles": sums["cycles"] / max(sums["w"], 1.0)}
-    if per_hop:
-      all_ok = [ok for rows in per_hop.values() for ok, _ in rows]
+    if per_difficulty:
+      all_ok = [ok for rows in per_difficulty.values() for ok, _ in rows]
       result["eval/accuracy"] = float(np.mean(all_ok))
-      result["eval/per_hop"] = {
-          h: {"accuracy": float(np.mean([ok for ok, _ in per_hop[h]])),
-              "mean_cycles": float(np.mean([c for _, c in per_hop[h]]))}
-          for h in sorted(per_hop)}
+      result["eval/per_difficulty"] = {
+          d: {"accuracy": float(np.mean([ok for ok, _ in rows])), "mean_cycles": float(np.mean([c for _, c in rows]))}
+          for d, rows in sorted(per_difficulty.items())}
     return result
 
 
@@ -131,9 +133,9 @@ def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
     out["compute_fraction_incl_signal"] = compute_fraction(m, seq_len, out["mean_cycles"], out["mean_cycles"])
   if "eval/accuracy" in metrics:
     out["accuracy"] = metrics["eval/accuracy"]
-    out["per_hop"] = {
-        str(h): {**hop, "compute_fraction": compute_fraction(m, seq_len, hop["mean_cycles"])}
-        for h, hop in metrics["eval/per_hop"].items()}
+    out["per_difficulty"] = {
+        str(d): {**by, "compute_fraction": compute_fraction(m, seq_len, by["mean_cycles"])}
+        for d, by in metrics["eval/per_difficulty"].items()}
   return out
 
 
@@ -243,12 +245,12 @@ def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] =
           "num_batches": len(batches), "data_kind": cfg.data.kind, "points": points}
 
 
-def per_hop_table(result: dict) -> str:
-  """Accuracy and mean cycles by hop count, as the console shows it."""
-  rows = [f"hops | accuracy | mean cycles   ({result['num_cycles']} cycles, trained {result['trained_cycles']}; "
-          f"exit threshold {result['exit_threshold']})"]
-  for h, hop in result["per_hop"].items():
-    rows.append(f"{h:>4} | {hop['accuracy']:8.1%} | {hop['mean_cycles']:.2f}")
+def per_difficulty_table(result: dict) -> str:
+  """Accuracy and mean cycles by difficulty, as the console shows it."""
+  rows = [f"difficulty | accuracy | mean cycles   ({result['num_cycles']} cycles, trained "
+          f"{result['trained_cycles']}; exit threshold {result['exit_threshold']})"]
+  for d, by in result["per_difficulty"].items():
+    rows.append(f"{d:>10} | {by['accuracy']:8.1%} | {by['mean_cycles']:.2f}")
   return "\n".join(rows)
 
 

@@ -7,8 +7,8 @@ import os
 import re
 from typing import Any, Mapping
 
-PER_HOP = "eval/per_hop"
-_HOP_NAME = re.compile(r"eval/(?P<metric>accuracy|mean_cycles)_hops_(?P<hops>\d+)")
+PER_DIFFICULTY = "eval/per_difficulty"
+_DIFFICULTY_NAME = re.compile(r"eval/(?P<metric>accuracy|mean_cycles)_difficulty_(?P<difficulty>\d+)")
 
 
 class MetricsWriter:
@@ -43,38 +43,38 @@ class MetricsWriter:
 
 
 def flat(metrics: Mapping[str, Any]) -> dict:
-  """Scalars by name: the structured "eval/per_hop" ({hops: {"accuracy", "mean_cycles"}}) becomes
-  "eval/accuracy_hops_<h>" and "eval/mean_cycles_hops_<h>", the names metrics.jsonl has always had."""
+  """Scalars by name: the structured "eval/per_difficulty" ({difficulty: {"accuracy", "mean_cycles"}})
+  becomes "eval/accuracy_difficulty_<d>" and "eval/mean_cycles_difficulty_<d>" in metrics.jsonl."""
   out = {}
   for name, v in metrics.items():
-    if name == PER_HOP:
-      for h, hop in v.items():
-        out.update({f"eval/{k}_hops_{h}": x for k, x in hop.items()})
+    if name == PER_DIFFICULTY:
+      for d, by in v.items():
+        out.update({f"eval/{k}_difficulty_{d}": x for k, x in by.items()})
     else:
       out[name] = v
   return out
 
 
-def per_hop(scalars: Mapping[str, Any]) -> dict:
-  """The inverse of `flat` for "eval/per_hop", for records read back from disk: {hops: {...}}."""
-  hops: dict = {}
+def per_difficulty(scalars: Mapping[str, Any]) -> dict:
+  """The inverse of `flat` for "eval/per_difficulty", for records read back from disk: {difficulty: {...}}."""
+  by: dict = {}
   for name, v in scalars.items():
-    m = _HOP_NAME.fullmatch(name)
+    m = _DIFFICULTY_NAME.fullmatch(name)
     if m:
-      hops.setdefault(int(m["hops"]), {})[m["metric"]] = v
-  return dict(sorted(hops.items()))
+      by.setdefault(int(m["difficulty"]), {})[m["metric"]] = v
+  return dict(sorted(by.items()))
 
 
 def eval_summary(eval_metrics: Mapping[str, Any]) -> str:
-  """The final eval for the console; the per-hop results come from the structured "eval/per_hop"."""
+  """The final eval for the console; the per-difficulty results come from "eval/per_difficulty"."""
   if not eval_metrics:
     return "final eval: off (eval.max_batches=0)"
   lines = [f"final eval: loss {eval_metrics.get('eval/loss', float('nan')):.4f}, "
            f"mean cycles used {eval_metrics.get('eval/mean_cycles', float('nan')):.2f}"]
   if "eval/accuracy" in eval_metrics:
-    lines.append(f"  accuracy (all hops): {eval_metrics['eval/accuracy']:.3f}")
-    for h, hop in eval_metrics[PER_HOP].items():
-      lines.append(f"  hops={h}: accuracy {hop['accuracy']:.3f}, mean cycles {hop['mean_cycles']:.2f}")
+    lines.append(f"  accuracy (all difficulties): {eval_metrics['eval/accuracy']:.3f}")
+    for d, by in eval_metrics[PER_DIFFICULTY].items():
+      lines.append(f"  difficulty={d}: accuracy {by['accuracy']:.3f}, mean cycles {by['mean_cycles']:.2f}")
   return "\n".join(lines)
 
 

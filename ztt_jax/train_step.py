@@ -179,7 +179,7 @@ def _recipe_metrics(stats: dict, weight_total, num_cycles: Optional[int]) -> dic
 
 def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None):
   """Per-example sums, and per-token hits and cycles, so the host can aggregate over batches and by
-  hop count (per example when `hops` is [B], per scored token when it is [B, T]).
+  difficulty (per example when `difficulty` is [B], per scored token when it is [B, T]).
 
   rule: the exit rule (None: no exit); the step's optional third argument replaces it. Passed
   through jit a rule's threshold is traced, so one compile serves a whole threshold sweep.

@@ -2,7 +2,7 @@
 
 Batches are dicts of numpy arrays holding this process's rows of the global batch:
 `inputs` int32 [b, T], `targets` int32 [b, T] (next token), `weights` float32 [b, T] (loss mask)
-and, for the embedded tasks, `hops` int32 [b, T] (the difficulty of each scored position: the
+and, for the embedded tasks, `difficulty` int32 [b, T] (the difficulty of each scored position: the
 propagation task's windows to the marker, multi-hop's lookups; 0 where nothing is scored); b = global_batch_size // process_count.
 """
 from typing import Any, Optional

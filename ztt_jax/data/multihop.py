@@ -26,8 +26,17 @@ Why it is built this way (each rule closes a shortcut a shallow model would othe
 - Three bytes per statement, no `=`: the value sits right after its variable, so one lookup is the
   classic induction pattern (find the earlier x, read the next token), and sequences stay short.
 
-`hops` is per token: the depth of the query answered at that target position, 0 where nothing is
-scored. Everything is a pure function of (seed, stream, index).
+Two options (`data.order`, `data.label_statements`; defaults shuffled / off):
+- order='topological': the same statements, queries and answers, but in a random order in which
+  every variable is assigned before a statement uses it (`topological`), so a left-to-right reader
+  can resolve each statement as it arrives instead of looking forward.
+- label_statements (training only): every statement `xv;` is scored too, at the position whose
+  input is v, with x's resolved digit as target and x's depth as difficulty (`statement_targets`):
+  dense supervision at every depth. In shuffled order only the statements whose chain precedes
+  them are scored (no causal model can know the rest). Eval scores the queries alone.
+
+`difficulty` is per token: the depth (hop count) of the query, or statement, answered at that
+target position, 0 where nothing is scored. Everything is a pure function of (seed, stream, index).
 """
 import string
 
@@ -44,13 +53,15 @@ BRANCH_PROBABILITY = 0.5
 
 
 def make_example(seed: int, stream: int, index: int, max_hops: int, num_queries: int,
-                 num_distractors: int, start: int | None = None,
-                 depth_limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 num_distractors: int, start: int | None = None, depth_limit: int | None = None,
+                 order: str = 'shuffled') -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Returns (tokens, answer_positions, hops) for one example; tokens has no padding.
 
   answer_positions[q] is the index in `tokens` of query q's answer digit and hops[q] its depth.
   start: first depth of the cycle 1..max_hops (0-based); None draws it (the training stream).
   depth_limit: deepest query and variable (default max_hops); the training curriculum lowers it.
+  order: 'shuffled' or 'topological' (see `topological`); the same (seed, stream, index) gives the
+  same statements, queries and answers in both, only the statements' order differs.
   """
   rng = np.random.default_rng([seed, stream, index])
   depth_limit = max_hops if depth_limit is None else depth_limit
@@ -83,22 +94,69 @@ def make_example(seed: int, stream: int, index: int, max_hops: int, num_queries:
       depth_of[name] = 1
 
   table = {s[0]: s[1] for s in statements}
-  body = ''.join(statements[i] for i in rng.permutation(len(statements)))
+  statements = [statements[i] for i in rng.permutation(len(statements))]
+  if order == 'topological':
+    statements = topological(statements)
+  body = ''.join(statements)
   order = rng.permutation(num_queries)
   positions, hops = [], []
   for q in order:
     body += f'?{queries[q]}'
     positions.append(1 + len(body))  # +1 for BOS: the index of the answer digit in the tokens
     hops.append(depths[q])
-    body += _resolve(table, queries[q])
+    body += _lookup(table, queries[q])[0]
   tokens = np.concatenate([[BOS_ID], np.frombuffer(body.encode('ascii'), np.uint8), [EOS_ID]]).astype(np.int32)
   return tokens, np.asarray(positions, np.int64), np.asarray(hops, np.int32)
 
 
-def _resolve(table: dict, var: str) -> str:
+def _lookup(table: dict, var: str) -> tuple[str | None, int]:
+  """(digit, lookups) that `var` resolves to through `table`; digit None if the chain leaves it."""
+  lookups = 0
   while var not in DIGITS:
-    var = table[var]
-  return var
+    if var not in table:
+      return None, lookups
+    var, lookups = table[var], lookups + 1
+  return var, lookups
+
+
+def topological(statements: list[str]) -> list[str]:
+  """`statements` reordered so every variable is assigned before a statement uses it.
+
+  At each step the earliest remaining statement (in the given random order) whose value is a digit
+  or an assigned variable comes next: still a random order, trees interleaved, and the identity on
+  a list that already is topological.
+  """
+  pending, assigned, out = list(statements), set(), []
+  while pending:
+    ready = next(s for s in pending if s[1] in DIGITS or s[1] in assigned)
+    pending.remove(ready)
+    assigned.add(ready[0])
+    out.append(ready)
+  return out
+
+
+def statement_targets(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(positions, digits, depths) that score the statements of one example (`make_example`'s tokens).
+
+  Statement `xv;` is scored at the target position whose INPUT is its value byte v (its plain
+  next-token target would be `;`): the target becomes the digit x resolves to (a token id) and the
+  label x's depth, the lookups a query `?x` needs (one more than the lookups left from v; a literal
+  `x7;` is depth 1, its target 7). A statement is scored only if its whole chain is assigned before
+  it: every statement in topological order; in shuffled order the others stay unscored, since no
+  causal model can know their answer there.
+  """
+  table, positions, digits, depths = {}, [], [], []
+  t = 1  # after BOS, statements are 3 tokens each until the first query's '?'
+  while tokens[t] != ord('?'):
+    var, value = chr(tokens[t]), chr(tokens[t + 1])
+    table[var] = value
+    digit, lookups = _lookup(table, var)
+    if digit is not None:
+      positions.append(t + 1)
+      digits.append(ord(digit))
+      depths.append(lookups)
+    t += 3
+  return np.asarray(positions, np.int64), np.asarray(digits, np.int32), np.asarray(depths, np.int32)
 
 
 def curriculum_depth(cfg: DataConfig, index: int) -> int:
@@ -113,22 +171,32 @@ class MultiHopSource(SyntheticSource):
   name = "the multi-hop task (data.kind='multihop')"
 
   def _train_args(self, index: int) -> dict:
-    return dict(start=None, depth_limit=curriculum_depth(self.cfg, index))
+    return dict(start=None, depth_limit=curriculum_depth(self.cfg, index),
+                label_statements=self.cfg.label_statements)
 
   def _eval_args(self, index: int) -> dict:
-    # Eval steps through the start of the depth cycle so every depth gets the same number of queries.
+    # Eval steps through the start of the depth cycle so every depth gets the same number of queries,
+    # and scores the queries alone, so accuracy by depth means the same with or without
+    # data.label_statements.
     return dict(start=index % self.cfg.max_hops)
 
-  def _example(self, stream: int, index: int, start: int | None, depth_limit: int | None = None) -> dict:
+  def _example(self, stream: int, index: int, start: int | None, depth_limit: int | None = None,
+               label_statements: bool = False) -> dict:
     cfg = self.cfg
     tokens, answer_pos, hops = make_example(cfg.seed, stream, index, cfg.max_hops, cfg.num_queries,
-                                            cfg.num_distractors, start, depth_limit)
+                                            cfg.num_distractors, start, depth_limit, cfg.order)
     T = self.seq_len
     padded = np.full(T + 1, PAD_ID, np.int32)
     padded[:len(tokens)] = tokens  # DataConfig.validate guarantees it fits.
     # Target position t predicts token t + 1, so the answer at token p is scored at position p - 1.
+    positions, labels = answer_pos - 1, hops
+    targets = padded[1:].copy()  # a copy: statement targets must not overwrite the inputs
+    if label_statements:
+      at, digits, depths = statement_targets(tokens)
+      targets[at] = digits
+      positions, labels = np.concatenate([positions, at]), np.concatenate([labels, depths])
     weights = np.zeros(T, np.float32)
-    weights[answer_pos - 1] = 1.0
+    weights[positions] = 1.0
     hops_T = np.zeros(T, np.int32)
-    hops_T[answer_pos - 1] = hops
-    return {'inputs': padded[:-1], 'targets': padded[1:], 'weights': weights, 'hops': hops_T}
+    hops_T[positions] = labels
+    return {'inputs': padded[:-1], 'targets': targets, 'weights': weights, 'difficulty': hops_T}

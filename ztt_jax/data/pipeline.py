@@ -24,7 +24,7 @@ class Source(Protocol):
   name: str
   seq_len: int
   num_eval: int
-  has_hops: bool
+  has_difficulty: bool
   max_token_id: int
 
   def train_example(self, index: int) -> dict: ...
@@ -95,7 +95,7 @@ def train_dataset(source: Source, cfg: DataConfig, *, global_batch_size: int, pr
 class EvalBatches(Sequence):
   """This process's rows of every eval batch; re-iterable, built lazily.
 
-  The last global batch is filled with weight-0 pad rows (hops 0 for multi-hop) instead of
+  The last global batch is filled with weight-0 pad rows (difficulty 0 for the embedded tasks) instead of
   dropping examples, so every held-out example is scored exactly once.
   """
 

@@ -92,4 +92,4 @@ class PropagationSource(SyntheticSource):
     cfg = self.cfg
     inputs, targets, difficulty_T = make_row(cfg.seed, stream, index, cfg.seq_len, cfg.window, max_difficulty)
     return {'inputs': inputs, 'targets': targets, 'weights': (difficulty_T > 0).astype(np.float32),
-            'hops': difficulty_T}
+            'difficulty': difficulty_T}

@@ -87,7 +87,7 @@ class WindowSource:
   training window ends at most at the last head token, and eval targets start after it.
   """
 
-  has_hops = False
+  has_difficulty = False
 
   def __init__(self, tokens: np.ndarray, *, seq_len: int, seed: int, eval_fraction: float,
                pad_id: int, name: str, max_id: Optional[int] = None):
@@ -191,7 +191,7 @@ class ArrayRecordSource:
   """Train: the head records in a fresh permutation every epoch, randomly cropped to seq_len+1.
   Eval: the tail records (eval_fraction of them), each cut into stride-seq_len windows."""
 
-  has_hops = False
+  has_difficulty = False
 
   def __init__(self, path: str, *, seq_len: int, seed: int, eval_fraction: float, pad_id: int = 0):
     import grain

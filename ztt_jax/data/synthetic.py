@@ -24,9 +24,9 @@ def curriculum_level(index: int, limit: int, curriculum_examples: int) -> int:
 
 
 class SyntheticSource:
-  """A `pipeline.Source` over generated rows with a per-token difficulty label (`hops`)."""
+  """A `pipeline.Source` over generated rows with a per-token difficulty label (`difficulty`)."""
 
-  has_hops = True
+  has_difficulty = True
   pad_id = PAD_ID
   name = 'an embedded task'
 
@@ -44,4 +44,4 @@ class SyntheticSource:
   def pad_example(self) -> dict:
     T = self.seq_len
     return {'inputs': np.full(T, PAD_ID, np.int32), 'targets': np.full(T, PAD_ID, np.int32),
-            'weights': np.zeros(T, np.float32), 'hops': np.zeros(T, np.int32)}
+            'weights': np.zeros(T, np.float32), 'difficulty': np.zeros(T, np.int32)}

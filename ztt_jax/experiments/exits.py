@@ -58,6 +58,6 @@ def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, rung: str = 
       for f in DEPTH_FACTORS:
         r = evaluator.evaluate(trained, ExitRule.from_config(trained.cfg.model).replace(threshold=None),
                                num_cycles=int(math.ceil(f * c)), max_hops=hops)
-        depth["points"].append({"num_cycles": r["num_cycles"], "accuracy": r["accuracy"], "per_hop": r["per_hop"]})
+        depth["points"].append({"num_cycles": r["num_cycles"], "accuracy": r["accuracy"], "per_difficulty": r["per_difficulty"]})
         log(f"[{task}] depth seed {seed}: {r['num_cycles']} cycles, accuracy {r['accuracy']:.3f}")
       evaluator.write_json(depth, depth_path(results_dir, task, seed, rung))

@@ -35,10 +35,10 @@ def plot_ladder(summary: dict, path: str) -> str:
   ax.grid(alpha=0.3, axis="y")
   if multihop:
     ax = axes[0][1]
-    hops = sorted({h for r in rungs for h in summary["rungs"][r].get("accuracy_by_hop", {})}, key=int)
+    hops = sorted({h for r in rungs for h in summary["rungs"][r].get("accuracy_by_difficulty", {})}, key=int)
     w = 0.8 / max(len(rungs), 1)
     for i, r in enumerate(rungs):
-      by = summary["rungs"][r]["accuracy_by_hop"]
+      by = summary["rungs"][r]["accuracy_by_difficulty"]
       xs = [int(h) + (i - (len(rungs) - 1) / 2) * w for h in hops]
       ax.bar(xs, [by[h]["mean"] for h in hops], width=w, label=r, yerr=[by[h]["spread"] for h in hops],
              capsize=2)
@@ -60,11 +60,11 @@ def plot_cycles_by_hop(sweeps: list[dict], path: str) -> str:
   fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
   hops = set()
   for si, sw in enumerate(sweeps):
-    pts = [p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_hop")]
+    pts = [p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_difficulty")]
     for j, p in enumerate(sorted(pts, key=lambda p: p["parameter"])):
-      hops |= {int(h) for h in p["per_hop"]}
-      hs = sorted(p["per_hop"], key=int)
-      ax.plot([int(h) for h in hs], [p["per_hop"][h]["mean_cycles"] for h in hs], marker="o",
+      hops |= {int(h) for h in p["per_difficulty"]}
+      hs = sorted(p["per_difficulty"], key=int)
+      ax.plot([int(h) for h in hs], [p["per_difficulty"][h]["mean_cycles"] for h in hs], marker="o",
               ls="-" if si == 0 else "--", color=f"C{j % 10}",
               label=f"tau={p['parameter']:.3g} (mean {p['mean_cycles']:.2f})" if si == 0 else None)
   ax.set_xticks(sorted(hops))
@@ -85,8 +85,8 @@ def plot_depth(depth: dict, path: str) -> str:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
   for p in depth["points"]:
-    hs = sorted(p["per_hop"], key=int)
-    ax.plot([int(h) for h in hs], [p["per_hop"][h]["accuracy"] for h in hs], marker="o",
+    hs = sorted(p["per_difficulty"], key=int)
+    ax.plot([int(h) for h in hs], [p["per_difficulty"][h]["accuracy"] for h in hs], marker="o",
             label=f"{p['num_cycles']} cycles" + (" (trained)" if p["num_cycles"] == depth["trained_cycles"] else ""))
   ax.axvspan(depth["trained_max_hops"] + 0.5, depth["max_hops"] + 0.5, color="0.9", label="hops not trained")
   ax.set_xlabel("hops needed for the answer")

@@ -25,7 +25,7 @@ def _fmt(s: dict, digits=3, pct=False) -> str:
 
 def ladder_table(s: dict) -> str:
   multihop = s["task"] == "multihop"
-  hops = sorted({h for r in s["rungs"].values() for h in r.get("accuracy_by_hop", {})}, key=int)
+  hops = sorted({h for r in s["rungs"].values() for h in r.get("accuracy_by_difficulty", {})}, key=int)
   steps = sorted({st for r in s["rungs"].values() for st in r.get("eval_loss_by_step", {})}, key=int)
   mid = [st for st in steps if int(st) < s["budget"]["steps"]]
   head = ["rung", "seeds", "unique params", "effective depth"] + [f"loss @ step {st}" for st in mid]
@@ -38,7 +38,7 @@ def ladder_table(s: dict) -> str:
     row += [_fmt(r["eval_loss_by_step"].get(st)) for st in mid]
     row += [_fmt(r["eval_loss"])]
     if multihop:
-      row += [_fmt(r["accuracy"], 1, pct=True)] + [_fmt(r["accuracy_by_hop"][h], 1, pct=True) for h in hops]
+      row += [_fmt(r["accuracy"], 1, pct=True)] + [_fmt(r["accuracy_by_difficulty"][h], 1, pct=True) for h in hops]
     else:
       row += [_fmt(r["bits_per_byte"]), _fmt(r.get("nanogpt_eval_loss", {}))]
     lines.append("| " + " | ".join(row) + " |")
@@ -64,30 +64,30 @@ def sweep_table(sw: dict) -> str:
 
 
 def hop_table(sw: dict) -> str:
-  pts = sorted((p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_hop")),
+  pts = sorted((p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_difficulty")),
                key=lambda p: p["parameter"])
   if not pts:
     return "(no per-hop data)"
-  hops = sorted(pts[0]["per_hop"], key=int)
+  hops = sorted(pts[0]["per_difficulty"], key=int)
   head = ["tau", "mean cycles (all)"] + [f"cycles @ {h} hops" for h in hops] + [f"acc @ {h} hops" for h in hops]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in pts:
     row = [f"{p['parameter']:.4g}", f"{p['mean_cycles']:.2f}"]
-    row += [f"{p['per_hop'][h]['mean_cycles']:.2f}" for h in hops]
-    row += [f"{100 * p['per_hop'][h]['accuracy']:.1f}%" for h in hops]
+    row += [f"{p['per_difficulty'][h]['mean_cycles']:.2f}" for h in hops]
+    row += [f"{100 * p['per_difficulty'][h]['accuracy']:.1f}%" for h in hops]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
 def depth_table(d: dict) -> str:
   """Accuracy by hop count at each test-time cycle count (exit off), from a depth_*.json."""
-  hops = sorted(d["points"][0]["per_hop"], key=int)
+  hops = sorted(d["points"][0]["per_difficulty"], key=int)
   head = ["cycles", "all"] + [f"{h} hops{' (untrained)' if int(h) > d['trained_max_hops'] else ''}" for h in hops]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in d["points"]:
     mark = " (trained)" if p["num_cycles"] == d["trained_cycles"] else ""
     row = [f"{p['num_cycles']}{mark}", f"{100 * p['accuracy']:.1f}%"]
-    row += [f"{100 * p['per_hop'][h]['accuracy']:.1f}%" for h in hops]
+    row += [f"{100 * p['per_difficulty'][h]['accuracy']:.1f}%" for h in hops]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 

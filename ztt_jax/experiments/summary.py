@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from ztt_jax.metrics import per_hop
+from ztt_jax.metrics import per_difficulty
 
 from ztt_jax.experiments.ladder import RUNGS
 
@@ -65,9 +65,9 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
     }
     if any("eval/accuracy" in f for f in finals):
       entry["accuracy"] = stats([f.get("eval/accuracy") for f in finals])
-      by_hop = [per_hop(f) for f in finals]
+      by_hop = [per_difficulty(f) for f in finals]
       hops = sorted({h for hs in by_hop for h in hs})
-      entry["accuracy_by_hop"] = {str(h): stats([hs.get(h, {}).get("accuracy") for hs in by_hop]) for h in hops}
+      entry["accuracy_by_difficulty"] = {str(h): stats([hs.get(h, {}).get("accuracy") for hs in by_hop]) for h in hops}
     rungs[rung] = entry
   budget = {}
   mixed = {(x["steps"], x["tokens_per_step"]) for x in rows}
