@@ -6,6 +6,11 @@ width) and differ in how they reuse them:
   bc       the 4 layers shared and cycled twice          effective depth 8
   htc      1 head + 2 shared middle x 4 cycles + 1 tail  effective depth 10
   ztt      htc + zero-token pool + zero-attention exit   effective depth 10  (the default)
+
+Two task options (ztt_jax/data/multihop.py; docs/data.md): `--config.data.order=topological` puts the
+statements in a random order that assigns every variable before its use (default: shuffled), and
+`--config.data.label_statements=True` also scores every statement in training, its value byte's
+target being the variable's resolved digit (default: False, the queries alone).
 """
 from ztt_jax.config import base_config
 

@@ -186,3 +186,120 @@ def test_curriculum_starts_shallow_reaches_every_depth_and_leaves_eval_alone():
     np.testing.assert_array_equal(src.eval_example(i)['inputs'], plain.eval_example(i)['inputs'])
   with pytest.raises(ConfigError, match='curriculum_examples'):
     data.DataConfig(curriculum_examples=-1).validate()
+
+
+TOPO = data.DataConfig(**{**CFG.__dict__, 'order': 'topological'})
+
+
+def _statements(text):
+  """The row's statements `xv` in order (the text before the first query)."""
+  return text.split('?')[0].split(';')[:-1]
+
+
+def test_topological_order_defines_before_use_with_the_same_statements_and_queries():
+  topo, shuffled = MultiHopSource(TOPO), MultiHopSource(CFG)
+  forward_refs = interleaved = 0
+  for get in ('train_example', 'eval_example'):
+    for i in range(60):
+      t, s = getattr(topo, get)(i), getattr(shuffled, get)(i)
+      np.testing.assert_array_equal(t['inputs'], getattr(MultiHopSource(TOPO), get)(i)['inputs'])  # deterministic
+      t_text, t_scored = _decode(t)
+      s_text, s_scored = _decode(s)
+      stmts = _statements(t_text)
+      assigned = set()
+      for lhs, rhs in stmts:
+        assert rhs.isdigit() or rhs in assigned, t_text  # every variable is assigned before it is used
+        assigned.add(lhs)
+      # Same statements, same queries, answers and depths; only the statements' order differs.
+      assert sorted(stmts) == sorted(_statements(s_text))
+      assert t_text.split('?')[1:] == s_text.split('?')[1:] and t_scored == s_scored
+      s_assigned = set()
+      for lhs, rhs in _statements(s_text):
+        forward_refs += not (rhs.isdigit() or rhs in s_assigned)
+        s_assigned.add(lhs)
+      # The trees are interleaved, not emitted one after another: some chain's statements are apart.
+      table, names = _parse(t_text)
+      where = {lhs: k for k, (lhs, _) in enumerate(stmts)}
+      for name in names:
+        chain = [where[v] for v in _resolve(table, name)[2][:-1]]
+        interleaved += max(chain) - min(chain) + 1 > len(chain)
+  assert forward_refs > 100  # shuffled rows do point forward, so the check above is not vacuous
+  assert interleaved > 100
+
+
+def test_topological_keeps_an_order_that_already_is_one():
+  from ztt_jax.data.multihop import topological
+  for order in (['t4;', 'et;', 'z0;', 'ke;'], ['z0;', 't4;', 'et;', 'ke;']):
+    assert topological(order) == order
+  assert topological(['ke;', 'et;', 'z0;', 't4;']) == ['z0;', 't4;', 'et;', 'ke;']
+
+
+def _check_statement_labels(labelled, plain):
+  """Statement scores where the row can resolve them; everything else exactly as without labels.
+  Returns (scored statements, unscored statements)."""
+  np.testing.assert_array_equal(labelled['inputs'], plain['inputs'])
+  inputs, targets, weights, diff = (labelled[k] for k in ('inputs', 'targets', 'weights', 'difficulty'))
+  query = plain['weights'] > 0
+  for k in ('targets', 'weights', 'difficulty'):
+    np.testing.assert_array_equal(labelled[k][query], plain[k][query])  # queries unchanged
+  text, _ = _decode(plain)
+  full_table, _ = _parse(text)
+  table, scored, unscored = {}, 0, 0
+  statement_positions = set()
+  for k, (lhs, rhs) in enumerate(_statements(text)):
+    table[lhs] = rhs
+    pos = 1 + 3 * k + 1  # the target position whose input is the value byte (BOS, then 3 bytes each)
+    assert chr(inputs[pos]) == rhs and plain['targets'][pos] == ord(';')
+    statement_positions.add(pos)
+    try:
+      digit, depth, _ = _resolve(table, lhs)  # only what the row has shown so far
+    except KeyError:
+      assert weights[pos] == 0 and diff[pos] == 0 and targets[pos] == ord(';')
+      unscored += 1
+      continue
+    assert (digit, depth) == _resolve(full_table, lhs)[:2]
+    assert weights[pos] == 1 and chr(targets[pos]) == digit and diff[pos] == depth, text
+    scored += 1
+  rest = np.ones_like(query)
+  rest[list(statement_positions)] = False
+  rest &= ~query
+  for k in ('targets', 'weights', 'difficulty'):
+    np.testing.assert_array_equal(labelled[k][rest], plain[k][rest])
+  np.testing.assert_array_equal(diff > 0, weights > 0)
+  return scored, unscored
+
+
+def test_label_statements_scores_each_statement_with_its_digit_and_depth():
+  labelled = MultiHopSource(data.DataConfig(**{**TOPO.__dict__, 'label_statements': True}))
+  plain, again = MultiHopSource(TOPO), MultiHopSource(data.DataConfig(**{**TOPO.__dict__, 'label_statements': True}))
+  depths = set()
+  for i in range(100):
+    ex = labelled.train_example(i)
+    scored, unscored = _check_statement_labels(ex, plain.train_example(i))
+    assert unscored == 0 and ex['weights'].sum() == scored + CFG.num_queries  # topological: every statement
+    depths |= set(ex['difficulty'][ex['weights'] > 0].tolist())
+    for k in ('inputs', 'targets', 'weights', 'difficulty'):
+      np.testing.assert_array_equal(ex[k], again.train_example(i)[k])  # deterministic
+    # Eval scores the queries alone, so accuracy by depth means the same with or without labels.
+    for k in ('inputs', 'targets', 'weights', 'difficulty'):
+      np.testing.assert_array_equal(labelled.eval_example(i)[k], plain.eval_example(i)[k])
+  assert depths == set(range(1, CFG.max_hops + 1))
+
+
+def test_label_statements_in_shuffled_order_scores_only_what_the_row_has_resolved():
+  labelled = MultiHopSource(data.DataConfig(**{**CFG.__dict__, 'label_statements': True}))
+  plain = MultiHopSource(CFG)
+  totals = np.zeros(2, int)
+  for i in range(100):
+    totals += _check_statement_labels(labelled.train_example(i), plain.train_example(i))
+  assert (totals > 300).all(), totals
+
+
+def test_order_and_label_statements_are_validated_in_one_line():
+  with pytest.raises(ConfigError, match=r"data.order='random' must be one of \('shuffled', 'topological'\)") as e:
+    data.DataConfig(order='random').validate()
+  assert '\n' not in str(e.value)
+  with pytest.raises(ConfigError, match='data.label_statements=1 has type int; expected bool') as e:
+    data.DataConfig(label_statements=1).validate()
+  assert '\n' not in str(e.value)
+  data.DataConfig(order='topological', label_statements=True).validate()
