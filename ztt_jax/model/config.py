@@ -128,8 +128,10 @@ class ModelConfig:
   attention. Information then moves at most w-1 positions per attention layer, so a model that
   applies n attention layers (head + C*k + tail for a looped one; token_shift adds one position)
   cannot carry a token farther than n*(w-1) (+1) positions: depth is needed by construction.
-  For now a windowed call always runs the reference implementation (dense scores), and cached
-  decoding keeps the full-length cache."""
+  Every attention_impl honours it: chunked skips the key blocks outside the window (O(T*w) work,
+  forward and backward); cudnn takes its local window in layers without a zero slot (the zero-slot
+  construction needs the zero key visible to every query, so those layers run chunked); pallas has
+  no such mask (chunked). Cached decoding keeps the full-length cache for now."""
   attention_block_size: int = 0
   """Query and key block length of attention_impl=chunked; any sequence length works (padded and
   masked). 0: the backend's default, 128 on CPU (fastest there: the [B,H,128,128] block stays in

@@ -17,6 +17,8 @@ All of them compute, per batch row b, head h and query t at absolute position po
 auto (the default)
   GPU: cudnn where supported (bf16/fp16, head dim), else chunked. TPU: pallas. CPU: chunked, which
   measured at least as fast as reference from T=64 on (`CPU_CHUNKED_MIN_LEN` has the figures).
+  With a sliding window (model.attention_window): cudnn only in layers without a zero slot, never
+  pallas; chunked otherwise, which skips the key blocks outside the window.
 
 The device check of every implementation against the reference is benchmarks/attention_check.py.
 """
@@ -49,28 +51,28 @@ __all__ = ["attention", "resolve", "remat_policy", "reference_attention", "chunk
 CPU_CHUNKED_MIN_LEN = 0
 
 
-def resolve(impl: str, *, seq_len: int, dtype, head_dim: int, zero_slot: bool = True) -> str:
+def resolve(impl: str, *, seq_len: int, dtype, head_dim: int, zero_slot: bool = True, window=None) -> str:
   """The implementation `impl` means for one call on this backend: reference | chunked | cudnn | pallas.
 
   Raises ConfigError when an explicitly requested fused kernel cannot run here."""
   if impl not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl={impl!r}: unknown; use one of {', '.join(ATTENTION_IMPLS)}")
   if impl == "cudnn":
-    problem = cudnn.problem(dtype, head_dim, zero_slot)
+    problem = cudnn.problem(dtype, head_dim, zero_slot, window)
     if problem:
       raise ConfigError(f"model.attention_impl='cudnn' {problem}; use model.attention_impl=auto (picks what "
                         "this machine supports) or chunked (any backend)")
   elif impl == "pallas":
-    problem = pallas.problem()
+    problem = pallas.problem(window)
     if problem:
       raise ConfigError(f"model.attention_impl='pallas' {problem}; use model.attention_impl=auto or chunked")
   if impl != "auto":
     return impl
   backend = jax.default_backend()
   if backend == "gpu":
-    return "chunked" if cudnn.problem(dtype, head_dim, zero_slot) else "cudnn"
+    return "chunked" if cudnn.problem(dtype, head_dim, zero_slot, window) else "cudnn"
   if backend == "tpu":
-    return "pallas"
+    return "chunked" if pallas.problem(window) else "pallas"
   return "chunked" if seq_len >= CPU_CHUNKED_MIN_LEN else "reference"
 
 
@@ -80,17 +82,18 @@ def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zer
   """Dispatch to one implementation (see `ztt_jax.model.attention.zero_slot_attention`)."""
   T, S = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
   K = q_BxTxHxK.shape[-1]
-  name = resolve(impl, seq_len=S, dtype=q_BxTxHxK.dtype, head_dim=K, zero_slot=zero_key_HxK is not None)
+  name = resolve(impl, seq_len=S, dtype=q_BxTxHxK.dtype, head_dim=K, zero_slot=zero_key_HxK is not None,
+                 window=window)
   args = (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zero_bias_H, mask_zero_slot)
-  if valid_TxS is not None or name == "reference" or window is not None:
+  if valid_TxS is not None or name == "reference":
     if valid_TxS is None:
       valid_TxS = visible_TxS(T, S, q_positions_T, window)
     return reference_attention(*args, valid_TxS=valid_TxS)
   if name in ("cudnn", "pallas") and q_positions_T is None and T == S:
     kernel = cudnn_kernel if name == "cudnn" else pallas_kernel
-    return fused_attention(kernel, *args)
+    return fused_attention(kernel, *args, window=window)
   # Decoding (query positions against a cache) and everything else: chunked.
-  return chunked_attention(*args, q_positions_T=q_positions_T, block_size=block_size)
+  return chunked_attention(*args, q_positions_T=q_positions_T, block_size=block_size, window=window)
 
 
 def remat_policy(name: str):

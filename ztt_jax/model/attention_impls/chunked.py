@@ -27,6 +27,11 @@ non-decreasing, which both training (0..T-1) and decoding (offset..offset+T-1) a
 training step does about half the work of the dense product. Lengths that are not a multiple of
 the block are padded (queries repeat the last position, keys are masked by position).
 
+Sliding window (model.attention_window = w): a query at position p also needs p - s < w, so query
+block i visits only the key blocks from (min(pos in block i) - w + 1) // block_k on, and key block j
+only the query blocks up to the last whose first position still reaches it: O(T * w) work, forward
+and backward. `first_key` hides the keys before it (a rolling decoding cache not yet full).
+
 Remat: under jax.checkpoint a layer saves only what its policy allows, and the forward's loop
 outputs are not dots, so dots_with_no_batch_dims_saveable alone re-runs the whole blockwise
 forward inside the backward just to rebuild out/L/a0. The forward names them (SAVED_NAMES) and
@@ -59,12 +64,15 @@ def _block(n: int, block: int) -> int:
 def chunked_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                       zero_key_HxK: Optional[Array] = None, zero_bias_H: Optional[Array] = None,
                       mask_zero_slot: Optional[Array] = None, *, q_positions_T: Optional[Array] = None,
-                      block_size: int = 0) -> tuple[Array, Array]:
+                      block_size: int = 0, window: Optional[int] = None,
+                      first_key=0) -> tuple[Array, Array]:
   """Blockwise online-softmax zero-slot attention with a flash-style custom VJP (module docstring).
 
   q_positions_T: absolute (non-decreasing) positions of the queries; key s sits at position s.
     Default: the queries are the last T of the S keys.
   block_size: query and key block; 0 = the backend's default (DEFAULT_BLOCK).
+  window: a query at position p sees keys p-window+1..p only (None: all of 0..p).
+  first_key: keys before this index are empty and hidden (may be traced).
   Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
   """
   B, T, H, K = q_BxTxHxK.shape
@@ -91,18 +99,30 @@ def chunked_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   # Padded queries repeat the last position: they see keys (finite softmax) and skip nothing extra.
   # Padded keys sit at positions >= S > every query position, so the causal test hides them.
   posp_T = jnp.pad(pos_T, (0, Tp - T), mode="edge")
-  out_BxHxTxK, a0_BxHxT = _flash(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, zp_BxHxT, posp_T, bq, bk, scale)
+  first_key = jnp.asarray(first_key, jnp.int32)
+  out_BxHxTxK, a0_BxHxT = _flash(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, zp_BxHxT, posp_T, first_key, bq, bk, scale,
+                                 window)
   return out_BxHxTxK[:, :, :T].transpose(0, 2, 1, 3), a0_BxHxT[:, :, :T]
 
 
-def _scores(q_BxHxQxK, k_BxHxCxK, qpos_Q, k0, scale):
+def _scores(q_BxHxQxK, k_BxHxCxK, qpos_Q, k0, first_key, scale, window):
   """Masked float32 scores of one (query block, key block) pair; keys start at position k0."""
   s_BxHxQxC = jnp.einsum("bhqk,bhck->bhqc", q_BxHxQxK, k_BxHxCxK, preferred_element_type=jnp.float32) * scale
   kpos_C = k0 + jnp.arange(k_BxHxCxK.shape[2], dtype=jnp.int32)
-  return jnp.where((kpos_C[None, :] <= qpos_Q[:, None])[None, None], s_BxHxQxC, -jnp.inf)
+  d_QxC = qpos_Q[:, None] - kpos_C[None, :]
+  visible_QxC = (d_QxC >= 0) & (kpos_C[None, :] >= first_key)
+  if window is not None:
+    visible_QxC = visible_QxC & (d_QxC < window)
+  return jnp.where(visible_QxC[None, None], s_BxHxQxC, -jnp.inf)
 
 
-def _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scale):
+def _first_block(pos_Q, first_key, bk, window):
+  """The first key block a query block with positions pos_Q can see."""
+  lo = first_key if window is None else jnp.maximum(first_key, jnp.min(pos_Q) - window + 1)
+  return jnp.maximum(lo, 0) // bk
+
+
+def _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, first_key, bq, bk, scale, window):
   """Returns (out_BxHxTxK in v's dtype, lse_BxHxT, a0_BxHxT float32)."""
   B, H, Tp, K = q_BxHxTxK.shape
   nq, nk = Tp // bq, k_BxHxSxK.shape[2] // bk
@@ -117,12 +137,13 @@ def _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scal
     l_BxHxQ = jnp.where(jnp.isneginf(z_BxHxQ), 0.0, 1.0)
     acc_BxHxQxK = jnp.zeros((B, H, bq, K), jnp.float32)
     n_visible = jnp.minimum(nk, jnp.max(pos_Q) // bk + 1)  # later key blocks are all in the future
+    j0 = jnp.minimum(_first_block(pos_Q, first_key, bk, window), n_visible)  # earlier: outside the window
 
     def key_block(j, carry):
       m_BxHxQ, l_BxHxQ, acc_BxHxQxK = carry
       k_BxHxCxK = jax.lax.dynamic_slice_in_dim(k_BxHxSxK, j * bk, bk, axis=2)
       v_BxHxCxK = jax.lax.dynamic_slice_in_dim(v_BxHxSxK, j * bk, bk, axis=2)
-      s_BxHxQxC = _scores(q_BxHxQxK, k_BxHxCxK, pos_Q, j * bk, scale)
+      s_BxHxQxC = _scores(q_BxHxQxK, k_BxHxCxK, pos_Q, j * bk, first_key, scale, window)
       m_new_BxHxQ = jnp.maximum(m_BxHxQ, jnp.max(s_BxHxQxC, axis=-1))
       # A row that has seen nothing yet (no zero slot, all keys masked) keeps m = -inf; shifting by
       # 0 instead avoids exp(-inf - -inf) = nan, and its l and acc stay 0.
@@ -134,7 +155,7 @@ def _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scal
                               preferred_element_type=jnp.float32)
       return m_new_BxHxQ, l_BxHxQ, alpha_BxHxQ[..., None] * acc_BxHxQxK + pv_BxHxQxK
 
-    m_BxHxQ, l_BxHxQ, acc_BxHxQxK = jax.lax.fori_loop(0, n_visible, key_block,
+    m_BxHxQ, l_BxHxQ, acc_BxHxQxK = jax.lax.fori_loop(j0, n_visible, key_block,
                                                       (m_BxHxQ, l_BxHxQ, acc_BxHxQxK))
     out_BxHxQxK = (acc_BxHxQxK / l_BxHxQ[..., None]).astype(v_BxHxSxK.dtype)
     # a0 = exp(z - m) / l rather than exp(z - lse): one rounding fewer, as the reference computes it.
@@ -147,24 +168,26 @@ def _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scal
   return out_BxHxTxK, unblock(lse_NxBxHxQ), unblock(a0_NxBxHxQ)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scale):
-  out_BxHxTxK, _, a0_BxHxT = _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, first_key, bq, bk, scale, window):
+  out_BxHxTxK, _, a0_BxHxT = _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, first_key, bq, bk,
+                                            scale, window)
   return out_BxHxTxK, a0_BxHxT
 
 
-def _flash_fwd(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk, scale):
-  out_BxHxTxK, lse_BxHxT, a0_BxHxT = _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, bq, bk,
-                                                    scale)
+def _flash_fwd(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, first_key, bq, bk, scale, window):
+  out_BxHxTxK, lse_BxHxT, a0_BxHxT = _flash_forward(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, z_BxHxT, pos_T, first_key,
+                                                    bq, bk, scale, window)
   # Named so a remat policy can keep them (`SAVED_NAMES`) instead of re-running the forward loop.
   out_BxHxTxK = checkpoint_name(out_BxHxTxK, "zero_slot_attention_out")
   lse_BxHxT = checkpoint_name(lse_BxHxT, "zero_slot_attention_lse")
   a0_BxHxT = checkpoint_name(a0_BxHxT, "zero_slot_attention_a0")
-  return (out_BxHxTxK, a0_BxHxT), (q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, pos_T, out_BxHxTxK, lse_BxHxT, a0_BxHxT)
+  return (out_BxHxTxK, a0_BxHxT), (q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, pos_T, first_key, out_BxHxTxK, lse_BxHxT,
+                                   a0_BxHxT)
 
 
-def _flash_bwd(bq, bk, scale, res, cotangents):
-  q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, pos_T, out_BxHxTxK, lse_BxHxT, a0_BxHxT = res
+def _flash_bwd(bq, bk, scale, window, res, cotangents):
+  q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, pos_T, first_key, out_BxHxTxK, lse_BxHxT, a0_BxHxT = res
   dout_BxHxTxK, da0_BxHxT = cotangents
   B, H, Tp, K = q_BxHxTxK.shape
   Sp = k_BxHxSxK.shape[2]
@@ -176,18 +199,22 @@ def _flash_bwd(bq, bk, scale, res, cotangents):
   dz_BxHxT = jnp.where(a0_BxHxT > 0, a0_BxHxT * (da0_BxHxT - d_BxHxT), 0.0)
   do_BxHxTxK = dout_BxHxTxK.astype(q_BxHxTxK.dtype)
   last_pos_N = pos_T.reshape(nq, bq).max(axis=-1)
+  first_pos_N = pos_T.reshape(nq, bq).min(axis=-1)
 
   def key_block(dq_BxHxTxK, j):
     k_BxHxCxK = jax.lax.dynamic_slice_in_dim(k_BxHxSxK, j * bk, bk, axis=2)
     v_BxHxCxK = jax.lax.dynamic_slice_in_dim(v_BxHxSxK, j * bk, bk, axis=2)
     first_q = jnp.sum(last_pos_N < j * bk)  # earlier query blocks cannot see this key block
+    # Later ones see no key of it when it lies outside their window, or before first_key.
+    end_q = nq if window is None else jnp.sum(first_pos_N - window + 1 <= j * bk + bk - 1)
+    end_q = jnp.where(j * bk + bk <= first_key, first_q, jnp.maximum(end_q, first_q))
 
     def query_block(i, carry):
       dq_BxHxTxK, dk_BxHxCxK, dv_BxHxCxK = carry
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=2)
       q_BxHxQxK, do_BxHxQxK, lse_BxHxQ, d_BxHxQ = sl(q_BxHxTxK), sl(do_BxHxTxK), sl(lse_BxHxT), sl(d_BxHxT)
       pos_Q = jax.lax.dynamic_slice_in_dim(pos_T, i * bq, bq)
-      s_BxHxQxC = _scores(q_BxHxQxK, k_BxHxCxK, pos_Q, j * bk, scale)
+      s_BxHxQxC = _scores(q_BxHxQxK, k_BxHxCxK, pos_Q, j * bk, first_key, scale, window)
       p_BxHxQxC = jnp.exp(s_BxHxQxC - lse_BxHxQ[..., None])
       dv_BxHxCxK = dv_BxHxCxK + jnp.einsum("bhqc,bhqk->bhck", p_BxHxQxC.astype(do_BxHxQxK.dtype), do_BxHxQxK,
                                            preferred_element_type=jnp.float32)
@@ -202,7 +229,7 @@ def _flash_bwd(bq, bk, scale, res, cotangents):
       return dq_BxHxTxK, dk_BxHxCxK, dv_BxHxCxK
 
     zeros_BxHxCxK = jnp.zeros((B, H, bk, K), jnp.float32)
-    dq_BxHxTxK, dk_BxHxCxK, dv_BxHxCxK = jax.lax.fori_loop(first_q, nq, query_block,
+    dq_BxHxTxK, dk_BxHxCxK, dv_BxHxCxK = jax.lax.fori_loop(first_q, end_q, query_block,
                                                            (dq_BxHxTxK, zeros_BxHxCxK, zeros_BxHxCxK))
     return dq_BxHxTxK, (dk_BxHxCxK, dv_BxHxCxK)
 
@@ -211,7 +238,7 @@ def _flash_bwd(bq, bk, scale, res, cotangents):
   dk_BxHxSxK = dk_NxBxHxCxK.transpose(1, 2, 0, 3, 4).reshape(B, H, Sp, K)
   dv_BxHxSxK = dv_NxBxHxCxK.transpose(1, 2, 0, 3, 4).reshape(B, H, Sp, K)
   return (dq_BxHxTxK.astype(q_BxHxTxK.dtype), dk_BxHxSxK.astype(k_BxHxSxK.dtype),
-          dv_BxHxSxK.astype(v_BxHxSxK.dtype), dz_BxHxT, None)
+          dv_BxHxSxK.astype(v_BxHxSxK.dtype), dz_BxHxT, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,6 +1,10 @@
 """cudnn (GPU): cuDNN's causal flash attention through jax.nn.dot_product_attention, fed the
 construction of fused.py. cuDNN needs bf16/fp16 inputs and head dims that are multiples of 8 up to
-128 (256 from Hopper on); the zero slot's two extra channels count towards that limit."""
+128 (256 from Hopper on); the zero slot's two extra channels count towards that limit.
+
+A sliding window (model.attention_window) runs as cuDNN's local window in layers without a zero
+slot. With one it cannot: the construction's zero key is a row in front of the keys, which the
+window would hide from every query past the first w - 1, so those calls run chunked."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,19 +15,29 @@ import jax.numpy as jnp
 from ztt_jax.model.attention_impls.common import round_up
 
 
-def cudnn_kernel(q, k, v, scale):
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+def _local(window: Optional[int]):
+  # (left, right): w keys, the query's own included; None: plain causal.
+  return None if window is None else (window - 1, 0)
 
 
-def xla_kernel(q, k, v, scale):
+def cudnn_kernel(q, k, v, scale, window: Optional[int] = None):
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=_local(window),
+                                      implementation="cudnn")
+
+
+def xla_kernel(q, k, v, scale, window: Optional[int] = None):
   """jax.nn.dot_product_attention's XLA path: the same API and mask as cudnn, on any backend (tests)."""
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=_local(window),
+                                      implementation="xla")
 
 
-def problem(dtype, head_dim: int, zero_slot: bool) -> Optional[str]:
+def problem(dtype, head_dim: int, zero_slot: bool, window: Optional[int] = None) -> Optional[str]:
   """Why cuDNN flash attention cannot run this call, or None."""
   if jax.default_backend() != "gpu":
     return f"needs a CUDA GPU (the default backend is {jax.default_backend()!r})"
+  if zero_slot and window is not None:
+    return ("cannot keep the zero slot visible under a sliding window (model.attention_window; its local "
+            "window would hide the zero-key row)")
   try:
     kind = jax.devices()[0].compute_capability  # e.g. '9.0'
     hopper = tuple(int(x) for x in str(kind).split(".")) >= (9, 0)

@@ -80,11 +80,18 @@ def augment_for_causal_kernel(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zer
 
 
 def fused_attention(kernel: Callable, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zero_bias_H=None,
-                    mask_zero_slot=None, multiple: int = 8) -> tuple[Array, Array]:
+                    mask_zero_slot=None, multiple: int = 8, window=None) -> tuple[Array, Array]:
   """Zero-slot attention through `kernel(q, k, v, scale) -> out`, a causal (top-left) attention on
-  [B, T, H, K] inputs with its own VJP. Training case only: T == S, positions 0..T-1."""
+  [B, T, H, K] inputs with its own VJP. Training case only: T == S, positions 0..T-1.
+  window: the kernel's own sliding window (`kernel(..., window=)`); only without a zero key, whose
+  row the window would hide (cudnn.problem)."""
   B, T, H, K = q_BxTxHxK.shape
   scale = 1.0 / math.sqrt(K)
+  if window is not None:
+    if zero_key_HxK is not None:
+      raise ValueError("the fused zero-slot construction cannot run under a sliding window; use chunked")
+    return kernel(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale, window=window).astype(v_BxSxHxK.dtype), \
+        jnp.zeros((B, H, T), jnp.float32)
   if zero_key_HxK is None:
     out_BxTxHxK = kernel(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale)
     return out_BxTxHxK.astype(v_BxSxHxK.dtype), jnp.zeros((B, H, T), jnp.float32)

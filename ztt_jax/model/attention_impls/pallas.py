@@ -29,7 +29,10 @@ def pallas_kernel(q, k, v, scale, block: int = 512):
   return o[:, :, :T].transpose(0, 2, 1, 3)
 
 
-def problem() -> Optional[str]:
+def problem(window: Optional[int] = None) -> Optional[str]:
   if jax.default_backend() != "tpu":
     return f"needs a TPU (the default backend is {jax.default_backend()!r})"
+  if window is not None:
+    # Possible refinement: splash attention's LocalMask OR'd with a mask of the zero-key column.
+    return "has no sliding-window mask in its flash kernel (model.attention_window)"
   return None
