@@ -64,6 +64,25 @@ def test_cached_decoding_matches_full_forward(ztt, exit_on, frozen_kv, prefill):
     assert np.max(np.abs(np.asarray(other) - np.asarray(ref))) > 1e-3
 
 
+@pytest.mark.parametrize("exit_on,prefill", [(False, 2), (True, 5)])
+def test_windowed_cached_decoding_keeps_a_ring_and_matches_full_forward(exit_on, prefill):
+  """model.attention_window=3: the cache is a ring of 3 entries per layer; a prefill shorter than
+  the window (empty slots) and one longer (only its last 3 kept), then one token per step, with
+  per-token exit (frozen_kv='state': frozen tokens' later-cycle K/V written into the ring)."""
+  cfg = tiny_cfg(**ZTT, attention_window=3, token_shift=True)
+  model, params = init_params(cfg, B, 11)
+  toks = tokens(cfg, B, 11, seed=1)
+  _, aux = jitted_apply(model)(params, toks)
+  tau = gap_thresholds(np.asarray(aux["zero_attention"][0]))[0] if exit_on else None
+  ref, aux = jitted_apply(model)(params, toks, tau)
+  assert decoding.init_cache(cfg, B, 11)["middle"]["k"].shape[3] == 3
+  got, cycles = decode_teacher_forced(model, params, toks, tau, "state", prefill)
+  np.testing.assert_array_equal(cycles, np.asarray(aux["cycles_used"]))
+  np.testing.assert_allclose(got, np.asarray(ref), atol=2e-5, rtol=1e-5)
+  if exit_on:
+    assert len(np.unique(cycles)) >= 2, cycles
+
+
 def test_cached_decoding_runs_more_cycles_than_the_pool_holds(ztt):
   # Cycles beyond the pool reuse its last row, in decoding as in the full forward.
   model, params, toks, tau = ztt

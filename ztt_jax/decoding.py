@@ -3,7 +3,9 @@
 This module allocates the cache, samples, and runs the generate loop; the model maths (the cached
 forward and its early exit) is `ZTTModel.extend`, which runs the same cycle step as training.
 
-Cache layout (`init_cache`), RoPE'd keys and values in the compute dtype, M = cache length:
+Cache layout (`init_cache`), RoPE'd keys and values in the compute dtype, M = cache length, or with
+model.attention_window = w a rolling buffer of M = min(w, max_len) entries (position p in slot p % M,
+see attention.ring_keys), so decoding memory is O(w) whatever the length:
   head   {'k','v'}: [L_head, B, M, H, K]     one entry per unique head layer
   middle {'k','v'}: [C, S, B, M, H, K]       one entry per (cycle, cycled layer); C = the cycles to
                                              run, which may exceed the zero-key pool
@@ -53,8 +55,10 @@ def init_cache(cfg, batch: int, max_len: int, num_cycles: Optional[int] = None) 
   dt = dtype_of(cfg.dtype)
   H, K = cfg.num_heads, cfg.head_dim
 
+  M = max_len if cfg.attention_window is None else min(max_len, cfg.attention_window)
+
   def kv(*lead):
-    z = jnp.zeros((*lead, batch, max_len, H, K), dt)
+    z = jnp.zeros((*lead, batch, M, H, K), dt)
     return {"k": z, "v": z}
 
   cache = {"middle": kv(cfg.cycles if num_cycles is None else int(num_cycles), cfg.stack_layers)}

@@ -26,7 +26,7 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
                         mask_zero_slot: Optional[Array] = None,
                         valid_TxS: Optional[Array] = None, *, q_positions_T: Optional[Array] = None,
                         impl: str = "reference", block_size: int = 0,
-                        window: Optional[int] = None) -> tuple[Array, Array]:
+                        window: Optional[int] = None, first_key=0) -> tuple[Array, Array]:
   """Returns (out_BxTxHxK in v's dtype, a0_BxHxT float32; zeros without a zero key).
 
   q_positions_T: absolute positions of the queries (key s is at position s); a query sees the keys
@@ -36,6 +36,7 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
     ignored: the mask says it all).
   window: model.attention_window; a query at position t also needs t - s < window to see key s.
     The zero slot is always visible.
+  first_key: keys before this index are empty slots, hidden (a rolling cache not yet full).
   impl: model.attention_impl, auto | reference | chunked | cudnn | pallas; block_size: the chunked
     implementation's block (model.attention_block_size). See ztt_jax/model/attention_impls/.
 
@@ -44,7 +45,19 @@ def zero_slot_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   """
   return attention_impls.attention(impl, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zero_bias_H,
                                    mask_zero_slot, q_positions_T=q_positions_T, valid_TxS=valid_TxS,
-                                   block_size=block_size, window=window)
+                                   block_size=block_size, window=window, first_key=first_key)
+
+
+def ring_keys(ring_BxRxHxK: Array, new_BxTxHxK: Array, offset, axis: int = 1) -> tuple[Array, Array]:
+  """A rolling cache of R entries (model.attention_window): position p sits in slot p % R.
+
+  Given the ring of the positions before `offset` and T new entries at offset.., returns the keys in
+  position order, [ring; new] at positions offset-R..offset+T-1 (the first R - offset are empty
+  slots while offset < R), and the ring after writing the new entries (the last R of those)."""
+  R, T = ring_BxRxHxK.shape[axis], new_BxTxHxK.shape[axis]
+  seq = jnp.concatenate([jnp.roll(ring_BxRxHxK, -(offset % R), axis),
+                         new_BxTxHxK.astype(ring_BxRxHxK.dtype)], axis)
+  return seq, jnp.roll(jax.lax.slice_in_dim(seq, T, T + R, axis=axis), (offset + T) % R, axis)
 
 
 @flax.struct.dataclass
@@ -70,7 +83,8 @@ class Attention(nn.Module):
   positions_T: absolute positions of the T inputs (RoPE), default 0..T-1.
   kv: {'k': k_BxMxHxK, 'v': v_BxMxHxK}, RoPE'd keys and values of positions 0..M-1. The new keys and
     values are written at positions_T (contiguous), the queries attend to cache positions <= their
-    own, and out.kv is the written cache.
+    own, and out.kv is the written cache. With model.attention_window the cache is a ring of
+    M = min(window, max_len) entries instead (`ring_keys`): O(window) memory whatever the length.
   kv_only: compute just the new tokens' K/V (out.kv, [B,T,H,K] each): a frozen token's cache entries.
   """
   cfg: ModelConfig
@@ -101,8 +115,14 @@ class Attention(nn.Module):
       q = None if kv_only else apply_rope(q, pos_T, cfg.rope_theta)
     if kv_only:
       return LayerOut(None, None, {"k": k, "v": v})
-    q_positions_T = None
-    if kv is not None:
+    q_positions_T, first_key = None, 0
+    if kv is not None and cfg.attention_window is not None:
+      # Attend to [ring; new] in position order, key s at position offset - R + s.
+      R, offset = kv["k"].shape[1], pos_T[0]
+      k, ring_k = ring_keys(kv["k"], k, offset)
+      v, ring_v = ring_keys(kv["v"], v, offset)
+      q_positions_T, first_key = pos_T - offset + R, R - offset
+    elif kv is not None:
       start = (0, pos_T[0], 0, 0)
       k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
       v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
@@ -110,9 +130,11 @@ class Attention(nn.Module):
     o_BxTxHxK, a0_BxHxT = zero_slot_attention(q, k, v, zero_key_HxK, zero_bias_H, mask_zero_slot,
                                               q_positions_T=q_positions_T, impl=cfg.attention_impl,
                                               block_size=cfg.attention_block_size,
-                                              window=cfg.attention_window)
+                                              window=cfg.attention_window, first_key=first_key)
     wo_HxKxD = logical_param(self, "o_kernel", fan_in_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, wo_HxKxD.astype(dt))
     if cfg.use_bias:
       y_BxTxD = y_BxTxD + logical_param(self, "o_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
+    if kv is not None and cfg.attention_window is not None:
+      k, v = ring_k, ring_v
     return LayerOut(y_BxTxD, a0_BxHxT, None if kv is None else {"k": k, "v": v})

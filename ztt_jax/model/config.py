@@ -131,7 +131,9 @@ class ModelConfig:
   Every attention_impl honours it: chunked skips the key blocks outside the window (O(T*w) work,
   forward and backward); cudnn takes its local window in layers without a zero slot (the zero-slot
   construction needs the zero key visible to every query, so those layers run chunked); pallas has
-  no such mask (chunked). Cached decoding keeps the full-length cache for now."""
+  no such mask (chunked). Cached decoding keeps a rolling buffer of min(w, max_len) entries per
+  layer (O(w) memory) and stays exact, per-token exit included: with frozen_kv=state an exited
+  token's later-cycle K/V are projections of its frozen state, written into the ring like any other."""
   attention_block_size: int = 0
   """Query and key block length of attention_impl=chunked; any sequence length works (padded and
   masked). 0: the backend's default, 128 on CPU (fastest there: the [B,H,128,128] block stays in

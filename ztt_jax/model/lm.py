@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from ztt_jax.errors import ConfigError
+from ztt_jax.model.attention import ring_keys
 from ztt_jax.model.block import LayerStack, zero_key_init
 from ztt_jax.model.config import ModelConfig
 from ztt_jax.model.cycle import CycleOut, CycleState, ExitGate, InputInjection
@@ -341,6 +342,9 @@ def _fill_frozen_kv(mdl: ZTTModel, kv: dict, x_BxTxD: Array, c_end: Array, posit
   start = (0, 0, 0, positions_T[0], 0, 0)
 
   def put(a, new):
+    if mdl.cfg.attention_window is not None:  # a rolling cache: write the ring, keep cycles < c_end
+      ring = ring_keys(a, jnp.broadcast_to(new[None], (C,) + new.shape), positions_T[0], axis=3)[1]
+      return jnp.where(later_C, ring, a)
     cur = jax.lax.dynamic_slice(a, start, (C, S, B, T) + a.shape[-2:])
     return jax.lax.dynamic_update_slice(a, jnp.where(later_C, new[None].astype(a.dtype), cur), start)
 

@@ -78,7 +78,7 @@ def resolve(impl: str, *, seq_len: int, dtype, head_dim: int, zero_slot: bool = 
 
 def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zero_bias_H=None,
               mask_zero_slot=None, *, q_positions_T=None, valid_TxS=None, block_size: int = 0,
-              window=None):
+              window=None, first_key=0):
   """Dispatch to one implementation (see `ztt_jax.model.attention.zero_slot_attention`)."""
   T, S = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
   K = q_BxTxHxK.shape[-1]
@@ -87,13 +87,14 @@ def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zer
   args = (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK, zero_bias_H, mask_zero_slot)
   if valid_TxS is not None or name == "reference":
     if valid_TxS is None:
-      valid_TxS = visible_TxS(T, S, q_positions_T, window)
+      valid_TxS = visible_TxS(T, S, q_positions_T, window, first_key)
     return reference_attention(*args, valid_TxS=valid_TxS)
   if name in ("cudnn", "pallas") and q_positions_T is None and T == S:
     kernel = cudnn_kernel if name == "cudnn" else pallas_kernel
     return fused_attention(kernel, *args, window=window)
   # Decoding (query positions against a cache) and everything else: chunked.
-  return chunked_attention(*args, q_positions_T=q_positions_T, block_size=block_size, window=window)
+  return chunked_attention(*args, q_positions_T=q_positions_T, block_size=block_size, window=window,
+                           first_key=first_key)
 
 
 def remat_policy(name: str):

@@ -10,12 +10,15 @@ import jax.numpy as jnp
 from ztt_jax.model.attention_impls.common import Array, zero_logit
 
 
-def visible_TxS(T: int, S: int, q_positions_T: Optional[Array] = None, window: Optional[int] = None) -> Array:
+def visible_TxS(T: int, S: int, q_positions_T: Optional[Array] = None, window: Optional[int] = None,
+                first_key=0) -> Array:
   """[T, S] bool: which keys each query sees. Key s sits at position s; the queries at
-  q_positions_T (default: the last T keys). Causal, and within the last `window` positions."""
+  q_positions_T (default: the last T keys). Causal, within the last `window` positions, and not
+  before first_key (empty slots of a rolling cache)."""
   pos_T = jnp.arange(T) + (S - T) if q_positions_T is None else jnp.asarray(q_positions_T)
   d_TxS = pos_T[:, None] - jnp.arange(S)[None, :]
-  return (d_TxS >= 0) if window is None else (d_TxS >= 0) & (d_TxS < window)
+  visible_TxS = (d_TxS >= 0) & (jnp.arange(S)[None, :] >= first_key)
+  return visible_TxS if window is None else visible_TxS & (d_TxS < window)
 
 
 def reference_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
