@@ -104,3 +104,16 @@ def test_real_measurement_is_positive():
   """The timing loop itself runs (one small size; the figure is not checked)."""
   m = flops.measure_matmul_peak(jax.local_devices()[0], "float32", sizes=(64,), min_repeats=2, min_seconds=0.0)
   assert m["flops"] > 0 and list(m["per_size"]) == ["64"]
+
+
+def test_windowed_attention_counts_min_of_length_and_window_keys():
+  from ztt_jax.model import ModelConfig
+  full = ModelConfig(d_model=64, num_heads=4, mlp_dim=128).validate()
+  win = full.replace(attention_window=8).validate()
+  width = full.num_heads * full.head_dim
+  # score and value products: 2 matmuls x 2 FLOPs per key and channel
+  assert flops.layer_flops_per_token(full, 64) - flops.layer_flops_per_token(win, 64) == 4 * (64 - 8) * width
+  assert flops.layer_flops_per_token(win, 8) == flops.layer_flops_per_token(full, 8)
+  assert flops.layer_flops_per_token(win, 6) == flops.layer_flops_per_token(full, 6)
+  gap = flops.train_flops_per_token(full, 64) - flops.train_flops_per_token(win, 64)
+  assert gap == 3 * full.effective_depth * 4 * (64 - 8) * width

@@ -31,18 +31,23 @@ def train_flops_per_token(model_cfg, seq_len: int) -> float:
   """Forward + backward (3x forward) matmul FLOPs per token over the EFFECTIVE depth.
 
   Every cycle recomputes the shared layers, so compute scales with head + cycles * middle + tail
-  even though the parameters do not. Attention uses the PaLM convention (full, not causal, T).
+  even though the parameters do not. Attention uses the PaLM convention (full, not causal, T keys
+  per query; min(T, w) with model.attention_window = w). The zero slot's one score per query (its
+  value is zero) is not counted.
   """
   return 3.0 * forward_flops_per_token(model_cfg, seq_len)
 
 
 def layer_flops_per_token(model_cfg, seq_len: int) -> float:
-  """Forward matmul FLOPs of one transformer layer per token (attention over a full seq_len)."""
+  """Forward matmul FLOPs of one transformer layer per token (attention over a full seq_len, or
+  the model.attention_window keys when that is shorter)."""
   d, mlp_dim = model_cfg.d_model, model_cfg.mlp_dim
   attn_width = model_cfg.num_heads * model_cfg.head_dim
   proj = 4 * d * attn_width
   mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_dim
-  attention = 2 * seq_len * attn_width
+  window = model_cfg.attention_window
+  keys = seq_len if window is None else min(seq_len, window)
+  attention = 2 * keys * attn_width
   return 2 * (proj + mlp) + 2 * attention
 
 
