@@ -21,6 +21,7 @@ from ztt_jax import evaluator, restore, trainer
 from ztt_jax.errors import ConfigError
 from ztt_jax.model import ExitRule
 from ztt_jax.model.block import Block
+from ztt_jax.model.config import EXIT_SIGNALS
 from ztt_jax.model.exit import halting_distribution, kl_to_uniform
 from ztt_jax.model.layers import Norm
 from ztt_jax.train_step import gate_loss_sums, sampled_cycles
@@ -271,6 +272,7 @@ def test_gate_config_errors_name_the_fix():
 RECIPES = {"train.cycles_distribution": "poisson", "train.cycles_mean": 1.5, "model.backprop_cycles": 1,
            "model.input_injection": "head", "model.exit_gate": True, "model.exit_signal": "gate",
            "model.zero_bias": True, "model.zero_bias_init": -3.0, "model.num_cycles": 2,
+           "model.zero_attention_target_weight": 0.5,
            "train.steps": 6, "checkpoint.every_steps": 3, "eval.max_batches": 0, "log.tensorboard": False}
 
 
@@ -287,7 +289,8 @@ def test_recipes_train_resume_exactly_and_sweep_with_the_gate(tmp_path):
   rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
   logged = {r["step"]: r for r in rows if "train/loss" in r}
   assert [logged[s]["train/num_cycles"] for s in range(1, 7)] == counts
-  assert all(np.isfinite(logged[s]["train/gate_kl"]) for s in logged)
+  assert all(np.isfinite(logged[s]["train/gate_kl"]) and logged[s]["train/zero_attention_target_loss"] > 0
+             for s in logged)
   # Resume from step 3: steps 4..6 draw the same counts and give bit-equal losses.
   resumed = tmp_path / "resumed"
   shutil.copytree(straight, resumed)
@@ -296,8 +299,8 @@ def test_recipes_train_resume_exactly_and_sweep_with_the_gate(tmp_path):
   trainer.train(cfg, str(resumed))
   want, got = losses(straight), losses(resumed)
   assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
-  # The sweep has the gate as its fourth rule.
+  # The sweep has a rule for the gate and for every other signal.
   sweep = evaluator.sweep(restore.load_trained(str(straight)), num_thresholds=2, max_batches=1)
-  assert {p["rule"] for p in sweep["points"]} == {"fixed", "confidence", "zero_attention", "gate"}
+  assert {p["rule"] for p in sweep["points"]} == {"fixed", *EXIT_SIGNALS}
   gate = [p for p in sweep["points"] if p["rule"] == "gate"]
   assert all(0 <= p["accuracy"] <= 1 and 1 <= p["mean_cycles"] <= 2 for p in gate)

@@ -20,9 +20,9 @@ logit for logit). frozen_kv='stack' reproduces the other freeze semantics instea
 still runs each later cycle's stack so its deeper layers' K/V can be recomputed), and then nothing
 can be skipped.
 
-Exit uses the zero-attention signal, or the learned exit gate's (signal 'gate', model.exit_gate),
-with token granularity: a decoding step has no later tokens, and the confidence signal would need a
-tail cache per cycle. Input injection (model.input_injection) runs inside the same cycle step.
+Exit uses any signal but confidence (ExitRule.signal: the zero_attention ones, state_delta, or the
+learned gate's), with token granularity: a decoding step has no later tokens, and the confidence
+signal would need a tail cache per cycle. The delta signals' previous values live in the cycle state. Input injection (model.input_injection) runs inside the same cycle step.
 
 `generate` is one jitted program: prefill, then a `lax.while_loop` over steps that feeds each
 sampled token back. Compared with a Python loop over a jitted step, it has no per-token dispatch or

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ztt_jax.config import Config
-from ztt_jax.model.exit import ExitRule, halting_distribution, kl_to_uniform
+from ztt_jax.model.exit import ExitRule, halting_distribution, kl_to_uniform, zero_attention_target_loss
 from ztt_jax.partitioning import BATCH_AXES
 
 
@@ -34,8 +34,10 @@ def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float
   """Sums (not means) over weighted tokens, so microbatches add up exactly to the full batch.
 
   Returns (loss_sum, stats) where loss_sum includes the deep-supervision term
-  `cycle_loss_weight * mean_c(loss_c)` and, with the exit gate (model.exit_gate), its terms (see
-  gate_loss_sums); stats holds per-cycle zero-attention sums. num_cycles: static, see
+  `cycle_loss_weight * mean_c(loss_c)`, with the exit gate (model.exit_gate) its terms (see
+  gate_loss_sums), and with model.zero_attention_target_weight > 0 that weight times the mean over
+  cycles of the a0 target's BCE sum (model.exit.zero_attention_target_loss); stats holds per-cycle
+  zero-attention sums. num_cycles: static, see
   ZTTModel.__call__ (a sampled cycle count, train.cycles_distribution).
   """
   logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], None, num_cycles)
@@ -55,6 +57,11 @@ def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float
       gate_sum, gate_stats = gate_loss_sums(model.cfg, aux["exit_gate"], cycle_ce_CxBxT, w_BxT)
       loss_sum = loss_sum + gate_sum
       stats.update(gate_stats)
+    if model.cfg.zero_attention_target_weight > 0:
+      bce_CxBxT = zero_attention_target_loss(aux["zero_attention"], aux["cycle_logits"], batch["targets"])
+      target_sum = jnp.mean(jnp.sum(bce_CxBxT * w_BxT, axis=(1, 2)))
+      loss_sum = loss_sum + model.cfg.zero_attention_target_weight * target_sum
+      stats["zero_attention_target_sum"] = target_sum
   return loss_sum, stats
 
 
@@ -164,7 +171,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
   return step
 
 
-RECIPE_METRICS = ("num_cycles", "gate_kl", "gate_expected_loss", "gate_mean_exit_cycle")
+RECIPE_METRICS = ("num_cycles", "gate_kl", "gate_expected_loss", "gate_mean_exit_cycle",
+                  "zero_attention_target_loss")
 """Scalars a step reports only with a looped-training recipe on; the trainer logs them as train/<name>."""
 
 
@@ -174,6 +182,8 @@ def _recipe_metrics(stats: dict, weight_total, num_cycles: Optional[int]) -> dic
     out.update(gate_kl=stats["gate_kl_sum"] / weight_total,
                gate_expected_loss=stats["gate_expected_ce_sum"] / weight_total,
                gate_mean_exit_cycle=stats["gate_exit_cycle_sum"] / weight_total)
+  if "zero_attention_target_sum" in stats:
+    out["zero_attention_target_loss"] = stats["zero_attention_target_sum"] / weight_total
   return out
 
 

@@ -29,12 +29,16 @@ class CycleState:
   """input_injection: what every cycle adds to the state it feeds the middle stack (norm(e) W)."""
   survival_BxT: Optional[Array] = None
   """exit_gate: float32 prod_{j<c} (1 - lambda_j), the gate's probability of not having exited."""
+  zero_attention_BxT: Optional[Array] = None
+  """float32 mean a0 of the last cycle each token ran (0 before the first): what the
+  zero_attention_delta signal compares with. Carried always; it is [B,T], and keeping the carry's
+  structure independent of the rule keeps one state type."""
 
   @classmethod
   def start(cls, x_BxTxD: Array, inject_BxTxD: Optional[Array] = None, gate: bool = False) -> "CycleState":
     B, T = x_BxTxD.shape[:2]
     return cls(x_BxTxD, jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), inject_BxTxD,
-               jnp.ones((B, T), jnp.float32) if gate else None)
+               jnp.ones((B, T), jnp.float32) if gate else None, jnp.zeros((B, T), jnp.float32))
 
 
 @flax.struct.dataclass

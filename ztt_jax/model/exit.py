@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ztt_jax.errors import ConfigError
-from ztt_jax.model.config import EXIT_GRANULARITIES, EXIT_SIGNALS, FROZEN_KV
+from ztt_jax.model.config import EXIT_GRANULARITIES, EXIT_SIGNALS, FROZEN_KV, ZERO_ATTENTION_SIGNALS
 
 Array = jax.Array
 
@@ -26,6 +26,38 @@ _static = lambda default: flax.struct.field(pytree_node=False, default=default) 
 def confidence(logits_BxTxV: Array) -> Array:
   """CALM-style signal: the max softmax probability of the read-out logits, float32 [B,T]."""
   return jnp.max(jax.nn.softmax(logits_BxTxV.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def zero_attention_delta(za_prev_BxT: Array, za_BxT: Array, first) -> Array:
+  """How little mean a0 moved since the previous cycle, 1 - |a0_c - a0_{c-1}|, float32 [B,T]. At the
+  first cycle (`first`, a bool) there is no previous a0 and the signal is 0: no evidence of
+  convergence yet, so a token exits there only at a threshold <= 0."""
+  return jnp.where(first, 0.0, 1.0 - jnp.abs(za_BxT - za_prev_BxT)).astype(jnp.float32)
+
+
+def state_delta(x_prev_BxTxD: Array, x_BxTxD: Array, eps: float = 1e-6) -> Array:
+  """How little the cycle moved the state (convergence): 1 - ||h_c - h_{c-1}|| / (||h_{c-1}|| + eps)
+  per token, clipped at 0, float32 [B,T]. h_{c-1} is the state entering the cycle (the head's output
+  for the first one, so every cycle has a value)."""
+  x_prev_BxTxD = x_prev_BxTxD.astype(jnp.float32)
+  step_BxT = jnp.linalg.norm(x_BxTxD.astype(jnp.float32) - x_prev_BxTxD, axis=-1)
+  return jnp.maximum(1.0 - step_BxT / (jnp.linalg.norm(x_prev_BxTxD, axis=-1) + eps), 0.0)
+
+
+ZERO_ATTENTION_TARGET_EPS = 1e-6
+
+
+def zero_attention_target_loss(za_CxBxT: Array, cycle_logits_CxBxTxV: Array, targets_BxT: Array) -> Array:
+  """Per cycle and token, the binary cross-entropy of mean a0 as a prediction that the cycle's
+  read-out is already right: target [argmax(logits_c) == target] (a constant), prediction
+  eps + (1 - 2 eps) a0_c. float32 [C,B,T] (model.zero_attention_target_weight)."""
+  right_CxBxT = jax.lax.stop_gradient(
+      (jnp.argmax(cycle_logits_CxBxTxV, -1) == targets_BxT[None]).astype(jnp.float32))
+  eps = ZERO_ATTENTION_TARGET_EPS
+  # The affine squash, not a clip, keeps the log finite: a clip would stop the gradient exactly where
+  # a0 has collapsed and most needs to move.
+  a_CxBxT = eps + (1.0 - 2.0 * eps) * za_CxBxT.astype(jnp.float32)
+  return -(right_CxBxT * jnp.log(a_CxBxT) + (1.0 - right_CxBxT) * jnp.log1p(-a_CxBxT))
 
 
 def halting_distribution(lam_CxBxT: Array) -> Array:
@@ -61,9 +93,21 @@ class ExitRule:
   `rule.replace(threshold=0.6)`. The bare constructor's defaults are ModelConfig's defaults, not a
   particular run's.
 
-  signal: 'zero_attention' (mean a0 over heads and cycled layers), 'confidence' (max softmax
-    probability of tail + LM head applied to the cycle's state) or 'gate' (the learned exit gate's
-    cumulative exit probability after the cycle, 1 - prod_{j<=c} (1 - lambda_j); model.exit_gate).
+  signal: what the threshold is compared with after each cycle, float32 in [0, 1], higher = readier:
+    'zero_attention': mean a0 over heads and cycled layers (the paper's rule). a0 says "nothing to
+      attend to in this layer", which on a sliding-window task is the hardest tokens' state: there it
+      fires backwards unless a0 was trained against a target (model.zero_attention_target_weight).
+    'zero_attention_last': mean a0 over the heads of the last cycled layer only.
+    'zero_attention_delta': 1 - |a0_c - a0_{c-1}| (mean a0 as above): a0 has settled. 0 at the first
+      cycle (no previous value), so a token cannot exit there unless the threshold is <= 0.
+    'state_delta': 1 - ||h_c - h_{c-1}|| / (||h_{c-1}|| + eps), clipped at 0: the cycle barely moved
+      the state (h_{-1} is the head's output). Needs no zero token.
+    'confidence': max softmax probability of tail + LM head applied to the cycle's state (CALM); not
+      in cached decoding.
+    'gate': the learned exit gate's cumulative exit probability after the cycle,
+      1 - prod_{j<=c} (1 - lambda_j); model.exit_gate.
+    The zero_attention* signals need the zero token. All are causal, so cached decoding computes the
+    same ones (the delta signals' previous values live in the cycle state).
   granularity: 'token' (each token on its own signal; causal) or 'sequence' (every token of a
     sequence once the mean signal over the sequence reaches the threshold).
   frozen_kv: what an exited token shows the other tokens in later cycles. 'state': every cycled
@@ -113,10 +157,10 @@ class ExitRule:
 
   def check(self, model_cfg) -> None:
     """The rule can run on this model."""
-    if self.exits and self.signal == "zero_attention" and not model_cfg.use_zero_token:
-      raise ConfigError(f"variant {model_cfg.variant!r} has no zero token, so it cannot exit on zero "
-                        "attention; turn exit off (threshold None, --exit_threshold=none) or exit on "
-                        "signal='confidence' (the sweep's confidence rule)")
+    if self.exits and self.signal in ZERO_ATTENTION_SIGNALS and not model_cfg.use_zero_token:
+      raise ConfigError(f"variant {model_cfg.variant!r} has no zero token, so it cannot exit on "
+                        f"{self.signal}; turn exit off (threshold None, --exit_threshold=none) or exit on "
+                        "signal='confidence' or 'state_delta' (rules of the sweep)")
     if self.signal == "gate" and not model_cfg.exit_gate:
       raise ConfigError("the exit signal 'gate' needs a model trained with the learned exit gate "
                         "(model.exit_gate=True); exit on zero_attention or confidence instead")

@@ -52,7 +52,7 @@ from ztt_jax.model.attention import ring_keys
 from ztt_jax.model.block import LayerStack, zero_key_init
 from ztt_jax.model.config import ModelConfig
 from ztt_jax.model.cycle import CycleOut, CycleState, ExitGate, InputInjection
-from ztt_jax.model.exit import ExitRule, confidence
+from ztt_jax.model.exit import ExitRule, confidence, state_delta, zero_attention_delta
 from ztt_jax.model.layers import Embedder, Norm, logical_param
 
 Array = jax.Array
@@ -158,7 +158,7 @@ class ZTTModel(nn.Module):
     # Injection changes what the stack sees, not the state a token keeps (and shows once frozen).
     x_in_BxTxD = state.x_BxTxD if state.inject_BxTxD is None else state.x_BxTxD + state.inject_BxTxD
     out = self.middle(x_in_BxTxD, *zero_xs, self._mask(), frozen, kv=kv, positions_T=positions_T)
-    za_BxT = jnp.mean(out.a0, axis=0)
+    za_BxT = jnp.mean(out.a0, axis=0).astype(jnp.float32)
     ran_BxT = ~state.exited_BxT
     lam_BxT, survival_BxT = None, state.survival_BxT
     if self.cfg.exit_gate:
@@ -168,6 +168,12 @@ class ZTTModel(nn.Module):
       sig_BxT = confidence(self.readout(out.x))
     elif rule.signal == "gate":
       sig_BxT = 1.0 - survival_BxT  # the CDF of the gate's exit distribution after this cycle
+    elif rule.signal == "zero_attention_last":
+      sig_BxT = out.a0[-1].astype(jnp.float32)
+    elif rule.signal == "zero_attention_delta":
+      sig_BxT = zero_attention_delta(state.zero_attention_BxT, za_BxT, c == 0)
+    elif rule.signal == "state_delta":
+      sig_BxT = state_delta(state.x_BxTxD, out.x)
     else:
       sig_BxT = za_BxT
     x_BxTxD = jnp.where(state.exited_BxT[..., None], state.x_BxTxD, out.x)
@@ -175,8 +181,8 @@ class ZTTModel(nn.Module):
     exited_BxT = rule.update(state.exited_BxT, sig_BxT, c + 1) if rule.exits else state.exited_BxT
     masked = lambda a: None if a is None else jnp.where(ran_BxT, a, 0.0)  # noqa: E731
     report = CycleOut(masked(za_BxT), masked(sig_BxT), out.kv, masked(lam_BxT))
-    return state.replace(x_BxTxD=x_BxTxD, exited_BxT=exited_BxT, used_BxT=used_BxT,
-                         survival_BxT=survival_BxT), report
+    return state.replace(x_BxTxD=x_BxTxD, exited_BxT=exited_BxT, used_BxT=used_BxT, survival_BxT=survival_BxT,
+                         zero_attention_BxT=jnp.where(ran_BxT, za_BxT, state.zero_attention_BxT)), report
 
   def start_state(self, x_head_BxTxD: Array, x_embed_BxTxD: Array) -> CycleState:
     """The state entering cycle 0 (the head's output), with the injection every cycle adds."""
@@ -195,8 +201,8 @@ class ZTTModel(nn.Module):
 
     aux: zero_attention [C,B,T] (mean a0 of the cycle; 0 for cycles a token did not run and for
     variants without the zero token), exit_signal [C,B,T] (the signal the rule used, same masking),
-    cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0 or
-    cfg.exit_gate, exit_gate [C,B,T] (the halting probabilities lambda_c, same masking) with
+    cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0,
+    cfg.exit_gate or cfg.zero_attention_target_weight > 0, exit_gate [C,B,T] (the halting probabilities lambda_c, same masking) with
     cfg.exit_gate.
     """
     cfg: ModelConfig = self.cfg
@@ -204,7 +210,7 @@ class ZTTModel(nn.Module):
     C = cfg.cycles if num_cycles is None else int(num_cycles)
     if C < 1:
       raise ConfigError(f"num_cycles={num_cycles}: must be >= 1")
-    collect_states = cfg.cycle_loss_weight > 0 or cfg.exit_gate
+    collect_states = cfg.cycle_loss_weight > 0 or cfg.exit_gate or cfg.zero_attention_target_weight > 0
     e_BxTxD = self.embed.encode(tokens_BxT)
     x_BxTxD = self.head(e_BxTxD, mask_zero_slot=self._mask()).x if cfg.unique_head_layers else e_BxTxD
     state, (za_CxBxT, sig_CxBxT, states_CxBxTxD, lam_CxBxT) = self._cycles(
@@ -279,15 +285,15 @@ class ZTTModel(nn.Module):
     with the same rule. The cache holds one entry per cycle to run (its middle leading axis), which
     may exceed the pool. Params must exist (`init` runs `__call__`).
 
-    rule: None = no exit; exits per token (a decoding step has no later tokens) on zero attention or
-      the exit gate (signal 'gate'; the confidence signal would need a tail cache per cycle).
-    Returns (logits_BxTxV float32, cache, aux) with aux cycles_used [B,T] int32 and zero_attention
-    [C,B,T] (0 for cycles a token did not run), as `__call__`.
+    rule: None = no exit; exits per token (a decoding step has no later tokens) on any signal but
+      confidence (it would need a tail cache per cycle).
+    Returns (logits_BxTxV float32, cache, aux) with aux cycles_used [B,T] int32, zero_attention and
+    exit_signal [C,B,T] (0 for cycles a token did not run), as `__call__`.
     """
     cfg = self.cfg
     rule = self._rule(rule)
     if rule.signal == "confidence" or (rule.exits and rule.granularity != "token"):
-      raise ConfigError(f"cached decoding exits per token on zero attention or the exit gate; got "
+      raise ConfigError(f"cached decoding exits per token on any signal but confidence; got "
                         f"signal={rule.signal!r}, granularity={rule.granularity!r}")
     offset = jnp.asarray(offset, jnp.int32)
     positions_T = offset + jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)
@@ -298,37 +304,40 @@ class ZTTModel(nn.Module):
     if cfg.unique_head_layers:
       out = self.head(x_BxTxD, mask_zero_slot=self._mask(), kv=cache["head"], positions_T=positions_T)
       x_BxTxD, cache["head"] = out.x, out.kv
-    state, za_CxBxT, cache["middle"] = self._while_cycles(self.start_state(x_BxTxD, e_BxTxD), cache["middle"],
-                                                          positions_T, rule)
+    state, (za_CxBxT, sig_CxBxT), cache["middle"] = self._while_cycles(
+        self.start_state(x_BxTxD, e_BxTxD), cache["middle"], positions_T, rule)
     x_BxTxD = state.x_BxTxD
     if cfg.unique_tail_layers:
       out = self.tail(x_BxTxD, mask_zero_slot=self._mask(), kv=cache["tail"], positions_T=positions_T)
       x_BxTxD, cache["tail"] = out.x, out.kv
-    return self.lm_logits(x_BxTxD), cache, {"cycles_used": state.used_BxT, "zero_attention": za_CxBxT}
+    return self.lm_logits(x_BxTxD), cache, {"cycles_used": state.used_BxT, "zero_attention": za_CxBxT,
+                                            "exit_signal": sig_CxBxT}
 
   def _while_cycles(self, state: CycleState, kv: dict, positions_T: Array, rule: ExitRule):
-    """The cycles of `extend`: kv {'k','v'} [C, S, B, M, H, K] holds every cycle's cache."""
+    """The cycles of `extend`: kv {'k','v'} [C, S, B, M, H, K] holds every cycle's cache. Returns the
+    state, (zero attention, exit signal) [C,B,T] and the cache."""
     C = kv["k"].shape[0]
     skip = rule.exits and rule.frozen_kv == "state"
 
     def body(mdl, carry):
-      c, state, za_CxBxT, kv = carry
+      c, state, ys, kv = carry
       kv_c = jax.tree.map(lambda a: a[c], kv)
       state, out = mdl.cycle(state, c, mdl._zero_xs(c), rule, kv=kv_c, positions_T=positions_T)
       kv = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, c, 0), kv, out.kv)
-      za_CxBxT = jax.lax.dynamic_update_index_in_dim(za_CxBxT, out.zero_attention_BxT, c, 0)
-      return c + 1, state, za_CxBxT, kv
+      ys = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, c, 0), ys,
+                        (out.zero_attention_BxT, out.signal_BxT))
+      return c + 1, state, ys, kv
 
     def more(mdl, carry):
       c, state = carry[0], carry[1]
       return (c < C) & ~jnp.all(state.exited_BxT) if skip else c < C
 
-    za_CxBxT = jnp.zeros((C,) + state.exited_BxT.shape, jnp.float32)
-    c_end, state, za_CxBxT, kv = nn.while_loop(more, body, self, (jnp.int32(0), state, za_CxBxT, kv))
+    zeros_CxBxT = jnp.zeros((C,) + state.exited_BxT.shape, jnp.float32)
+    c_end, state, ys, kv = nn.while_loop(more, body, self, (jnp.int32(0), state, (zeros_CxBxT, zeros_CxBxT), kv))
     if skip:
       kv = nn.cond(c_end < C, _fill_frozen_kv, lambda mdl, kv, *_: kv, self, kv, state.x_BxTxD, c_end,
                    positions_T)
-    return state, za_CxBxT, kv
+    return state, ys, kv
 
 
 def _fill_frozen_kv(mdl: ZTTModel, kv: dict, x_BxTxD: Array, c_end: Array, positions_T: Array) -> dict:
