@@ -21,13 +21,9 @@ from ztt_jax.model import ExitRule
 STEP = 7
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A real checkpoint of the tiny config whose params are random draws (no training compile):
-  zero keys of norm ~ sqrt(head_dim) make a0 vary between tokens, so thresholds split them."""
-  workdir = tmp_path_factory.mktemp("run")
-  cd = load_config("tiny")
-  cd.model.num_cycles = 2  # each fixed cut is a compile; 2 cycles still give tokens that exit or not
+def _random_checkpoint(workdir, cd) -> str:
+  """A real checkpoint of config `cd` whose params are random draws (no training compile): zero
+  keys of norm ~ sqrt(head_dim) make a0 vary between tokens, so thresholds split them."""
   cfg = config_lib.parse(cd)
   run = run_lib.build(cfg)
   rng = np.random.default_rng(0)
@@ -47,6 +43,15 @@ def workdir(tmp_path_factory):
   ckpt.save(STEP, state, it, run_lib.layout_metadata(run), force=True)
   ckpt.close()
   return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """The tiny config (multi-hop) at 2 cycles: each fixed cut is a compile; 2 cycles still give
+  tokens that exit or not."""
+  cd = load_config("tiny")
+  cd.model.num_cycles = 2
+  return _random_checkpoint(tmp_path_factory.mktemp("run"), cd)
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +132,12 @@ def test_sweep_writes_json_and_png(trained, batches, no_exit, tmp_path):
     saved = json.load(f)
   assert saved["metric"] == "accuracy" and saved["step"] == STEP
   points = saved["points"]
-  assert {p["rule"] for p in points} == {"fixed", "confidence", "zero_attention"}
+  assert {"fixed", "confidence", "zero_attention"} <= {p["rule"] for p in points}
   for p in points:
     assert {"rule", "parameter", "loss", "accuracy", "mean_cycles", "compute_fraction"} <= set(p)
+    # every point of every rule carries the bake-off's mean cycles and accuracy by difficulty
+    assert set(p["per_difficulty"]) == {"1", "2", "3"}
+    assert all({"accuracy", "mean_cycles"} <= set(by) for by in p["per_difficulty"].values())
   fixed = sorted((p for p in points if p["rule"] == "fixed"), key=lambda p: p["parameter"])
   assert [p["parameter"] for p in fixed] == list(range(1, C + 1))
   assert [p["mean_cycles"] for p in fixed] == list(range(1, C + 1))
@@ -170,14 +178,15 @@ def test_cli_names_a_bad_flag_in_one_line(tool, workdir):
 
 
 def test_test_time_depth_matches_a_direct_computation(trained):
-  """--max_hops/--num_cycles: held-out queries of 1..H lookups (H past the trained 3), run for more
-  cycles than trained; compared with the model applied directly to examples from make_example."""
+  """--max_difficulty/--num_cycles on multi-hop: held-out queries of 1..H lookups (H past the
+  trained 3), run for more cycles than trained; compared with the model applied directly to
+  examples from make_example."""
   from ztt_jax.data import multihop
   cfg, run = trained.cfg, trained.run
   H, C = cfg.data.max_hops + 2, cfg.model.num_cycles + 2
   r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=None), max_batches=1,
-                         num_cycles=C, max_hops=H)
-  assert (r["num_cycles"], r["trained_cycles"], r["max_hops"], r["trained_max_hops"]) == (C, C - 2, H, H - 2)
+                         num_cycles=C, max_difficulty=H)
+  assert (r["num_cycles"], r["trained_cycles"], r["max_difficulty"], r["trained_max_difficulty"]) == (C, C - 2, H, H - 2)
   assert set(r["per_difficulty"]) == {str(h) for h in range(1, H + 1)}
   n = cfg.eval.batch_size or cfg.train.global_batch_size
   examples = [multihop.make_example(cfg.data.seed, multihop.EVAL_STREAM, i, H, cfg.data.num_queries,
@@ -196,4 +205,41 @@ def test_test_time_depth_matches_a_direct_computation(trained):
   for h, ok in by_hop.items():
     np.testing.assert_allclose(r["per_difficulty"][str(h)]["accuracy"], np.mean(ok))
   with pytest.raises(ConfigError, match="alphabet|variables"):
-    evaluator.at_hops(cfg, 40)
+    evaluator.at_difficulty(cfg, 40)
+
+
+def test_test_time_depth_on_propagation_matches_a_direct_computation(tmp_path):
+  """--max_difficulty/--num_cycles on the propagation task: marker gaps of 1..N windows (N past the
+  trained 4), seq_len grown to fit one gap, run for more cycles than trained; compared with the
+  model applied directly to rows from make_row."""
+  from ztt_jax.data import propagation
+  from ztt_jax.data.config import propagation_min_seq_len
+  from ztt_jax.data.synthetic import EVAL_STREAM
+  cd = load_config("tiny")
+  cd.model.num_cycles = 2
+  cd.model.attention_window = cd.data.window = 3
+  cd.model.position = "learned"  # so a long enough N passes the position table
+  cd.data.kind, cd.data.max_difficulty, cd.data.seq_len = "propagation", 4, 16
+  trained = restore.load_trained(_random_checkpoint(tmp_path, cd))
+  cfg, run = trained.cfg, trained.run
+  N, C, w = 8, 3, 3
+  T = propagation_min_seq_len(w, N)
+  assert cfg.data.seq_len < T <= cfg.model.max_seq_len
+  r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=None), max_batches=1,
+                         num_cycles=C, max_difficulty=N)
+  assert (r["num_cycles"], r["trained_cycles"], r["max_difficulty"], r["trained_max_difficulty"]) == (C, 2, N, 4)
+  assert set(r["per_difficulty"]) == {str(d) for d in range(1, N + 1)}
+  n = cfg.eval.batch_size or cfg.train.global_batch_size
+  rows = [propagation.make_row(cfg.data.seed, EVAL_STREAM, i, T, w, N) for i in range(n)]
+  inputs, targets, difficulty = (np.stack(x) for x in zip(*rows))
+  logits, aux = jax.device_get(jax.jit(lambda p, x: run.model.apply({"params": p}, x, None, C))(
+      trained.params, inputs))
+  assert (np.asarray(aux["cycles_used"]) == C).all()
+  correct = logits.argmax(-1) == targets
+  for d in range(1, N + 1):
+    np.testing.assert_allclose(r["per_difficulty"][str(d)]["accuracy"], correct[difficulty == d].mean())
+  np.testing.assert_allclose(r["accuracy"], correct[difficulty > 0].mean())
+  with pytest.raises(ConfigError, match="position table"):
+    evaluator.at_difficulty(cfg, 30)
+  with pytest.raises(ConfigError, match="must be >= 1"):
+    evaluator.at_difficulty(cfg, 0)

@@ -13,9 +13,10 @@ from ztt_jax.experiments import ladder, report, runs, summary
 
 
 def test_ladder_layouts():
-  depth = {r: ladder.rung_config("multihop", r, 0).model.effective_depth for r in ladder.RUNGS}
-  assert depth == {"vanilla-4": 4, "bc": 8, "htc": 8, "ztt": 8, "vanilla-8": 8, "ztt+inject": 8,
-                   "ztt+gate": 8, "ztt+random": 8}
+  for task in ("multihop", "propagation"):
+    depth = {r: ladder.rung_config(task, r, 0).model.effective_depth for r in ladder.RUNGS}
+    assert depth == {"vanilla-4": 4, "bc": 8, "htc": 8, "ztt": 8, "vanilla-8": 8, "ztt+inject": 8,
+                     "ztt+gate": 8, "ztt+random": 8}, task
   cfg = ladder.rung_config("text", "ztt", 1, data_path="/x.txt", steps=7)
   assert (cfg.train.seed, cfg.train.steps, cfg.data.seed, cfg.model.exit_threshold) == (1, 7, 0, None)
   # nanoGPT's baby budget on text; configs/default.py's task (and the curriculum's shape) on multi-hop
@@ -25,19 +26,23 @@ def test_ladder_layouts():
   mh = ladder.rung_config("multihop", "ztt+inject", 0, steps=300)
   assert (mh.data.max_hops, mh.data.num_queries, mh.data.num_distractors, mh.model.input_injection) == (6, 3, 2, "embed")
   assert mh.data.curriculum_examples == 300 * 16
+  # every propagation rung, vanilla included, attends through the task's window
+  pr = ladder.rung_config("propagation", "vanilla-4", 0)
+  assert (pr.data.kind, pr.data.window, pr.model.attention_window, pr.model.token_shift) == ("propagation", 4, 4, True)
   with pytest.raises(ValueError, match="needs --data"):
     ladder.rung_config("text", "bc", 0)
 
 
-def test_multihop_ladder_is_configs_default_without_reading_it():
-  """The package builds the multi-hop rungs itself (configs/ is not installed with it); the ztt rung
-  at the default budget has configs/default.py's data, width and schedule."""
+@pytest.mark.parametrize("task, config", [("multihop", "multihop"), ("propagation", "default")])
+def test_embedded_ladders_are_their_configs_without_reading_them(task, config):
+  """The package builds the embedded tasks' rungs itself (configs/ is not installed with it); the
+  ztt rung at the default budget has configs/<config>.py's data, width, model extras and schedule."""
   from test_config import load_config
   from ztt_jax.config import parse
-  want = parse(load_config("default"))
-  got = ladder.rung_config("multihop", "ztt", 0)
+  want = parse(load_config(config))
+  got = ladder.rung_config(task, "ztt", 0)
   assert got.data == want.data
-  for section, fields in (("model", ("d_model", "num_heads", "mlp_dim", "token_shift",
+  for section, fields in (("model", ("d_model", "num_heads", "mlp_dim", "token_shift", "attention_window",
                                      "cycle_loss_weight", "n_head_layers", "n_tail_layers")),
                           ("train", ("steps", "global_batch_size", "learning_rate", "warmup_steps")),
                           ("eval", ("batch_size", "max_batches"))):
@@ -107,12 +112,12 @@ def test_nanogpt_batches_are_seeded_windows_of_the_held_out_tail(tmp_path):
   assert all((a["inputs"] == b["inputs"]).all() for a, b in zip(batches, again))
 
 
-def test_depth_table_marks_trained_cycles_and_untrained_hops():
+def test_depth_table_marks_trained_cycles_and_untrained_difficulties():
   point = lambda c, accs: {"num_cycles": c, "accuracy": sum(accs) / len(accs),
                            "per_difficulty": {str(h + 1): {"accuracy": a} for h, a in enumerate(accs)}}
-  d = {"trained_cycles": 2, "trained_max_hops": 1, "points": [point(2, [1.0, 0.5]), point(3, [1.0, 0.25])]}
+  d = {"trained_cycles": 2, "trained_max_difficulty": 1, "points": [point(2, [1.0, 0.5]), point(3, [1.0, 0.25])]}
   rows = report.depth_table(d).splitlines()
-  assert rows[0] == "| cycles | all | 1 hops | 2 hops (untrained) |"
+  assert rows[0] == "| cycles | all | d=1 | d=2 (untrained) |"
   assert rows[2] == "| 2 (trained) | 75.0% | 100.0% | 50.0% |" and rows[3] == "| 3 | 62.5% | 100.0% | 25.0% |"
 
 
@@ -136,3 +141,48 @@ def test_a_recipe_rungs_sweep_has_its_own_file_and_block(tmp_path):
   assert "| gate |" in blocks["exit_text_gate"] and "1.5000" in blocks["exit_text_gate"]
   assert "exit_text_s1" not in blocks  # the gate's sweep is not taken for a second ztt seed
   assert os.path.isfile(str(tmp_path / "docs" / "exit_text_gate.png"))
+
+
+def test_propagation_report_from_fabricated_json(tmp_path):
+  """The propagation task's blocks: accuracy by difficulty per rung, the exit bake-off with mean
+  cycles by difficulty for every rule the sweep ran, and the depth-extrapolation table and plot."""
+  from ztt_jax.experiments import exits
+  out, docs = str(tmp_path / "runs"), str(tmp_path / "docs")
+  results = os.path.join(docs, "results")
+  os.makedirs(results)
+  for seed, acc in enumerate([0.9, 0.7]):
+    _fake_run(out, "propagation", "ztt", seed, 0.5, acc)
+    _fake_run(out, "propagation", "vanilla-4", seed, 1.5, acc - 0.4)
+
+  def by(cycles, accs):
+    return {str(d + 1): {"mean_cycles": c, "accuracy": a} for d, (c, a) in enumerate(zip(cycles, accs))}
+  point = lambda rule, par, cycles, accs: {
+      "rule": rule, "parameter": par, "mean_cycles": sum(cycles) / len(cycles), "compute_fraction": 0.5,
+      "accuracy": sum(accs) / len(accs), "per_difficulty": by(cycles, accs)}
+  sweep = {"metric": "accuracy", "points": [
+      point("fixed", 3, [3.0, 3.0], [1.0, 0.75]),
+      point("zero_attention", 0.5, [2.5, 1.25], [1.0, 0.5]),
+      point("state_delta", 0.01, [1.5, 2.75], [1.0, 0.75])]}  # a rule the report has never heard of
+  with open(exits.sweep_path(results, "propagation", 0), "w") as f:
+    json.dump(sweep, f)
+  depth = {"task": "propagation", "seed": 0, "rung": "ztt", "trained_cycles": 3, "trained_max_difficulty": 2,
+           "max_difficulty": 4, "points": [
+               {"num_cycles": c, "accuracy": sum(a) / 4, "per_difficulty": by([c] * 4, a)}
+               for c, a in [(3, [1.0, 1.0, 0.25, 0.0]), (5, [1.0, 1.0, 1.0, 0.5]), (6, [1.0, 1.0, 1.0, 0.875])]]}
+  with open(exits.depth_path(results, "propagation", 0), "w") as f:
+    json.dump(depth, f)
+
+  blocks = report.build_blocks(out, docs)
+
+  rows = [l for l in blocks["ladder_propagation"].splitlines() if l.startswith("| `")]
+  assert "acc % @ d=2" in blocks["ladder_propagation"] and "70.0 ± 10.0" in rows[1]  # ztt at d=2
+  bake = blocks["cycles_by_difficulty_propagation"].splitlines()
+  assert bake[0] == "Seed 0:" and "cycles @ d=1 | cycles @ d=2 | acc @ d=1 | acc @ d=2" in bake[2]
+  assert [r.split("|")[1].strip() for r in bake[4:]] == ["fixed", "zero_attention", "state_delta"]
+  assert "| 1.50 | 2.75 | 100.0% | 75.0% |" in bake[-1]
+  assert "| state_delta | tau=0.01 |" in blocks["exit_propagation_s0"]
+  d = blocks["depth_propagation"].splitlines()
+  assert d[2] == "| cycles | all | d=1 | d=2 | d=3 (untrained) | d=4 (untrained) |"
+  assert d[4] == "| 3 (trained) | 56.2% | 100.0% | 100.0% | 25.0% | 0.0% |"
+  for png in ("depth_propagation.png", "ladder_propagation.png", "cycles_by_difficulty_propagation.png"):
+    assert os.path.isfile(os.path.join(docs, png)), png

@@ -2,7 +2,7 @@
 
   python -m ztt_jax.evaluate --workdir=DIR [--step=N] [--exit_threshold=TAU|none] [--output=FILE.json]
   python -m ztt_jax.evaluate --workdir=DIR --sweep [--output=FILE.json]   (also writes FILE.png)
-  python -m ztt_jax.evaluate --workdir=DIR --max_hops=H --num_cycles=C   (test-time depth)
+  python -m ztt_jax.evaluate --workdir=DIR --max_difficulty=N --num_cycles=C   (test-time depth)
 
 The flags and main only; the library (Evaluator, evaluate, sweep, and what the JSON fields mean) is
 ztt_jax/evaluator.py.
@@ -19,8 +19,8 @@ def main(argv):
   from absl import flags
   from ztt_jax import evaluator
   FLAGS = flags.FLAGS
-  if FLAGS.sweep and (FLAGS.num_cycles is not None or FLAGS.max_hops is not None):
-    raise ConfigError("--sweep runs the trained depth; drop --num_cycles/--max_hops, or drop --sweep")
+  if FLAGS.sweep and (FLAGS.num_cycles is not None or FLAGS.max_difficulty is not None):
+    raise ConfigError("--sweep runs the trained depth; drop --num_cycles/--max_difficulty, or drop --sweep")
   if FLAGS.num_cycles is not None and FLAGS.num_cycles < 1:
     raise ConfigError(f"--num_cycles={FLAGS.num_cycles}: must be >= 1")
   if FLAGS.max_batches is not None and FLAGS.max_batches < 1:
@@ -38,7 +38,7 @@ def main(argv):
     print(f"wrote {out} and {png}")
     return
   result = evaluator.evaluate(trained, rule, max_batches=FLAGS.max_batches, num_cycles=FLAGS.num_cycles,
-                              max_hops=FLAGS.max_hops)
+                              max_difficulty=FLAGS.max_difficulty)
   print(json.dumps(result, indent=2))
   if "per_difficulty" in result:
     print(evaluator.per_difficulty_table(result))
@@ -57,8 +57,9 @@ def _define_flags():
   flags.DEFINE_integer("max_batches", None, "Evaluate only this many held-out batches (default: all).")
   flags.DEFINE_integer("num_cycles", None, "Run this many cycles instead of the trained count (test-time "
                        "depth; cycles past the pool reuse its last row).")
-  flags.DEFINE_integer("max_hops", None, "Multi-hop task: held-out queries of 1..max_hops lookups instead "
-                       "of the trained range (depth extrapolation).")
+  flags.DEFINE_integer("max_difficulty", None, "Embedded tasks: evaluate held-out examples of difficulty "
+                       "1..N instead of the trained range (depth extrapolation; multi-hop: lookups, "
+                       "propagation: windows to the marker); seq_len grows to fit.")
 
 
 if __name__ == "__main__":

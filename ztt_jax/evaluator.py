@@ -1,14 +1,15 @@
 """Evaluation of a trained run on its held-out split, and the exit-rule sweep (the library behind
 `python -m ztt_jax.evaluate`, whose flags and main live in ztt_jax/evaluate.py).
 
-Quality and compute are measured on the loss-weighted tokens (for the multi-hop task: the answer
-digit), so loss, mean_cycles and compute_fraction describe the same tokens.
+Quality and compute are measured on the loss-weighted tokens (for the embedded tasks: the scored
+digits), so loss, mean_cycles and compute_fraction describe the same tokens. The embedded tasks
+(data.SYNTHETIC_KINDS) label every scored token with a difficulty: the multi-hop task's hop count,
+the propagation task's windows between a position and its marker.
 
-The sweep compares exit rules on the same params: a fixed cut after c = 1..C cycles (apply's
-num_cycles), and threshold ranges on each signal of `sweep_signals`: CALM's confidence (max softmax
-probability of the cycle's read-out), the state's convergence (state_delta), with the zero token the
-a0 signals (zero_attention, zero_attention_last, zero_attention_delta), and the learned exit gate's
-CDF when the model has one (model.exit_gate). Threshold grids are quantiles of the signal measured on
+The sweep compares three exit rules on the same params: zero attention (a threshold range), a fixed
+cut after c = 1..C cycles (apply's num_cycles), and CALM's confidence (max softmax probability of
+the cycle's read-out; a threshold range); a fourth, the learned exit gate's CDF (a threshold
+range), when the model has one (model.exit_gate). Threshold grids are quantiles of the signal measured on
 the eval batches with every cycle run, so each rule's curve spans its own range.
 """
 from __future__ import annotations
@@ -25,11 +26,10 @@ import numpy as np
 
 from ztt_jax import data as data_lib
 from ztt_jax import partitioning
-from ztt_jax.data.config import multihop_min_seq_len
+from ztt_jax.data.config import SYNTHETIC_KINDS, multihop_min_seq_len, propagation_min_seq_len
 from ztt_jax.distributed import compile_synced
 from ztt_jax.errors import ConfigError, DataError
 from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
-from ztt_jax.model.config import ZERO_ATTENTION_SIGNALS
 from ztt_jax.model.exit import ExitRule
 from ztt_jax.partitioning import to_global
 from ztt_jax.run import Run
@@ -77,7 +77,7 @@ class Evaluator:
       return {}
     rule = self.rule if rule is None else rule
     sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
-    per_difficulty: dict[int, list] = {}
+    per_difficulty: dict[int, np.ndarray] = {}  # d -> [scored rows, correct, cycles] summed
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
       for local in self.batches:
         out, difficulty = jax.device_get(self._fn(params, to_global(local, self.run.mesh), rule))
@@ -85,30 +85,31 @@ class Evaluator:
         sums["ce"] += float(out["ce_sum_B"].sum())
         sums["w"] += float(out["weight_B"].sum())
         sums["cycles"] += float(out["cycles_sum_B"].sum())
-        if difficulty is not None and difficulty.ndim == 2:
-          # Per-token difficulty (several scored tokens per example): one row per scored token.
+        if difficulty is None:
+          continue
+        if difficulty.ndim == 2:  # per token (several scored tokens per example): one row per scored token
           scored_BxT = difficulty > 0
-          for d, ok, cyc in zip(difficulty[scored_BxT], out["correct_BxT"][scored_BxT],
-                                out["cycles_BxT"][scored_BxT]):
-            per_difficulty.setdefault(int(d), []).append((float(ok), float(cyc)))
-        elif difficulty is not None:
-          for d, ok, cyc, w in zip(difficulty[valid], out["correct_B"][valid], out["cycles_sum_B"][valid],
-                                   out["weight_B"][valid]):
-            per_difficulty.setdefault(int(d), []).append((float(ok), float(cyc / w)))
+          d_N, ok_N, cycles_N = difficulty[scored_BxT], out["correct_BxT"][scored_BxT], out["cycles_BxT"][scored_BxT]
+        else:  # per example
+          d_N, ok_N = difficulty[valid], out["correct_B"][valid]
+          cycles_N = out["cycles_sum_B"][valid] / out["weight_B"][valid]
+        for d in np.unique(d_N):
+          at_d = d_N == d
+          per_difficulty.setdefault(int(d), np.zeros(3))
+          per_difficulty[int(d)] += (at_d.sum(), ok_N[at_d].sum(), cycles_N[at_d].sum())
     result = {"eval/loss": sums["ce"] / max(sums["w"], 1.0),
               "eval/mean_cycles": sums["cycles"] / max(sums["w"], 1.0)}
     if per_difficulty:
-      all_ok = [ok for rows in per_difficulty.values() for ok, _ in rows]
-      result["eval/accuracy"] = float(np.mean(all_ok))
-      result["eval/per_difficulty"] = {
-          d: {"accuracy": float(np.mean([ok for ok, _ in rows])), "mean_cycles": float(np.mean([c for _, c in rows]))}
-          for d, rows in sorted(per_difficulty.items())}
+      n, correct, _ = np.sum(list(per_difficulty.values()), axis=0)
+      result["eval/accuracy"] = float(correct / n)
+      result["eval/per_difficulty"] = {d: {"accuracy": float(s[1] / s[0]), "mean_cycles": float(s[2] / s[0])}
+                                       for d, s in sorted(per_difficulty.items())}
     return result
 
 
 def is_byte_data(data_cfg) -> bool:
   # tokens/array_record hold ids of an unknown tokenizer, so only these are known to be bytes.
-  return data_cfg.kind == "multihop" or (data_cfg.kind == "text" and data_cfg.tokenizer == "bytes")
+  return data_cfg.kind in SYNTHETIC_KINDS or (data_cfg.kind == "text" and data_cfg.tokenizer == "bytes")
 
 
 def compute_fraction(model_cfg, seq_len: int, mean_cycles: float, signal_readouts: float = 0.0) -> float:
@@ -143,15 +144,15 @@ def summarize(metrics: dict, cfg, *, rule: str, parameter) -> dict:
 
 def evaluate(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None,
              max_batches: Optional[int] = None, num_cycles: Optional[int] = None,
-             max_hops: Optional[int] = None) -> dict:
+             max_difficulty: Optional[int] = None) -> dict:
   """JSON-ready metrics of `trained` (restore.TrainedRun) under the exit rule `rule` (default: the
   run's configured one, ExitRule.from_config(trained.cfg.model); threshold None: no exit).
 
   Test-time depth: num_cycles runs more or fewer cycles than trained (pool rows past the trained
-  count reuse the last one); max_hops evaluates held-out multi-hop queries of 1..max_hops lookups
-  (see `at_hops`). compute_fraction stays relative to the trained cycle count, so it exceeds 1 when
-  more cycles run."""
-  cfg = trained.cfg if max_hops is None else at_hops(trained.cfg, max_hops)
+  count reuse the last one); max_difficulty evaluates an embedded task's held-out stream at
+  difficulties 1..max_difficulty (see `at_difficulty`). compute_fraction stays relative to the
+  trained cycle count, so it exceeds 1 when more cycles run."""
+  cfg = trained.cfg if max_difficulty is None else at_difficulty(trained.cfg, max_difficulty)
   rule = ExitRule.from_config(cfg.model) if rule is None else rule
   batches = held_out_batches(cfg, max_batches) if batches is None else batches
   metrics = Evaluator(trained.run, batches, rule, num_cycles=num_cycles)(trained.params)
@@ -159,59 +160,66 @@ def evaluate(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list
   return {"step": trained.step, "exit_threshold": rule.threshold, "exit_signal": rule.signal,
           "frozen_kv": rule.frozen_kv, "trained_cycles": cfg.model.cycles,
           "num_cycles": cfg.model.cycles if num_cycles is None else num_cycles,
-          "trained_max_hops": trained.cfg.data.max_hops if cfg.data.kind == "multihop" else None,
-          "max_hops": cfg.data.max_hops if cfg.data.kind == "multihop" else None,
+          "trained_max_difficulty": task_max_difficulty(trained.cfg.data),
+          "max_difficulty": task_max_difficulty(cfg.data),
           "num_batches": len(batches), **out}
 
 
-def at_hops(cfg, max_hops: int):
-  """`cfg` with a held-out multi-hop stream of queries needing 1..max_hops lookups (balanced, as in
-  training), data.seq_len grown to fit the longest example; the params and everything else stay."""
-  if cfg.data.kind != "multihop":
-    raise ConfigError(f"--max_hops applies to the multi-hop task only; this run trained on data.kind="
-                      f"{cfg.data.kind!r}. Omit --max_hops.")
-  if max_hops < 1:
-    raise ConfigError(f"--max_hops={max_hops}: must be >= 1")
-  need = multihop_min_seq_len(max_hops, cfg.data.num_distractors, cfg.data.num_queries)
-  data = dataclasses.replace(cfg.data, max_hops=max_hops, seq_len=max(cfg.data.seq_len, need))
+def task_max_difficulty(data_cfg) -> Optional[int]:
+  """The hardest difficulty an embedded task's data config draws (multi-hop: data.max_hops;
+  propagation: data.max_difficulty); None for other data."""
+  return {"multihop": data_cfg.max_hops, "propagation": data_cfg.max_difficulty}.get(data_cfg.kind)
+
+
+def at_difficulty(cfg, max_difficulty: int):
+  """`cfg` with the embedded task's held-out stream at difficulties 1..max_difficulty (multi-hop:
+  queries of that many lookups, data.max_hops; propagation: marker gaps of that many windows,
+  data.max_difficulty), data.seq_len grown to fit the longest example; the params and everything
+  else stay."""
+  if cfg.data.kind not in SYNTHETIC_KINDS:
+    raise ConfigError(f"--max_difficulty applies to the embedded tasks {SYNTHETIC_KINDS} only; this run "
+                      f"trained on data.kind={cfg.data.kind!r}. Omit --max_difficulty.")
+  if max_difficulty < 1:
+    raise ConfigError(f"--max_difficulty={max_difficulty}: must be >= 1")
+  d = cfg.data
+  if d.kind == "multihop":
+    need = multihop_min_seq_len(max_difficulty, d.num_distractors, d.num_queries)
+    data = dataclasses.replace(d, max_hops=max_difficulty, seq_len=max(d.seq_len, need))
+  else:
+    need = propagation_min_seq_len(d.window, max_difficulty)
+    data = dataclasses.replace(d, max_difficulty=max_difficulty, seq_len=max(d.seq_len, need))
   data.validate()  # e.g. more variables than the alphabet holds: names the limit
   if cfg.model.position == "learned" and data.seq_len > cfg.model.max_seq_len:
-    raise ConfigError(f"--max_hops={max_hops} needs sequences of {data.seq_len} tokens, past the learned "
-                      f"position table (model.max_seq_len={cfg.model.max_seq_len}); use a smaller --max_hops.")
+    raise ConfigError(f"--max_difficulty={max_difficulty} needs sequences of {data.seq_len} tokens, past the "
+                      f"learned position table (model.max_seq_len={cfg.model.max_seq_len}); use a smaller "
+                      "--max_difficulty.")
   return dataclasses.replace(cfg, data=data)
 
 
-def sweep_signals(model_cfg) -> list[str]:
-  """The signals the sweep runs threshold rules on, for this model."""
-  a0 = list(ZERO_ATTENTION_SIGNALS) if model_cfg.use_zero_token else []
-  return ["confidence", *a0, "state_delta"] + (["gate"] if model_cfg.exit_gate else [])
-
-
 def signal_values(trained, batches: list) -> dict:
-  """Per-cycle exit signals of the loss-weighted tokens with every cycle run: {signal: [n]} for
-  'zero_attention' and every signal of sweep_signals (cycles before the last, where exiting saves
-  something; zero_attention_delta from the second on, its first cycle being 0 by definition)."""
+  """Per-cycle exit signals of the loss-weighted tokens with every cycle run:
+  {'zero_attention': [n], 'confidence': [n]} and 'gate' [n] for a model with the learned exit gate
+  (cycles before the last; exiting after it saves nothing)."""
   run = trained.run
   C = trained.cfg.model.cycles
-  signals = [s for s in sweep_signals(trained.cfg.model) if s != "zero_attention"]  # read off every run
+  signals = ["zero_attention", "confidence"] + (["gate"] if trained.cfg.model.exit_gate else [])
   fn = jax.jit(lambda p, x, rule: run.model.apply({"params": p}, x, rule)[1],
                in_shardings=(run.param_shardings, None, None))
-  values = {s: [] for s in ["zero_attention", *signals]}
+  values = {s: [] for s in signals}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     for local in batches:
       b = to_global(local, run.mesh)
       w = np.asarray(jax.device_get(b["weights"])) > 0
-      for signal in signals:
+      for signal in signals[1:]:
         aux = jax.device_get(fn(trained.params, b["inputs"], ExitRule(signal=signal)))
-        lo = 1 if signal == "zero_attention_delta" and C > 2 else 0
-        values[signal].append(np.asarray(aux["exit_signal"])[lo: max(C - 1, lo + 1), w].ravel())
+        values[signal].append(np.asarray(aux["exit_signal"])[: max(C - 1, 1), w].ravel())
         if signal == "confidence":
           values["zero_attention"].append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
   return {s: np.concatenate(v) for s, v in values.items()}
 
 
 NEVER_EXIT = 1.001
-"""Every signal lies in [0, 1], so this threshold is the no-exit end of a curve. (The
+"""Both signals are probabilities (<= 1), so this threshold is the no-exit end of a curve. (The
 largest signal seen without exits is not: once some tokens exit, the others' signals change.)"""
 
 
@@ -224,25 +232,27 @@ def threshold_grid(values: np.ndarray, n: int) -> list[float]:
 
 def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None, num_thresholds: int = 8,
           max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
-  """Quality vs compute for the fixed-cut rule and a threshold rule on each of `sweep_signals`
-  (zero attention and its variants, state_delta, confidence, the learned gate's CDF) on one checkpoint.
+  """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint,
+  and the learned exit gate's (signal 'gate', its exit CDF) when the model has one.
 
   rule: the sweep varies its signal and threshold and keeps the rest (frozen_kv, min_cycles,
     granularity); default the run's configured rule.
-  thresholds: use these for every threshold rule instead of the quantile grids."""
+  thresholds: use these for both threshold rules instead of the quantile grids."""
   cfg = trained.cfg
   base = ExitRule.from_config(cfg.model) if rule is None else rule
   C = cfg.model.cycles
   if num_thresholds < 2:
     raise ConfigError(f"num_thresholds={num_thresholds}: must be >= 2")
   batches = held_out_batches(cfg, max_batches) if batches is None else batches
-  metric = "accuracy" if cfg.data.kind == "multihop" else "loss"
+  metric = "accuracy" if cfg.data.kind in SYNTHETIC_KINDS else "loss"
   points = []
   for c in range(1, C + 1):
     ev = Evaluator(trained.run, batches, base.replace(threshold=None), num_cycles=c)
     points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
   signals = signal_values(trained, batches)
-  for signal in sweep_signals(cfg.model):
+  rules = (["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
+           + (["gate"] if cfg.model.exit_gate else []))
+  for signal in rules:
     grid = list(thresholds) if thresholds is not None else threshold_grid(signals[signal], num_thresholds)
     ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0))
     for tau in grid:

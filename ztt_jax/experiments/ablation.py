@@ -2,8 +2,9 @@
 
   python -m ztt_jax.experiments.ablation --task=text --data=PATH --out=runs/ablation [--seeds=3] [--steps=N]
   python -m ztt_jax.experiments.ablation --task=text --data=PATH --rungs=ztt+inject,ztt+gate --seeds=1
+  python -m ztt_jax.experiments.ablation --task=propagation --out=runs/ablation   (configs/default.py's task)
   python -m ztt_jax.experiments.ablation --task=multihop --out=runs/ablation
-  python -m ztt_jax.experiments.ablation --task=multihop --sweep [--sweep_rung=ztt+gate] --out=runs/ablation [--docs=docs]
+  python -m ztt_jax.experiments.ablation --task=propagation --sweep [--sweep_rung=ztt+gate] --out=runs/ablation [--docs=docs]
   python -m ztt_jax.experiments.ablation --report --out=runs/ablation [--docs=docs]
 
 Re-running a training command skips finished runs and resumes a partial one from its checkpoint.
@@ -54,7 +55,7 @@ def check_args(f) -> list:
   """The rungs to train, after checking every flag and building every rung's config, so that a
   mistake fails now rather than after hours of training the rungs before it."""
   if not f.task:
-    raise app.UsageError("pass --task=text|multihop (or --report)")
+    raise app.UsageError(f"pass --task={'|'.join(ladder.TASKS)} (or --report)")
   names = f.rungs or list(ladder.BASE_RUNGS)
   if f.task == "text" and not f.sweep:
     if not f.data:
@@ -76,7 +77,7 @@ def _define_flags():
   flags.DEFINE_list("rungs", None, f"Rungs to train (default: {','.join(ladder.BASE_RUNGS)}; "
                     f"all: {','.join(ladder.RUNGS)}).")
   flags.DEFINE_bool("sweep", False, "Sweep the exit rules of the trained --sweep_rung of --task into DOCS/results "
-                    "(multi-hop: also test-time depth).")
+                    "(embedded tasks: also accuracy by difficulty at 1x, 1.5x and 2x the trained cycles).")
   flags.DEFINE_string("sweep_rung", "ztt", "Rung whose trained models --sweep evaluates (ztt+gate adds the gate rule).")
   flags.DEFINE_bool("report", False, "Summarise OUT into DOCS/results/*.json and plot DOCS/*.png.")
   flags.DEFINE_string("docs", "docs", "Where --report and --sweep write.")

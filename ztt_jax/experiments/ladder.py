@@ -24,20 +24,29 @@ RUNGS = {
     "ztt+random": dict(model=_ZTT, train=dict(cycles_distribution="poisson", cycles_mean=3.0, cycles_max=5)),
 }
 BASE_RUNGS = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
-TASKS = ("text", "multihop")
+TASKS = ("text", "multihop", "propagation")
 
 # Text: nanoGPT's CPU "baby" budget (shakespeare_char: block 64, batch 12, 2000 iters, n_embd 128,
-# 4 heads), byte-level, the last 10% held out. Multi-hop: the width, data and schedule of
-# configs/default.py (the embedded task at 1..6 hops; tests/test_experiments_report.py checks they
-# stay equal). The package builds them itself: configs/ is not installed with it. Change a budget
+# 4 heads), byte-level, the last 10% held out. The embedded tasks: the width, data, model extras
+# and schedule of their configs, configs/multihop.py (1..6 hops) and configs/default.py
+# (propagation, difficulty 1..8 under a window of 4); tests/test_experiments_report.py checks they
+# stay equal. The package builds them itself: configs/ is not installed with it. Change a budget
 # here, not per rung.
 TASK_DEFAULTS = {
     "text": dict(width=dict(d_model=128, num_heads=4, mlp_dim=512), seq_len=64, batch=12, steps=2000,
                  lr=3e-3, warmup=100),
     "multihop": dict(width=dict(d_model=64, num_heads=4, mlp_dim=256), seq_len=61, batch=16, steps=1500,
                      lr=3e-3, warmup=100, data=dict(kind="multihop", max_hops=6, num_queries=3,
-                                                    num_distractors=2, curriculum_examples=24000)),
+                                                    num_distractors=2, curriculum_examples=24000),
+                     # without the shift no rung learns even one lookup (docs/results/multihop_design.md)
+                     model=dict(token_shift=True)),
+    "propagation": dict(width=dict(d_model=64, num_heads=4, mlp_dim=256), seq_len=64, batch=16, steps=1500,
+                        lr=3e-3, warmup=100, data=dict(kind="propagation", window=4, max_difficulty=8,
+                                                       curriculum_examples=12000),
+                        # max_seq_len past seq_len: depth extrapolation evaluates longer rows (2D)
+                        model=dict(attention_window=4, token_shift=True, max_seq_len=128)),
 }
+# An embedded task's name is its data.kind, so data.config.SYNTHETIC_KINDS names them.
 # Deep supervision for every rung, so the only difference between htc and ztt is the zero token,
 # and the fixed-cut and confidence exit rules have a trained read-out after each cycle.
 CYCLE_LOSS_WEIGHT = 0.5
@@ -80,11 +89,11 @@ def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None
     cfg.eval.batch_size = 32  # 256 held-out windows of 64 bytes (nanoGPT's protocol runs after training)
   else:
     cfg.data.update(d["data"])
-    cfg.model.token_shift = True  # as configs/default.py: without it no rung learns even one lookup
-    # The curriculum keeps its shape (all hop counts from 5/6 of the run) at a shorter budget.
+    cfg.model.update(d["model"])
+    # A shorter budget still reaches the hardest difficulty: the curriculum ends by the last step.
     cfg.data.curriculum_examples = min(cfg.data.curriculum_examples, steps * d["batch"])
     cfg.eval.max_batches = 8
-    cfg.eval.batch_size = 64  # 512 held-out examples: every example of the eval set
+    cfg.eval.batch_size = 64  # 512 held-out examples (rows): every example of the eval set
   cfg.data.seq_len = d["seq_len"]
   cfg.data.seed = 0  # same data order and held-out set for every rung and seed; the seed varies init
   cfg.train.seed = seed

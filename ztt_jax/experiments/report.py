@@ -11,8 +11,9 @@ import json
 import os
 import re
 
+from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.experiments import figures, summary as summary_lib
-from ztt_jax.experiments.ladder import result_stem
+from ztt_jax.experiments.ladder import TASKS, result_stem
 from ztt_jax.plots import plot_quality_vs_compute
 
 
@@ -23,22 +24,33 @@ def _fmt(s: dict, digits=3, pct=False) -> str:
   return f"{k * s['mean']:.{digits}f} ± {k * s['spread']:.{digits}f}"
 
 
+def _rules(sw: dict) -> list[str]:
+  """The sweep's rules in the order it ran them (fixed first, then each signal)."""
+  return list(dict.fromkeys(p["rule"] for p in sw["points"]))
+
+
+def _parameter(p: dict) -> str:
+  return f"c={p['parameter']}" if p["rule"] == "fixed" else f"tau={p['parameter']:.4g}"
+
+
 def ladder_table(s: dict) -> str:
-  multihop = s["task"] == "multihop"
-  hops = sorted({h for r in s["rungs"].values() for h in r.get("accuracy_by_difficulty", {})}, key=int)
+  """One row per rung; on an embedded task accuracy overall and at each difficulty d."""
+  embedded = s["task"] in SYNTHETIC_KINDS
+  levels = sorted({d for r in s["rungs"].values() for d in r.get("accuracy_by_difficulty", {})}, key=int)
   steps = sorted({st for r in s["rungs"].values() for st in r.get("eval_loss_by_step", {})}, key=int)
   mid = [st for st in steps if int(st) < s["budget"]["steps"]]
   head = ["rung", "seeds", "unique params", "effective depth"] + [f"loss @ step {st}" for st in mid]
   head += ["final held-out loss (nats)"]
-  head += ["accuracy %"] + [f"{h}-hop acc %" for h in hops] if multihop else \
+  head += ["accuracy %"] + [f"acc % @ d={d}" for d in levels] if embedded else \
       ["bits per byte", "nanoGPT-protocol loss (nats/byte)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in s["rungs"].items():
     row = [f"`{name}`", str(len(r["seeds"])), f"{r['params']:,}", str(r["effective_depth"])]
     row += [_fmt(r["eval_loss_by_step"].get(st)) for st in mid]
     row += [_fmt(r["eval_loss"])]
-    if multihop:
-      row += [_fmt(r["accuracy"], 1, pct=True)] + [_fmt(r["accuracy_by_difficulty"][h], 1, pct=True) for h in hops]
+    if embedded:
+      by = r.get("accuracy_by_difficulty", {})
+      row += [_fmt(r.get("accuracy"), 1, pct=True)] + [_fmt(by.get(d), 1, pct=True) for d in levels]
     else:
       row += [_fmt(r["bits_per_byte"]), _fmt(r.get("nanogpt_eval_loss", {}))]
     lines.append("| " + " | ".join(row) + " |")
@@ -52,42 +64,46 @@ def ladder_table(s: dict) -> str:
 
 def sweep_table(sw: dict) -> str:
   metric = sw["metric"]
-  rules = ["fixed", "zero_attention", "confidence", "gate"]
   head = ["rule", "parameter", "mean cycles", "compute fraction", metric]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for rule in rules:
+  for rule in _rules(sw):
     for p in sorted((p for p in sw["points"] if p["rule"] == rule), key=lambda p: p["mean_cycles"]):
-      par = f"c={p['parameter']}" if rule == "fixed" else f"tau={p['parameter']:.4g}"
       val = f"{100 * p[metric]:.1f}%" if metric == "accuracy" else f"{p[metric]:.4f}"
-      lines.append(f"| {rule} | {par} | {p['mean_cycles']:.2f} | {p['compute_fraction']:.3f} | {val} |")
+      lines.append(f"| {rule} | {_parameter(p)} | {p['mean_cycles']:.2f} | {p['compute_fraction']:.3f} | {val} |")
   return "\n".join(lines)
 
 
-def hop_table(sw: dict) -> str:
-  pts = sorted((p for p in sw["points"] if p["rule"] == "zero_attention" and p.get("per_difficulty")),
-               key=lambda p: p["parameter"])
+def difficulty_table(sw: dict) -> str:
+  """The exit bake-off by difficulty: mean cycles and accuracy at each difficulty d for every point
+  of every rule the sweep ran, so a rule that tracks difficulty shows cycles rising with d."""
+  pts = [p for rule in _rules(sw) for p in sorted(
+      (p for p in sw["points"] if p["rule"] == rule and p.get("per_difficulty")), key=lambda p: p["mean_cycles"])]
   if not pts:
-    return "(no per-hop data)"
-  hops = sorted(pts[0]["per_difficulty"], key=int)
-  head = ["tau", "mean cycles (all)"] + [f"cycles @ {h} hops" for h in hops] + [f"acc @ {h} hops" for h in hops]
+    return "(no per-difficulty data)"
+  levels = sorted(pts[0]["per_difficulty"], key=int)
+  head = ["rule", "parameter", "mean cycles (all)", "compute fraction", "accuracy (all)"]
+  head += [f"cycles @ d={d}" for d in levels] + [f"acc @ d={d}" for d in levels]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in pts:
-    row = [f"{p['parameter']:.4g}", f"{p['mean_cycles']:.2f}"]
-    row += [f"{p['per_difficulty'][h]['mean_cycles']:.2f}" for h in hops]
-    row += [f"{100 * p['per_difficulty'][h]['accuracy']:.1f}%" for h in hops]
+    by = p["per_difficulty"]
+    row = [p["rule"], _parameter(p), f"{p['mean_cycles']:.2f}", f"{p['compute_fraction']:.3f}",
+           f"{100 * p['accuracy']:.1f}%"]
+    row += [f"{by[d]['mean_cycles']:.2f}" for d in levels]
+    row += [f"{100 * by[d]['accuracy']:.1f}%" for d in levels]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
 def depth_table(d: dict) -> str:
-  """Accuracy by hop count at each test-time cycle count (exit off), from a depth_*.json."""
-  hops = sorted(d["points"][0]["per_difficulty"], key=int)
-  head = ["cycles", "all"] + [f"{h} hops{' (untrained)' if int(h) > d['trained_max_hops'] else ''}" for h in hops]
+  """Accuracy by difficulty at each test-time cycle count (exit off), from a depth_*.json."""
+  levels = sorted(d["points"][0]["per_difficulty"], key=int)
+  head = ["cycles", "all"] + [f"d={x}{' (untrained)' if int(x) > d['trained_max_difficulty'] else ''}"
+                              for x in levels]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in d["points"]:
     mark = " (trained)" if p["num_cycles"] == d["trained_cycles"] else ""
     row = [f"{p['num_cycles']}{mark}", f"{100 * p['accuracy']:.1f}%"]
-    row += [f"{100 * p['per_difficulty'][h]['accuracy']:.1f}%" for h in hops]
+    row += [f"{100 * p['per_difficulty'][x]['accuracy']:.1f}%" for x in levels]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -168,25 +184,29 @@ def build_blocks(out_dir: str, docs: str) -> dict:
   for task, s in summary_lib.write_summaries(out_dir, results).items():
     blocks[f"ladder_{task}"] = ladder_table(s)
     figures.plot_ladder(s, os.path.join(docs, f"ladder_{task}.png"))
-  for task in ("text", "multihop"):
+  for task in TASKS:
+    embedded = task in SYNTHETIC_KINDS
     sweeps = load_sweeps(results, task)
     for i, sw in enumerate(sweeps):
       blocks[f"exit_{task}_s{i}"] = sweep_table(sw)
     if sweeps:
       plot_quality_vs_compute(sweeps[0], os.path.join(docs, f"exit_{task}.png"),
                               title=f"{task}: exit rules on the trained ztt (seed 0)", x="mean_cycles")
-    if sweeps and task == "multihop":
-      blocks["cycles_by_hop"] = "\n\n".join(f"Seed {i}:\n\n" + hop_table(sw) for i, sw in enumerate(sweeps))
-      figures.plot_cycles_by_hop(sweeps, os.path.join(docs, "cycles_by_hop.png"))
+    if sweeps and embedded:
+      blocks[f"cycles_by_difficulty_{task}"] = "\n\n".join(
+          f"Seed {i}:\n\n" + difficulty_table(sw) for i, sw in enumerate(sweeps))
+      figures.plot_cycles_by_difficulty(sweeps, os.path.join(docs, f"cycles_by_difficulty_{task}.png"), task)
     gated = load_sweeps(results, result_stem(task, "ztt+gate"))
-    if gated:  # the gate rung has all four rules on one model: the task's bake-off plot
+    if gated:  # the gate rung has every rule, the gate's too, on one model: the task's bake-off
       blocks[f"exit_{task}_gate"] = sweep_table(gated[0])
       plot_quality_vs_compute(gated[0], os.path.join(docs, f"exit_{task}_gate.png"),
-                              title=f"{task}: four exit rules on the trained ztt+gate (seed 0)", x="mean_cycles")
-  depths = load_sweeps(results, "multihop", kind="depth")
-  if depths:
-    blocks["depth_multihop"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
-    figures.plot_depth(depths[0], os.path.join(docs, "depth_multihop.png"))
+                              title=f"{task}: every exit rule on the trained ztt+gate (seed 0)", x="mean_cycles")
+      if embedded:
+        blocks[f"cycles_by_difficulty_{task}_gate"] = difficulty_table(gated[0])
+    depths = load_sweeps(results, task, kind="depth") if embedded else []
+    if depths:
+      blocks[f"depth_{task}"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
+      figures.plot_depth(depths[0], os.path.join(docs, f"depth_{task}.png"), task)
   bench = os.path.join(results, "bench.json")
   if os.path.isfile(bench):
     with open(bench) as f:

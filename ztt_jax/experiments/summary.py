@@ -8,7 +8,7 @@ import os
 
 from ztt_jax.metrics import per_difficulty
 
-from ztt_jax.experiments.ladder import RUNGS
+from ztt_jax.experiments.ladder import RUNGS, TASKS
 
 RUNG_ORDER = tuple(RUNGS)
 
@@ -65,9 +65,10 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
     }
     if any("eval/accuracy" in f for f in finals):
       entry["accuracy"] = stats([f.get("eval/accuracy") for f in finals])
-      by_hop = [per_difficulty(f) for f in finals]
-      hops = sorted({h for hs in by_hop for h in hs})
-      entry["accuracy_by_difficulty"] = {str(h): stats([hs.get(h, {}).get("accuracy") for hs in by_hop]) for h in hops}
+      by_seed = [per_difficulty(f) for f in finals]
+      levels = sorted({d for by in by_seed for d in by})
+      entry["accuracy_by_difficulty"] = {str(d): stats([by.get(d, {}).get("accuracy") for by in by_seed])
+                                         for d in levels}
     rungs[rung] = entry
   budget = {}
   mixed = {(x["steps"], x["tokens_per_step"]) for x in rows}
@@ -81,7 +82,7 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
   return {"task": task, "budget": budget, "rungs": rungs}
 
 
-def write_summaries(out_dir: str, results_dir: str, tasks=("text", "multihop")) -> dict:
+def write_summaries(out_dir: str, results_dir: str, tasks=TASKS) -> dict:
   os.makedirs(results_dir, exist_ok=True)
   written = {}
   for task in tasks:
