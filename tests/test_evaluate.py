@@ -96,7 +96,7 @@ def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   tau = float(np.median(signals))
   r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=tau), batches=batches)
   # Directly: the model on the same batches, per-query answers and cycles in numpy (multi-hop
-  # `hops` is per token: the scored tokens carry their query's depth).
+  # `difficulty` is per token: the scored tokens carry their query's depth).
   rule = ExitRule.from_config(cfg.model, threshold=tau, frozen_kv="state")
   fn = jax.jit(lambda p, x: run.model.apply({"params": p}, x, rule))
   b = batches[0]
@@ -107,13 +107,13 @@ def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   np.testing.assert_array_equal(scored, w > 0)
   correct = (logits.argmax(-1) == b["targets"])[scored]
   cycles = np.asarray(aux["cycles_used"])[scored]
-  hops = b["difficulty"][scored]
+  difficulty = b["difficulty"][scored]
   np.testing.assert_allclose(r["loss"], (ce * w).sum() / w.sum(), rtol=1e-5)
   np.testing.assert_allclose(r["accuracy"], correct.mean())
   np.testing.assert_allclose(r["mean_cycles"], (np.asarray(aux["cycles_used"]) * w).sum() / w.sum(), rtol=1e-6)
-  for h in np.unique(hops):
-    np.testing.assert_allclose(r["per_difficulty"][str(h)]["accuracy"], correct[hops == h].mean())
-    np.testing.assert_allclose(r["per_difficulty"][str(h)]["mean_cycles"], cycles[hops == h].mean(), rtol=1e-6)
+  for d in np.unique(difficulty):
+    np.testing.assert_allclose(r["per_difficulty"][str(d)]["accuracy"], correct[difficulty == d].mean())
+    np.testing.assert_allclose(r["per_difficulty"][str(d)]["mean_cycles"], cycles[difficulty == d].mean(), rtol=1e-6)
   assert 1 <= r["mean_cycles"] < cfg.model.num_cycles
   np.testing.assert_allclose(r["compute_fraction"], flops_fraction(cfg.model, cfg.data.seq_len, r["mean_cycles"]),
                              rtol=1e-9)
