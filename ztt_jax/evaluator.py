@@ -6,10 +6,11 @@ digits), so loss, mean_cycles and compute_fraction describe the same tokens. The
 (data.SYNTHETIC_KINDS) label every scored token with a difficulty: the multi-hop task's hop count,
 the propagation task's windows between a position and its marker.
 
-The sweep compares three exit rules on the same params: zero attention (a threshold range), a fixed
-cut after c = 1..C cycles (apply's num_cycles), and CALM's confidence (max softmax probability of
-the cycle's read-out; a threshold range); a fourth, the learned exit gate's CDF (a threshold
-range), when the model has one (model.exit_gate). Threshold grids are quantiles of the signal measured on
+The sweep compares exit rules on the same params: a fixed cut after c = 1..C cycles (apply's
+num_cycles), and threshold ranges on each signal of `sweep_signals`: CALM's confidence (max softmax
+probability of the cycle's read-out), the state's convergence (state_delta), with the zero token the
+a0 signals (zero_attention, zero_attention_last, zero_attention_delta), and the learned exit gate's
+CDF when the model has one (model.exit_gate). Threshold grids are quantiles of the signal measured on
 the eval batches with every cycle run, so each rule's curve spans its own range.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ztt_jax.data.config import SYNTHETIC_KINDS, multihop_min_seq_len, propagati
 from ztt_jax.distributed import compile_synced
 from ztt_jax.errors import ConfigError, DataError
 from ztt_jax.flops import forward_flops_per_token, readout_flops_per_token
+from ztt_jax.model.config import ZERO_ATTENTION_SIGNALS
 from ztt_jax.model.exit import ExitRule
 from ztt_jax.partitioning import to_global
 from ztt_jax.run import Run
@@ -196,30 +198,37 @@ def at_difficulty(cfg, max_difficulty: int):
   return dataclasses.replace(cfg, data=data)
 
 
+def sweep_signals(model_cfg) -> list[str]:
+  """The signals the sweep runs threshold rules on, for this model."""
+  a0 = list(ZERO_ATTENTION_SIGNALS) if model_cfg.use_zero_token else []
+  return ["confidence", *a0, "state_delta"] + (["gate"] if model_cfg.exit_gate else [])
+
+
 def signal_values(trained, batches: list) -> dict:
-  """Per-cycle exit signals of the loss-weighted tokens with every cycle run:
-  {'zero_attention': [n], 'confidence': [n]} and 'gate' [n] for a model with the learned exit gate
-  (cycles before the last; exiting after it saves nothing)."""
+  """Per-cycle exit signals of the loss-weighted tokens with every cycle run: {signal: [n]} for
+  'zero_attention' and every signal of sweep_signals (cycles before the last, where exiting saves
+  something; zero_attention_delta from the second on, its first cycle being 0 by definition)."""
   run = trained.run
   C = trained.cfg.model.cycles
-  signals = ["zero_attention", "confidence"] + (["gate"] if trained.cfg.model.exit_gate else [])
+  signals = [s for s in sweep_signals(trained.cfg.model) if s != "zero_attention"]  # read off every run
   fn = jax.jit(lambda p, x, rule: run.model.apply({"params": p}, x, rule)[1],
                in_shardings=(run.param_shardings, None, None))
-  values = {s: [] for s in signals}
+  values = {s: [] for s in ["zero_attention", *signals]}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
     for local in batches:
       b = to_global(local, run.mesh)
       w = np.asarray(jax.device_get(b["weights"])) > 0
-      for signal in signals[1:]:
+      for signal in signals:
         aux = jax.device_get(fn(trained.params, b["inputs"], ExitRule(signal=signal)))
-        values[signal].append(np.asarray(aux["exit_signal"])[: max(C - 1, 1), w].ravel())
+        lo = 1 if signal == "zero_attention_delta" and C > 2 else 0
+        values[signal].append(np.asarray(aux["exit_signal"])[lo: max(C - 1, lo + 1), w].ravel())
         if signal == "confidence":
           values["zero_attention"].append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
   return {s: np.concatenate(v) for s, v in values.items()}
 
 
 NEVER_EXIT = 1.001
-"""Both signals are probabilities (<= 1), so this threshold is the no-exit end of a curve. (The
+"""Every signal lies in [0, 1], so this threshold is the no-exit end of a curve. (The
 largest signal seen without exits is not: once some tokens exit, the others' signals change.)"""
 
 
@@ -232,12 +241,12 @@ def threshold_grid(values: np.ndarray, n: int) -> list[float]:
 
 def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] = None, num_thresholds: int = 8,
           max_batches: Optional[int] = None, thresholds: Optional[Sequence[float]] = None) -> dict:
-  """Quality vs compute for the zero-attention, fixed-cut and confidence rules on one checkpoint,
-  and the learned exit gate's (signal 'gate', its exit CDF) when the model has one.
+  """Quality vs compute for the fixed-cut rule and a threshold rule on each of `sweep_signals`
+  (zero attention and its variants, state_delta, confidence, the learned gate's CDF) on one checkpoint.
 
   rule: the sweep varies its signal and threshold and keeps the rest (frozen_kv, min_cycles,
     granularity); default the run's configured rule.
-  thresholds: use these for both threshold rules instead of the quantile grids."""
+  thresholds: use these for every threshold rule instead of the quantile grids."""
   cfg = trained.cfg
   base = ExitRule.from_config(cfg.model) if rule is None else rule
   C = cfg.model.cycles
@@ -250,9 +259,7 @@ def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] =
     ev = Evaluator(trained.run, batches, base.replace(threshold=None), num_cycles=c)
     points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
   signals = signal_values(trained, batches)
-  rules = (["confidence"] + (["zero_attention"] if cfg.model.use_zero_token else [])
-           + (["gate"] if cfg.model.exit_gate else []))
-  for signal in rules:
+  for signal in sweep_signals(cfg.model):
     grid = list(thresholds) if thresholds is not None else threshold_grid(signals[signal], num_thresholds)
     ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0))
     for tau in grid:
