@@ -132,7 +132,7 @@ def test_sweep_writes_json_and_png(trained, batches, no_exit, tmp_path):
     saved = json.load(f)
   assert saved["metric"] == "accuracy" and saved["step"] == STEP
   points = saved["points"]
-  assert {"fixed", "confidence", "zero_attention"} <= {p["rule"] for p in points}
+  assert {p["rule"] for p in points} == {"fixed", *evaluator.sweep_signals(trained.cfg.model)}
   for p in points:
     assert {"rule", "parameter", "loss", "accuracy", "mean_cycles", "compute_fraction"} <= set(p)
     # every point of every rule carries the bake-off's mean cycles and accuracy by difficulty
