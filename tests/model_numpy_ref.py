@@ -110,8 +110,8 @@ def stack(sp, x, cfg, n, zero_keys=None, zero_bias=None, mask_zero=False, frozen
   return x, np.stack(a0s)
 
 
-def readout(p, x, cfg, mask_zero=False):
-  if cfg.unique_tail_layers:
+def readout(p, x, cfg, mask_zero=False, through_tail=True):
+  if cfg.unique_tail_layers and through_tail:
     x, _ = stack(p["tail"], x, cfg, cfg.unique_tail_layers, mask_zero=mask_zero)
   x = norm(p["final_norm"], x, cfg)
   w = p["embed"]["embedding"].T if cfg.tie_embeddings else p["embed"]["lm_head"]
@@ -142,7 +142,7 @@ def forward(p, tokens, cfg, num_cycles=None, tau=None, min_cycles=None, granular
     new_x, a0 = stack(p["middle"], x, cfg, cfg.stack_layers, keys, bias, mask_zero, frozen)
     s = a0.mean(0)
     if signal == "confidence":
-      logits = readout(p, new_x, cfg, mask_zero)
+      logits = readout(p, new_x, cfg, mask_zero, through_tail=cfg.cycle_readout == "tail")
       e = np.exp(logits - logits.max(-1, keepdims=True))
       s = (e / e.sum(-1, keepdims=True)).max(-1)
     ran = ~exited

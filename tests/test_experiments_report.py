@@ -13,10 +13,12 @@ from ztt_jax.experiments import ladder, report, runs, summary
 
 
 def test_ladder_layouts():
-  for task in ("multihop", "propagation"):
+  for task, cycled in (("multihop", 10), ("propagation", 10)):
     depth = {r: ladder.rung_config(task, r, 0).model.effective_depth for r in ladder.RUNGS}
-    assert depth == {"vanilla-4": 4, "bc": 8, "htc": 8, "ztt": 8, "vanilla-8": 8, "ztt+inject": 8,
-                     "ztt+gate": 8, "ztt+random": 8}, task
+    assert depth == {"vanilla-4": 4, "bc": 8, "htc": cycled, "ztt": cycled, "vanilla-8": 8, "ztt+inject": cycled,
+                     "ztt+gate": cycled, "ztt+random": cycled}, task
+  rand = ladder.rung_config("propagation", "ztt+random", 2)
+  assert (rand.train.cycles_mean, rand.train.cycles_max, rand.data.seed) == (4.0, 6, 2)
   cfg = ladder.rung_config("text", "ztt", 1, data_path="/x.txt", steps=7)
   assert (cfg.train.seed, cfg.train.steps, cfg.data.seed, cfg.model.exit_threshold) == (1, 7, 0, None)
   # nanoGPT's baby budget on text; configs/default.py's task (and the curriculum's shape) on multi-hop
@@ -43,7 +45,8 @@ def test_embedded_ladders_are_their_configs_without_reading_them(task, config):
   got = ladder.rung_config(task, "ztt", 0)
   assert got.data == want.data
   for section, fields in (("model", ("d_model", "num_heads", "mlp_dim", "token_shift", "attention_window",
-                                     "cycle_loss_weight", "n_head_layers", "n_tail_layers")),
+                                     "cycle_loss_weight", "n_head_layers", "n_tail_layers", "num_cycles",
+                                     "n_middle_layers", "max_seq_len", "cycle_readout")),
                           ("train", ("steps", "global_batch_size", "learning_rate", "warmup_steps")),
                           ("eval", ("batch_size", "max_batches"))):
     assert {k: getattr(getattr(got, section), k) for k in fields} == \

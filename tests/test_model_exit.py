@@ -94,6 +94,26 @@ def test_confidence_signal_exit_matches_reference():
   np.testing.assert_allclose(np.asarray(aux["exit_signal"]), want_sig, rtol=1e-4, atol=1e-5)
 
 
+def test_direct_cycle_readout_skips_the_tail_before_the_last_cycle_and_exits_like_the_reference():
+  cfg = tiny_cfg(num_cycles=3, cycle_loss_weight=0.5, cycle_readout="direct", variant="htc")
+  model, params = init_params(cfg, B, T, seed=5)
+  toks, p = tokens(cfg, B, T, seed=5), ref.to_np(params)
+  logits, aux = apply(model, params, toks, None)
+  want_logits, _, _, states = ref.forward(p, np.asarray(toks), cfg)
+  cyc = np.asarray(aux["cycle_logits"])
+  for c in range(cfg.num_cycles - 1):  # early cycles: final norm + LM head on the state, no tail
+    np.testing.assert_allclose(cyc[c], ref.readout(p, states[c], cfg, through_tail=False), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(cyc[-1], want_logits, rtol=1e-4, atol=1e-4)  # the last goes through the tail
+  np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-4)
+  assert np.abs(cyc[0] - ref.readout(p, states[0], cfg)).max() > 1e-3  # the tail would change it
+  tau, (want_logits, want_sig, want_used, _) = _tau_and_reference(cfg, p, toks, 1, signal="confidence")
+  logits, aux = apply(model, params, toks, tau, signal="confidence")
+  np.testing.assert_array_equal(np.asarray(aux["cycles_used"]), want_used)
+  assert len(np.unique(want_used)) >= 2
+  np.testing.assert_allclose(np.asarray(aux["exit_signal"]), want_sig, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_zero_attention_exit_needs_the_zero_token():
   cfg, model, params, toks, _ = _setup(variant="htc")
   with pytest.raises(ConfigError, match="confidence"):

@@ -61,10 +61,10 @@ def forward_flops_per_token(model_cfg, seq_len: int, num_cycles=None) -> float:
 
 
 def readout_flops_per_token(model_cfg, seq_len: int) -> float:
-  """Forward FLOPs of one read-out (tail layers + LM head): what the confidence exit signal costs
-  per cycle on top of the cycle itself."""
-  return (model_cfg.unique_tail_layers * layer_flops_per_token(model_cfg, seq_len)
-          + 2 * model_cfg.d_model * model_cfg.vocab_size)
+  """Forward FLOPs of one early read-out (tail layers + LM head, or the LM head alone with
+  model.cycle_readout='direct'): what the confidence exit signal costs per cycle on top of the cycle."""
+  tail = model_cfg.unique_tail_layers if getattr(model_cfg, "cycle_readout", "tail") == "tail" else 0
+  return tail * layer_flops_per_token(model_cfg, seq_len) + 2 * model_cfg.d_model * model_cfg.vocab_size
 
 
 # ------------------------------------------------------------------ hardware peak (MFU's denominator)

@@ -29,7 +29,7 @@ TASKS = ("text", "multihop", "propagation")
 # Text: nanoGPT's CPU "baby" budget (shakespeare_char: block 64, batch 12, 2000 iters, n_embd 128,
 # 4 heads), byte-level, the last 10% held out. The embedded tasks: the width, data, model extras
 # and schedule of their configs, configs/multihop.py (1..6 hops) and configs/default.py
-# (propagation, difficulty 1..8 under a window of 4); tests/test_experiments_report.py checks they
+# (propagation, difficulty 1..10 under a window of 4); tests/test_experiments_report.py checks they
 # stay equal. The package builds them itself: configs/ is not installed with it. Change a budget
 # here, not per rung.
 TASK_DEFAULTS = {
@@ -39,12 +39,15 @@ TASK_DEFAULTS = {
                      lr=3e-3, warmup=100, data=dict(kind="multihop", max_hops=6, num_queries=3,
                                                     num_distractors=2, curriculum_examples=24000),
                      # without the shift no rung learns even one lookup (docs/results/multihop_design.md)
-                     model=dict(token_shift=True)),
+                     model=dict(token_shift=True, max_seq_len=64), cycles=4),
     "propagation": dict(width=dict(d_model=64, num_heads=4, mlp_dim=256), seq_len=64, batch=16, steps=1500,
-                        lr=3e-3, warmup=100, data=dict(kind="propagation", window=4, max_difficulty=8,
+                        lr=3e-3, warmup=100, data=dict(kind="propagation", window=4, max_difficulty=10,
                                                        curriculum_examples=12000),
                         # max_seq_len past seq_len: depth extrapolation evaluates longer rows (2D)
-                        model=dict(attention_window=4, token_shift=True, max_seq_len=128)),
+                        model=dict(attention_window=4, token_shift=True, max_seq_len=256, cycle_readout="direct"),
+                        # the cycled rungs run configs/default.py's C = 4 (10 layers, the reach of D = 10);
+                        # every seed also draws its own data, so the result holds beyond one data seed
+                        cycles=4, seed_data=True),
 }
 # An embedded task's name is its data.kind, so data.config.SYNTHETIC_KINDS names them.
 # Deep supervision for every rung, so the only difference between htc and ztt is the zero token,
@@ -77,6 +80,10 @@ def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None
   cfg.model.n_head_layers = 1
   cfg.model.n_tail_layers = 1
   cfg.model.max_seq_len = d["seq_len"]
+  if "cycles" in d and cfg.model.variant in ("head_tail_cycling", "ztt"):
+    cfg.model.num_cycles = d["cycles"]
+    if cfg.train.cycles_distribution != "none":
+      cfg.train.cycles_mean, cfg.train.cycles_max = float(d["cycles"]), d["cycles"] + 2
   cfg.model.cycle_loss_weight = CYCLE_LOSS_WEIGHT
   cfg.model.exit_threshold = None  # the ladder compares full-depth models; exits are swept afterwards
   if task == "text":
@@ -95,7 +102,9 @@ def rung_config(task: str, rung: str, seed: int, *, data_path: str | None = None
     cfg.eval.max_batches = 8
     cfg.eval.batch_size = 64  # 512 held-out examples (rows): every example of the eval set
   cfg.data.seq_len = d["seq_len"]
-  cfg.data.seed = 0  # same data order and held-out set for every rung and seed; the seed varies init
+  # Same data order and held-out set for every rung and seed (the seed varies init), unless the task
+  # asks for a data seed per seed.
+  cfg.data.seed = seed if d.get("seed_data") else 0
   cfg.train.seed = seed
   cfg.train.steps = steps
   cfg.train.global_batch_size = d["batch"]

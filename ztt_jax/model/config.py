@@ -34,6 +34,7 @@ EXIT_SIGNALS = ("zero_attention", "zero_attention_last", "zero_attention_delta",
                 "gate")  # ztt_jax/model/exit.py
 ZERO_ATTENTION_SIGNALS = ("zero_attention", "zero_attention_last", "zero_attention_delta")  # need the zero token
 INPUT_INJECTIONS = ("none", "head", "embed")
+CYCLE_READOUTS = ("tail", "direct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,15 @@ class ModelConfig:
   cumulative exit probability; needs exit_gate). The zero_attention* signals need the zero token."""
   cycle_loss_weight: float = 0.0
   """Weight of the per-cycle (deep supervision) loss; > 0 makes apply() return aux['cycle_logits']."""
+
+  cycle_readout: str = "tail"
+  """How a cycle before the last is read out (deep supervision, the confidence exit signal, the
+  exit gate's expected loss): 'tail' (tail layers -> final norm -> LM head, the final read-out
+  applied early) or 'direct' (final norm -> LM head on the cycle's state, skipping the tail). The
+  last cycle always goes through the tail. With 'tail' a token can look done one tail's worth of
+  attention before its own state holds the answer, so when it exits, the frozen state it shows the
+  other tokens lacks what the tail added; 'direct' exits only once the state itself holds it
+  (measured in docs/results.md, the propagation task's exit bake-off)."""
 
   # ---------------------------------------------------------------- looped-training recipes
 
@@ -311,6 +321,7 @@ class ModelConfig:
     choice("dtype", DTYPES)
     choice("attention_impl", ATTENTION_IMPLS)
     choice("exit_signal", EXIT_SIGNALS)
+    choice("cycle_readout", CYCLE_READOUTS)
     choice("input_injection", INPUT_INJECTIONS)
     choice("param_dtype", DTYPES)
     for field in ("zero_token", "share_head_tail"):

@@ -102,8 +102,8 @@ class ExitRule:
       cycle (no previous value), so a token cannot exit there unless the threshold is <= 0.
     'state_delta': 1 - ||h_c - h_{c-1}|| / (||h_{c-1}|| + eps), clipped at 0: the cycle barely moved
       the state (h_{-1} is the head's output). Needs no zero token.
-    'confidence': max softmax probability of tail + LM head applied to the cycle's state (CALM); not
-      in cached decoding.
+    'confidence': max softmax probability of the cycle's read-out (CALM; through the tail or straight
+      from the state, model.cycle_readout); not in cached decoding.
     'gate': the learned exit gate's cumulative exit probability after the cycle,
       1 - prod_{j<=c} (1 - lambda_j); model.exit_gate.
     The zero_attention* signals need the zero token. All are causal, so cached decoding computes the

@@ -145,6 +145,10 @@ class ZTTModel(nn.Module):
       x_BxTxD = self.tail(x_BxTxD, mask_zero_slot=self._mask()).x
     return self.lm_logits(x_BxTxD)
 
+  def cycle_readout(self, x_BxTxD: Array) -> Array:
+    """The read-out of a cycle before the last (model.cycle_readout); float32 logits."""
+    return self.readout(x_BxTxD) if self.cfg.cycle_readout == "tail" else self.lm_logits(x_BxTxD)
+
   def cycle(self, state: CycleState, c: Array, zero_xs, rule: ExitRule, *, kv: Optional[dict] = None,
             positions_T: Optional[Array] = None) -> tuple[CycleState, CycleOut]:
     """Cycle c (0-based) of the middle stack: the one place where a cycle updates the state and the
@@ -165,7 +169,7 @@ class ZTTModel(nn.Module):
       lam_BxT = self.exit_gate(out.x)
       survival_BxT = jnp.where(ran_BxT, survival_BxT * (1.0 - lam_BxT), survival_BxT)
     if rule.signal == "confidence":
-      sig_BxT = confidence(self.readout(out.x))
+      sig_BxT = confidence(self.cycle_readout(out.x))
     elif rule.signal == "gate":
       sig_BxT = 1.0 - survival_BxT  # the CDF of the gate's exit distribution after this cycle
     elif rule.signal == "zero_attention_last":
@@ -220,7 +224,11 @@ class ZTTModel(nn.Module):
       aux["exit_gate"] = lam_CxBxT
     if collect_states:
       B, T, D = state.x_BxTxD.shape
-      cyc_CxBxTxV = self.readout(states_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
+      if cfg.cycle_readout == "tail" or C == 1:
+        cyc_CxBxTxV = self.readout(states_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
+      else:
+        early_CxBxTxV = self.lm_logits(states_CxBxTxD[:-1].reshape((C - 1) * B, T, D)).reshape(C - 1, B, T, -1)
+        cyc_CxBxTxV = jnp.concatenate([early_CxBxTxV, self.readout(states_CxBxTxD[-1])[None]])
       aux["cycle_logits"] = cyc_CxBxTxV
       return cyc_CxBxTxV[-1], aux
     return self.readout(state.x_BxTxD), aux
