@@ -22,6 +22,8 @@ RUNGS = {
     "ztt+inject": dict(model=dict(_ZTT, input_injection="embed")),
     "ztt+gate": dict(model=dict(_ZTT, exit_gate=True)),
     "ztt+random": dict(model=_ZTT, train=dict(cycles_distribution="poisson", cycles_mean=3.0, cycles_max=5)),
+    # truncated backprop: gradients through the last 2 cycles only (Huginn's recipe, scaled down)
+    "ztt+truncated": dict(model=dict(_ZTT, backprop_cycles=2)),
 }
 BASE_RUNGS = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
 TASKS = ("text", "multihop", "propagation")
