@@ -19,8 +19,10 @@ $(VENV)/.test-deps: $(VENV)/.train-deps requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# The default run ends by showing what the plain model of the same unique parameters got, from docs/.
 train: $(VENV)/.train-deps
 	$(PY) -m ztt_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+	@if [ "$(CONFIG)" = "configs/default.py" ]; then cat docs/results/default_vanilla.txt; fi
 
 # Two workers keep both cores busy (XLA compiles are mostly single-threaded); they share one fresh
 # persistent compilation cache, so each distinct program compiles once per run. loadfile keeps a

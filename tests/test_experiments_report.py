@@ -16,7 +16,8 @@ def test_ladder_layouts():
   for task, cycled in (("multihop", 10), ("propagation", 10)):
     depth = {r: ladder.rung_config(task, r, 0).model.effective_depth for r in ladder.RUNGS}
     assert depth == {"vanilla-4": 4, "bc": 8, "htc": cycled, "ztt": cycled, "vanilla-8": 8, "ztt+inject": cycled,
-                     "ztt+gate": cycled, "ztt+random": cycled, "ztt+truncated": cycled}, task
+                     "ztt+gate": cycled, "ztt+random": cycled, "ztt+truncated": cycled,
+                     "ztt+a0target": cycled}, task
   rand = ladder.rung_config("propagation", "ztt+random", 2)
   assert (rand.train.cycles_mean, rand.train.cycles_max, rand.data.seed) == (4.0, 6, 2)
   cfg = ladder.rung_config("text", "ztt", 1, data_path="/x.txt", steps=7)
@@ -174,6 +175,8 @@ def test_propagation_report_from_fabricated_json(tmp_path):
                for c, a in [(3, [1.0, 1.0, 0.25, 0.0]), (5, [1.0, 1.0, 1.0, 0.5]), (6, [1.0, 1.0, 1.0, 0.875])]]}
   with open(exits.depth_path(results, "propagation", 0), "w") as f:
     json.dump(depth, f)
+  with open(exits.depth_path(results, "propagation", 0, rung="ztt+inject"), "w") as f:
+    json.dump(dict(depth, rung="ztt+inject", points=depth["points"][:1]), f)
 
   blocks = report.build_blocks(out, docs)
 
@@ -187,5 +190,7 @@ def test_propagation_report_from_fabricated_json(tmp_path):
   d = blocks["depth_propagation"].splitlines()
   assert d[2] == "| cycles | all | d=1 | d=2 | d=3 (untrained) | d=4 (untrained) |"
   assert d[4] == "| 3 (trained) | 56.2% | 100.0% | 100.0% | 25.0% | 0.0% |"
+  # a recipe rung's depth has its own block, not mixed into the ztt's
+  assert blocks["depth_propagation_ztt+inject"].splitlines()[2] == d[4] and "ztt+inject" not in blocks["depth_propagation"]
   for png in ("depth_propagation.png", "ladder_propagation.png", "cycles_by_difficulty_propagation.png"):
     assert os.path.isfile(os.path.join(docs, png)), png

@@ -24,6 +24,8 @@ RUNGS = {
     "ztt+random": dict(model=_ZTT, train=dict(cycles_distribution="poisson", cycles_mean=3.0, cycles_max=5)),
     # truncated backprop: gradients through the last 2 cycles only (Huginn's recipe, scaled down)
     "ztt+truncated": dict(model=dict(_ZTT, backprop_cycles=2)),
+    # the paper's zero-attention exit, with each cycle's a0 trained to predict that its read-out is right
+    "ztt+a0target": dict(model=dict(_ZTT, zero_attention_target_weight=1.0)),
 }
 BASE_RUNGS = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
 TASKS = ("text", "multihop", "propagation")

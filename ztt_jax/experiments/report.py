@@ -13,7 +13,7 @@ import re
 
 from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.experiments import figures, summary as summary_lib
-from ztt_jax.experiments.ladder import TASKS, result_stem
+from ztt_jax.experiments.ladder import BASE_RUNGS, RUNGS, TASKS, result_stem
 from ztt_jax.plots import plot_quality_vs_compute
 
 
@@ -178,6 +178,22 @@ def load_sweeps(results_dir: str, task: str, kind: str = "sweep") -> list[dict]:
   return out
 
 
+def recipe_blocks(results: str, task: str) -> dict:
+  """A recipe rung's own test-time depth and mean cycles by difficulty (seed 0), beside the ztt's."""
+  blocks = {}
+  for rung in RUNGS:
+    if rung in BASE_RUNGS:
+      continue
+    stem = result_stem(task, rung)
+    depths = load_sweeps(results, stem, kind="depth")
+    if depths:
+      blocks[f"depth_{stem}"] = depth_table(depths[0])
+    sweeps = load_sweeps(results, stem)
+    if sweeps and rung != "ztt+gate":  # the gate's bake-off has its own block
+      blocks[f"cycles_by_difficulty_{stem}"] = difficulty_table(sweeps[0])
+  return blocks
+
+
 def build_blocks(out_dir: str, docs: str) -> dict:
   results = os.path.join(docs, "results")
   blocks = {}
@@ -207,6 +223,8 @@ def build_blocks(out_dir: str, docs: str) -> dict:
     if depths:
       blocks[f"depth_{task}"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
       figures.plot_depth(depths[0], os.path.join(docs, f"depth_{task}.png"), task)
+    if embedded:
+      blocks.update(recipe_blocks(results, task))
   bench = os.path.join(results, "bench.json")
   if os.path.isfile(bench):
     with open(bench) as f:
