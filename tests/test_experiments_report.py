@@ -180,6 +180,8 @@ def test_propagation_report_from_fabricated_json(tmp_path):
 
   blocks = report.build_blocks(out, docs)
 
+  with open(os.path.join(results, "default_vanilla.txt")) as f:  # what make train prints after the default run
+    assert "(2 seeds, mean)" in f.read()
   rows = [l for l in blocks["ladder_propagation"].splitlines() if l.startswith("| `")]
   assert "acc % @ d=2" in blocks["ladder_propagation"] and "70.0 ± 10.0" in rows[1]  # ztt at d=2
   bake = blocks["cycles_by_difficulty_propagation"].splitlines()

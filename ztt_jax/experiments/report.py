@@ -194,12 +194,27 @@ def recipe_blocks(results: str, task: str) -> dict:
   return blocks
 
 
+def plain_reference(s: dict) -> str:
+  """What `make train` prints after the default run: the propagation ladder's vanilla-4 by difficulty."""
+  r = s["rungs"]["vanilla-4"]
+  n = r["accuracy"]["n"]
+  lines = ["For comparison, configs/default.py:vanilla (4 unique layers, the same unique parameters, one pass),",
+           f"from the ladder in docs/results.md ({n} seed{'s' if n > 1 else ''}, mean):",
+           f"  accuracy (all difficulties): {r['accuracy']['mean']:.3f}"]
+  for d, acc in sorted(r["accuracy_by_difficulty"].items(), key=lambda kv: int(kv[0])):
+    lines.append(f"  difficulty={d}: accuracy {acc['mean']:.3f}, mean cycles 1.00")
+  return "\n".join(lines) + "\n"
+
+
 def build_blocks(out_dir: str, docs: str) -> dict:
   results = os.path.join(docs, "results")
   blocks = {}
   for task, s in summary_lib.write_summaries(out_dir, results).items():
     blocks[f"ladder_{task}"] = ladder_table(s)
     figures.plot_ladder(s, os.path.join(docs, f"ladder_{task}.png"))
+    if task == "propagation" and "vanilla-4" in s["rungs"]:
+      with open(os.path.join(results, "default_vanilla.txt"), "w") as f:
+        f.write(plain_reference(s))
   for task in TASKS:
     embedded = task in SYNTHETIC_KINDS
     sweeps = load_sweeps(results, task)
