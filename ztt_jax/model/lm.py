@@ -168,18 +168,16 @@ class ZTTModel(nn.Module):
     if self.cfg.exit_gate:
       lam_BxT = self.exit_gate(out.x)
       survival_BxT = jnp.where(ran_BxT, survival_BxT * (1.0 - lam_BxT), survival_BxT)
-    if rule.signal == "confidence":
-      sig_BxT = confidence(self.cycle_readout(out.x))
-    elif rule.signal == "gate":
-      sig_BxT = 1.0 - survival_BxT  # the CDF of the gate's exit distribution after this cycle
-    elif rule.signal == "zero_attention_last":
-      sig_BxT = out.a0[-1].astype(jnp.float32)
-    elif rule.signal == "zero_attention_delta":
-      sig_BxT = zero_attention_delta(state.zero_attention_BxT, za_BxT, c == 0)
-    elif rule.signal == "state_delta":
-      sig_BxT = state_delta(state.x_BxTxD, out.x)
-    else:
-      sig_BxT = za_BxT
+    # Only the rule's own signal is computed (confidence costs a read-out).
+    signals = {
+        "zero_attention": lambda: za_BxT,
+        "zero_attention_last": lambda: out.a0[-1].astype(jnp.float32),
+        "zero_attention_delta": lambda: zero_attention_delta(state.zero_attention_BxT, za_BxT, c == 0),
+        "state_delta": lambda: state_delta(state.x_BxTxD, out.x),
+        "confidence": lambda: confidence(self.cycle_readout(out.x)),
+        "gate": lambda: 1.0 - survival_BxT,  # the CDF of the gate's exit distribution after this cycle
+    }
+    sig_BxT = signals[rule.signal]()
     x_BxTxD = jnp.where(state.exited_BxT[..., None], state.x_BxTxD, out.x)
     used_BxT = state.used_BxT + ran_BxT.astype(jnp.int32)
     exited_BxT = rule.update(state.exited_BxT, sig_BxT, c + 1) if rule.exits else state.exited_BxT
