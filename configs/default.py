@@ -6,9 +6,11 @@ needs d layers (ztt_jax/data/propagation.py). Difficulties 1..10 are trained: th
 1 + 2 x 4 + 1 = 10 layers reach all of them, vanilla-4 reaches 4, and more cycles at test time reach
 farther (evaluate --max_difficulty=20 --num_cycles=8).
 
-Early exit: confidence of a read-out taken straight from each cycle's state (model.cycle_readout
-'direct'), so a token exits only once its own state holds the answer it shows the others; measured
-against the paper's zero-attention rule and the other signals in docs/results.md.
+Early exit: the paper's zero-attention rule, with each cycle's a0 trained to say that the cycle's
+read-out is already right (model.zero_attention_target_weight); untrained, a0 fires backwards here
+(the hardest tokens see nothing in their window and exit first). Read-outs are taken straight from
+each cycle's state (model.cycle_readout='direct'), so a token exits only once its own state holds
+the answer it shows the others. Bake-off of every rule: docs/results.md.
 
 `--config=configs/default.py:<preset>`; the presets have the same unique parameters (4 layers at one
 width) and differ in how they reuse them:
@@ -20,9 +22,12 @@ width) and differ in how they reuse them:
 from ztt_jax.config import base_config
 
 PRESETS = {
-    "vanilla": dict(variant="vanilla", num_cycles=1, exit_threshold=None, min_cycles=1, cycle_loss_weight=0.0),
-    "bc": dict(variant="basic_cycling", num_cycles=2, exit_threshold=None, min_cycles=1),
-    "htc": dict(variant="head_tail_cycling", num_cycles=4, exit_threshold=None, min_cycles=1),
+    "vanilla": dict(variant="vanilla", num_cycles=1, exit_threshold=None, min_cycles=1, cycle_loss_weight=0.0,
+                    zero_attention_target_weight=0.0),
+    "bc": dict(variant="basic_cycling", num_cycles=2, exit_threshold=None, min_cycles=1,
+               zero_attention_target_weight=0.0),
+    "htc": dict(variant="head_tail_cycling", num_cycles=4, exit_threshold=None, min_cycles=1,
+                zero_attention_target_weight=0.0),
     "ztt": dict(variant="ztt", num_cycles=4),
 }
 WINDOW = 4
@@ -49,8 +54,9 @@ def get_config(preset="ztt"):
   cfg.model.token_shift = True
   cfg.model.cycle_loss_weight = 0.5
   cfg.model.cycle_readout = "direct"
-  cfg.model.exit_signal = "confidence"
-  cfg.model.exit_threshold = 0.9
+  cfg.model.zero_attention_target_weight = 1.0
+  cfg.model.exit_signal = "zero_attention"
+  cfg.model.exit_threshold = 0.5
   cfg.model.update(PRESETS[preset])
   cfg.data.kind = "propagation"
   cfg.data.window = WINDOW
