@@ -230,6 +230,10 @@ def test_exit_threshold_range_and_zero_token_are_checked_in_validate():
   with pytest.raises(ConfigError, match=r"no zero token.*--config\.model\.exit_threshold=none"):
     config_lib.parse(cd)
   cd.model.exit_threshold = None
+  # the default also trains a0 as the exit signal: the next line names that
+  with pytest.raises(ConfigError, match=r"zero_attention_target_weight=1.0: variant='htc' has no zero token"):
+    config_lib.parse(cd)
+  cd.model.zero_attention_target_weight = 0.0
   assert not config_lib.parse(cd).model.use_zero_token
 
 

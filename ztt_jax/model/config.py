@@ -337,7 +337,6 @@ class ModelConfig:
       fail("zero_key_init_std", "must be >= 0")
     if not self.cycle_loss_weight >= 0:
       fail("cycle_loss_weight", "must be >= 0 (0 turns deep supervision off)")
-    self._validate_recipes(fail)
     if self.exit_threshold is not None:
       if isinstance(self.exit_threshold, bool) or not isinstance(self.exit_threshold, (int, float)):
         fail("exit_threshold", "must be a number in [0, 1], or none (no exit)")
@@ -352,6 +351,9 @@ class ModelConfig:
         fail("exit_threshold", f"variant={self.variant!r} has no zero token, so there is no zero-attention "
              "exit signal; pass --config.model.exit_threshold=none (or use variant=ztt, or "
              "zero_token=True)")
+    # After the exit checks: a variant without the zero token names the exit first, the one a user
+    # switching variants most likely has to turn off.
+    self._validate_recipes(fail)
     return self
 
   def _validate_recipes(self, fail) -> None:
