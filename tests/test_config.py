@@ -1,6 +1,9 @@
 """Config schema: one source of truth, overrides, and clear errors before anything compiles."""
+import dataclasses
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -154,3 +157,34 @@ def test_cli_optional_fields_still_take_values():
   assert cd.model.remat_policy == "none"  # a str field whose value is the word none stays a str
   with pytest.raises(Exception, match="could not convert string to float"):
     _cli_config("--config.model.exit_threshold=abc")
+
+
+@pytest.mark.parametrize("section,field,value", [
+    ("train", "learning_rate", float("nan")),
+    ("train", "b2", float("inf")),
+    ("model", "rope_theta", float("-inf")),
+    ("data", "eval_fraction", float("nan")),
+    ("train", "peak_flops_per_device", float("inf")),  # an Optional float
+])
+def test_non_finite_floats_are_refused_naming_the_field(section, field, value):
+  cfg = load_config("default")
+  cfg[section][field] = value
+  with pytest.raises(ConfigError, match=rf"^{section}\.{field}=-?(nan|inf): must be a finite number") as e:
+    config_lib.parse(cfg)
+  assert "\n" not in str(e.value)
+
+
+def test_non_finite_floats_are_refused_in_a_config_built_in_python():
+  cfg = config_lib.parse(load_config("tiny"))
+  bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=float("nan")))
+  with pytest.raises(ConfigError, match=r"^train\.learning_rate=nan: must be a finite number"):
+    bad.validate()  # what trainer.train runs first
+
+
+def test_non_finite_learning_rate_from_the_command_line_is_refused_before_training(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "ztt_jax.train", "--config=configs/tiny.py",
+                         f"--workdir={tmp_path / 'run'}", "--config.train.learning_rate=nan"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "train.learning_rate=nan: must be a finite number" in proc.stderr
+  assert not (tmp_path / "run").exists()

@@ -3,13 +3,19 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 import numpy as np
 
 from ztt_jax.data.pipeline import open_source
-from ztt_jax.experiments import ladder, report, runs, summary
+from ztt_jax.errors import OutputError
+from ztt_jax.experiments import ladder, published, report, runs, summary
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_ladder_layouts():
@@ -54,14 +60,14 @@ def test_embedded_ladders_are_their_configs_without_reading_them(task, config):
         {k: getattr(getattr(want, section), k) for k in fields}, section
 
 
-def _fake_run(root, task, rung, seed, loss, acc=None):
+def _fake_run(root, task, rung, seed, loss, acc=None, steps=10):
   d = os.path.join(root, task, ladder.run_name(rung, seed))
   os.makedirs(d)
   final = {"eval/loss": loss, "eval/mean_cycles": 3.0}
   if acc is not None:
     final.update({"eval/accuracy": acc, "eval/accuracy_difficulty_1": acc + 0.1, "eval/accuracy_difficulty_2": acc - 0.1})
   with open(os.path.join(d, "result.json"), "w") as f:
-    json.dump({"task": task, "rung": rung, "seed": seed, "steps": 10, "tokens_per_step": 64, "params": 1234,
+    json.dump({"task": task, "rung": rung, "seed": seed, "steps": steps, "tokens_per_step": 64, "params": 1234,
                "effective_depth": 8, "variant": rung, "num_cycles": 3, "wall_s": 6.0,
                "median_tokens_per_sec": 100.0, "final": final}, f)
 
@@ -196,3 +202,91 @@ def test_propagation_report_from_fabricated_json(tmp_path):
   assert blocks["depth_propagation_ztt+inject"].splitlines()[2] == d[4] and "ztt+inject" not in blocks["depth_propagation"]
   for png in ("depth_propagation.png", "ladder_propagation.png", "cycles_by_difficulty_propagation.png"):
     assert os.path.isfile(os.path.join(docs, png)), png
+
+
+def _ladder(root, seeds, steps):
+  for seed in range(seeds):
+    _fake_run(str(root), "multihop", "ztt", seed, 1.0 + seed, 0.5, steps=steps)
+    _fake_run(str(root), "multihop", "vanilla-4", seed, 2.0 + seed, 0.3, steps=steps)
+  return str(root)
+
+
+def _snapshot(d):
+  return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(pathlib.Path(d).rglob("*")) if p.is_file()}
+
+
+def test_report_writes_into_out_by_default_and_marks_what_it_wrote(tmp_path, capsys):
+  out = _ladder(tmp_path / "runs", seeds=1, steps=10)
+  report.write_all(out)
+  dest = tmp_path / "runs" / "report"
+  assert json.loads((dest / "results" / "ladder_multihop.json").read_text())["written_by"] == published.MARKER
+  assert published.png_text(dest / "ladder_multihop.png")["written_by"] == published.MARKER
+  md = (dest / "results.md").read_text()  # created: nothing but the blocks, filled
+  assert "<!-- auto:ladder_multihop -->\n| rung |" in md and "`ztt`" in md
+  assert f"report written to {dest}" in capsys.readouterr().out
+  report.write_all(out)  # its own files it replaces
+  import matplotlib.image
+  assert matplotlib.image.imread(str(dest / "ladder_multihop.png")).ndim == 3  # the stamp left a valid PNG
+
+
+def test_report_never_touches_a_file_it_did_not_write(tmp_path):
+  out = _ladder(tmp_path / "runs", seeds=1, steps=10)
+  docs = tmp_path / "mine"
+  (docs / "results").mkdir(parents=True)
+  (docs / "results.md").write_text("# my notes, no blocks\n")
+  (docs / "results" / "ladder_multihop.json").write_text('{"task": "multihop", "mine": true}')
+  import matplotlib.pyplot as plt
+  plt.figure().savefig(docs / "ladder_multihop.png")  # someone's Matplotlib plot of the same name
+  plt.close("all")
+  before = _snapshot(docs)
+  for overwrite in (False, True):
+    with pytest.raises(OutputError, match=r"ladder_multihop\.json exists and was not written by the report"):
+      report.write_all(out, str(docs), overwrite=overwrite)
+    assert _snapshot(docs) == before
+  (docs / "results" / "ladder_multihop.json").unlink()
+  with pytest.raises(OutputError, match=r"ladder_multihop\.png exists and was not written by the report"):
+    report.write_all(out, str(docs))
+  # From the command line: one line, exit 2, nothing written.
+  before = _snapshot(docs)
+  proc = subprocess.run([sys.executable, "-m", "ztt_jax.experiments.ablation", "--report", f"--out={out}",
+                         f"--docs={docs}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and "was not written by the report" in proc.stderr.strip().splitlines()[-1]
+  assert _snapshot(docs) == before
+
+
+def test_a_smaller_ladder_does_not_replace_a_bigger_published_one_unless_overwrite(tmp_path):
+  docs = tmp_path / "docs"
+  (docs / "results").mkdir(parents=True)
+  (docs / "results.md").write_text("prose\n<!-- auto:ladder_multihop -->\n<!-- /auto:ladder_multihop -->\nmore prose\n")
+  report.write_all(_ladder(tmp_path / "big", seeds=2, steps=10), str(docs))
+  summary_path = docs / "results" / "ladder_multihop.json"
+  # What reports wrote before the marker existed is recognised as theirs by its structure.
+  legacy = json.loads(summary_path.read_text())
+  del legacy["written_by"]
+  summary_path.write_text(json.dumps(legacy))
+  before = _snapshot(docs)
+  for seeds, steps in ((1, 10), (2, 2)):  # fewer seeds (and runs); fewer steps
+    small = _ladder(tmp_path / f"small_{seeds}_{steps}", seeds=seeds, steps=steps)
+    with pytest.raises(OutputError, match=r"holds a ladder of 4 runs, 2 seeds, 10 steps, more than this report's"):
+      report.write_all(small, str(docs))
+    assert _snapshot(docs) == before
+  # The results.md block alone (its JSON gone) is enough to refuse.
+  summary_path.unlink()
+  with pytest.raises(OutputError, match=r"results\.md \(block ladder_multihop\) holds a ladder of 4 runs"):
+    report.write_all(small, str(docs))
+  report.write_all(small, str(docs), overwrite=True)
+  assert json.loads(summary_path.read_text())["budget"] == {
+      "steps": 2, "tokens_per_step": 64, "tokens_per_run": 128, "runs": 4, "train_wall_s_total": 24.0}
+  md = (docs / "results.md").read_text()
+  assert md.startswith("prose\n") and md.endswith("more prose\n") and "Budget 2 steps x 64 tokens" in md
+
+
+def test_the_published_results_are_recognised_as_the_reports():
+  docs = ROOT / "docs"
+  s = published.load_json(docs / "results" / "ladder_text.json")
+  assert published.is_summary(s) and published.ladder_size(s) == {"runs": 15, "seeds": 3, "steps": 2000}
+  for png in ("ladder_text.png", "exit_text.png"):
+    assert published.not_ours(str(docs / png), str(docs)) is None, png
+  assert published.not_ours(str(docs / "results" / "default_vanilla.txt"), str(docs)) is None
+  assert published.block_size(report.ladder_table(s)) == published.ladder_size(s)

@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -157,3 +159,47 @@ def test_nonfinite_skip_drops_the_updates_and_counts_them(tmp_path):
   finite_16, params_16 = _params_finite(tmp_path, cfg, 16)
   assert finite_12 and finite_16
   jax.tree.map(np.testing.assert_array_equal, params_12, params_16)
+
+
+def _tensorboard_scalars(logdir, tag):
+  """{step: value} of `tag` as TensorBoard shows it, read straight from the event files (TFRecord
+  framing: length, its CRC, the Event proto, its CRC). TensorBoard's rule for a restarted run: a
+  SessionLog START at step s hides every earlier event at a step >= s."""
+  from tensorboardX.proto import event_pb2
+  shown = {}
+  for path in sorted(p for p in logdir.iterdir() if ".tfevents." in p.name):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      n = struct.unpack("<Q", data[i:i + 8])[0]
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        shown = {s: v for s, v in shown.items() if s < event.step}
+      for value in event.summary.value:
+        if value.tag == tag:
+          shown[event.step] = value.simple_value
+  return shown
+
+
+def test_resume_after_a_crash_leaves_one_history_in_metrics_and_tensorboard(tmp_path):
+  # A run killed at step 16 whose last finished checkpoint is 8: it logged steps 9..16 (and half
+  # of 17's line) that the resumed run trains again.
+  workdir = runs.copy_run(runs.reference_run(), tmp_path / "run", keep_up_to=8)
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 17, "train/lo')
+  from tensorboardX import SummaryWriter
+  with SummaryWriter(str(workdir / "tensorboard"), filename_suffix=".crashed") as tb:
+    for step in range(1, 17):
+      tb.add_scalar("train/loss", 100.0 + step, step)
+  time.sleep(1.1)  # event files are named by the second they were opened: keep them in order
+
+  trainer.train(runs.config(log__tensorboard=True), str(workdir))
+  steps = [r["step"] for r in runs.read_rows(workdir)]
+  assert steps == list(range(1, runs.STEPS + 1))  # each step once: the crashed run's 9..16 are gone
+  reference, got = runs.losses(runs.reference_run()), runs.losses(workdir)
+  assert got == reference
+  shown = _tensorboard_scalars(workdir / "tensorboard", "train/loss")
+  assert sorted(shown) == list(range(1, runs.STEPS + 1))
+  assert [shown[s] for s in range(1, 9)] == [100.0 + s for s in range(1, 9)]  # before the checkpoint
+  np.testing.assert_allclose([shown[s] for s in range(9, 17)], [reference[s] for s in range(9, 17)],
+                             rtol=1e-6)  # TensorBoard stores float32

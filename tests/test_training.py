@@ -1,5 +1,6 @@
 """The training system end to end: sharding, exact resume, restore on another mesh, learning."""
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -18,6 +19,7 @@ from ztt_jax import data as data_lib
 from ztt_jax import run as run_lib
 from ztt_jax import trainer
 from ztt_jax.checkpointing import Checkpointer
+from ztt_jax.metrics import read_metrics
 from runs import losses
 from test_config import load_config
 
@@ -110,9 +112,15 @@ def test_exact_resume_after_sigkill(tmp_path):
   done_before_kill = max(losses(killed))
   assert done_before_kill < 40, "the kill came too late to test anything"
 
-  subprocess.run(_train_cmd(killed, *flags), cwd=ROOT, env=env, check=True, capture_output=True)
+  # kill -9 left the lease behind; the rerun takes it over (its pid is gone) and releases it at the end.
+  assert json.loads((killed / "lease.json").read_text())["pid"] == proc.pid
+  rerun = subprocess.run(_train_cmd(killed, *flags), cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+  assert f"Took over the lease of {killed} from pid {proc.pid}" in rerun.stderr, rerun.stderr[-3000:]
+  assert not (killed / "lease.json").exists()
   want, got = losses(straight), losses(killed)
   assert sorted(got) == list(range(1, 41))
+  # One history: the steps the killed run logged past checkpoint 10 were dropped, not kept twice.
+  assert [row["step"] for row in read_metrics(killed)] == [row["step"] for row in read_metrics(straight)]
   for step in range(11, 41):  # bitwise: the data iterator resumed exactly too
     assert got[step] == want[step], (step, got[step], want[step])
 

@@ -141,10 +141,18 @@ class CheckpointConfig:
   (model shapes or layout, data source or order, seeds; see ztt_jax/resume.py). Without it such a
   resume stops before compiling and lists each changed field; safe changes (steps, learning rate,
   cadences, exit threshold) are always allowed and logged."""
+  lease_timeout_s: float = 900.0
+  """A run holds WORKDIR/lease.json (ztt_jax/lease.py) so that a second run on the same directory
+  stops instead of writing beside it. Its lease is refreshed every few seconds while it trains; one
+  not refreshed for this long is taken over (so is one whose pid is gone on the same host, at once).
+  Keep it above the longest pause between two steps: the first compile, an evaluation, a blocking
+  save."""
 
   def validate(self):
     if self.every_steps < 1 or self.max_to_keep < 1:
       raise ConfigError("checkpoint.every_steps and checkpoint.max_to_keep must be at least 1.")
+    if not self.lease_timeout_s > 0:
+      raise ConfigError(f"checkpoint.lease_timeout_s={self.lease_timeout_s}: must be positive (seconds).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +195,7 @@ class Config:
   """Directory of an exported params-only checkpoint (e.g. a converted GPT-2) to start from."""
 
   def validate(self):
+    schema.check_finite(self)  # also for a Config built in Python, which `parse` never saw
     for f in dataclasses.fields(self):
       section = getattr(self, f.name)
       if hasattr(section, "validate"):

@@ -15,3 +15,7 @@ class CheckpointError(RuntimeError):
 
 class OutputError(ConfigError):
   """An output path would overwrite or delete something ztt_jax did not write (or its own input)."""
+
+
+class LeaseError(ConfigError):
+  """Another live run holds the work directory's lease (ztt_jax/lease.py), or took it over."""

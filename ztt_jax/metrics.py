@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 PER_DIFFICULTY = "eval/per_difficulty"
 _DIFFICULTY_NAME = re.compile(r"eval/(?P<metric>accuracy|mean_cycles)_difficulty_(?P<difficulty>\d+)")
@@ -13,17 +16,25 @@ _DIFFICULTY_NAME = re.compile(r"eval/(?P<metric>accuracy|mean_cycles)_difficulty
 
 class MetricsWriter:
   """One JSON object per logged step (`{"step": s, "train/loss": ...}`), mirrored to TensorBoard.
-  The trainer enables it on process 0 only."""
+  The trainer enables it on process 0 only.
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  One history per run: `start_step` is the step training continues from (the restored checkpoint's,
+  0 for a fresh start). Rows an interrupted run logged past it are dropped from metrics.jsonl, and
+  TensorBoard is told to hide the events past it (`purge_step`), since those steps are trained again.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      truncate_after(self.path, start_step)
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # TensorBoard hides every earlier event at a step >= purge_step (its own rule for a crashed
+        # and restarted run); the events stay in the old files, which TensorBoard reads past.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     if not self.enabled:
@@ -81,6 +92,38 @@ def eval_summary(eval_metrics: Mapping[str, Any]) -> str:
 def _to_float(v):
   v = float(v)
   return v if math.isfinite(v) else None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+
+
+def truncate_after(path: str, step: int) -> None:
+  """Drops the rows of `path` (a metrics.jsonl) past `step`, and a half-written last line, by
+  writing the rest to a temporary file and renaming it over `path`: a kill during the rewrite
+  leaves the old file or the new one, never a mix."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep, dropped, broken = [], [], 0
+  for line in filter(str.strip, lines):
+    try:
+      row_step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      broken += 1  # a line cut short when the previous run was killed
+      continue
+    if row_step <= step:
+      keep.append(line)
+    else:
+      dropped.append(row_step)
+  if not dropped and not broken:
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write("".join(line + "\n" for line in keep))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  log.warning("Continuing from step %d: dropped %d metrics.jsonl rows past it (steps %s), which are "
+              "trained again, and %d half-written lines.", step, len(dropped),
+              f"{min(dropped)}..{max(dropped)}" if dropped else "none", broken)
 
 
 def read_metrics(workdir: str) -> list[dict]:

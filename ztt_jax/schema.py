@@ -6,6 +6,7 @@ the top-level `ztt_jax.config` (which imports them).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Mapping
 
@@ -20,7 +21,7 @@ def from_any(cls, value: Any, section: str = ""):
   (JSON has no tuple), ints to floats (a float field overridden with `=1`).
   """
   if isinstance(value, cls):
-    return _validated(value)
+    return _validated(value, section)
   if hasattr(value, "to_dict"):
     value = value.to_dict()
   if not isinstance(value, Mapping):
@@ -33,13 +34,34 @@ def from_any(cls, value: Any, section: str = ""):
     raise ConfigError(f"Unknown field {', '.join(prefix + k for k in unknown)}. "
                       f"Valid fields: {', '.join(names)}.")
   hints = typing.get_type_hints(cls)
-  return _validated(cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in value.items()}))
+  return _validated(cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in value.items()}), section)
 
 
-def _validated(obj):
+def _validated(obj, section: str = ""):
+  check_finite(obj, section)
   if hasattr(obj, "validate"):
     obj.validate()
   return obj
+
+
+def check_finite(obj, section: str = ""):
+  """ConfigError for the first NaN or infinite float in `obj`'s fields (nested sections and tuples
+  too). It runs before `validate`: a NaN slips through comparisons such as `lr <= 0`, and would
+  otherwise be found only as a non-finite loss after compiling and training."""
+  prefix = f"{section}." if section else ""
+  for f in dataclasses.fields(obj):
+    value, name = getattr(obj, f.name), prefix + f.name
+    if dataclasses.is_dataclass(value):
+      check_finite(value, name)
+    elif not _all_finite(value):
+      raise ConfigError(f"{name}={value}: must be a finite number, not nan or inf; set "
+                        f"--config.{name} to a finite value.")
+
+
+def _all_finite(x) -> bool:
+  if isinstance(x, (list, tuple)):
+    return all(_all_finite(v) for v in x)
+  return not isinstance(x, float) or math.isfinite(x)
 
 
 def _coerce(value, hint, name: str):

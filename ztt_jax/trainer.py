@@ -23,6 +23,7 @@ from ztt_jax.config import Config
 from ztt_jax.distributed import compile_synced
 from ztt_jax.evaluator import Evaluator
 from ztt_jax.flops import peak_flops_info, train_flops_per_token
+from ztt_jax.lease import Lease
 from ztt_jax.metrics import MetricsWriter, eval_summary
 from ztt_jax.partitioning import to_global
 from ztt_jax.preemption import StopRequest
@@ -80,13 +81,27 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
   partitioning.check_divisible(run.abstract_state)  # e.g. a tensor axis that does not divide the heads
   outdir.make_workdir(workdir, ckpt_dir)  # only now: a run stopped by a bad config leaves nothing
+  # Before the checkpointer (which repairs damaged saves) and anything compiled: one writer per workdir.
+  holder = Lease(workdir, cfg.checkpoint.lease_timeout_s) if jax.process_index() == 0 else None
+  if holder is not None:
+    holder.acquire()
+  try:
+    return _train(cfg, workdir, ckpt_dir, run, train_iter, eval_batches, holder)
+  finally:
+    if holder is not None:
+      holder.release()
+
+
+def _train(cfg: Config, workdir: str, ckpt_dir: str, run: Run, train_iter, eval_batches,
+           holder: Optional[Lease]) -> dict:
   checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint, repair=True)
   try:
     state, start_step, resumed = _first_state(run, checkpointer, train_iter, workdir)
   except BaseException:
     checkpointer.close()
     raise
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard,
+                         start_step=start_step)
   step_fn = compile_synced(jit_train_step(run), TRAIN_STEP_STATIC)
   guard = _FiniteGuard(cfg.train.nonfinite == "raise")
   saver = _Saver(run, checkpointer, train_iter, guard, saved_step=start_step if resumed else None)
@@ -94,6 +109,8 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   progress = _Progress(cfg, start_step, guard, saver)
   stop_request = StopRequest(last_step=start_step)
   hooks = Hooks()
+  if holder is not None:  # first: a run that lost its lease writes nothing more
+    hooks.add(lambda info: holder.refresh())
   hooks.add(progress.log, every=cfg.log.every_steps)
   hooks.add(evaluation, every=cfg.eval.every_steps)
   hooks.add(_record_writer(writer))

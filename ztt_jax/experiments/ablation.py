@@ -5,7 +5,11 @@
   python -m ztt_jax.experiments.ablation --task=propagation --out=runs/ablation   (configs/default.py's task)
   python -m ztt_jax.experiments.ablation --task=multihop --out=runs/ablation
   python -m ztt_jax.experiments.ablation --task=propagation --sweep [--sweep_rung=ztt+gate] --out=runs/ablation [--docs=docs]
-  python -m ztt_jax.experiments.ablation --report --out=runs/ablation [--docs=docs]
+  python -m ztt_jax.experiments.ablation --report --out=runs/ablation [--docs=docs] [--overwrite]
+
+--sweep and --report write into OUT/report unless --docs names a directory (--docs=docs publishes
+into the repo's docs/); there the report replaces only files it wrote, and never a ladder built
+from more runs, seeds or steps unless --overwrite (ztt_jax/experiments/published.py).
 
 Re-running a training command skips finished runs and resumes a partial one from its checkpoint.
 Every rung's config is built (and checked) before the first one trains.
@@ -28,7 +32,7 @@ def main(argv):
   logging.getLogger().setLevel(logging.WARNING)
   if f.report:
     from ztt_jax.experiments import report
-    report.write_all(f.out, f.docs)
+    report.write_all(f.out, f.docs, overwrite=f.overwrite)
     return
   rungs = check_args(f)
   import jax
@@ -37,7 +41,8 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if f.sweep:
     from ztt_jax.experiments.exits import sweep_ztt
-    sweep_ztt(f.task, f.out, os.path.join(f.docs, "results"), f.seeds, rung=f.sweep_rung,
+    from ztt_jax.experiments.published import report_dir
+    sweep_ztt(f.task, f.out, os.path.join(report_dir(f.out, f.docs), "results"), f.seeds, rung=f.sweep_rung,
               log=lambda s: print(s, flush=True))
     return
   from ztt_jax.experiments.runs import run_ladder
@@ -79,8 +84,12 @@ def _define_flags():
   flags.DEFINE_bool("sweep", False, "Sweep the exit rules of the trained --sweep_rung of --task into DOCS/results "
                     "(embedded tasks: also accuracy by difficulty at 1x, 1.5x and 2x the trained cycles).")
   flags.DEFINE_string("sweep_rung", "ztt", "Rung whose trained models --sweep evaluates (ztt+gate adds the gate rule).")
-  flags.DEFINE_bool("report", False, "Summarise OUT into DOCS/results/*.json and plot DOCS/*.png.")
-  flags.DEFINE_string("docs", "docs", "Where --report and --sweep write.")
+  flags.DEFINE_bool("report", False, "Summarise OUT into DOCS/results/*.json, plot DOCS/*.png and fill the "
+                    "tables of DOCS/results.md.")
+  flags.DEFINE_string("docs", None, "Where --report and --sweep write (default OUT/report); --docs=docs publishes "
+                      "into the repo's docs/, replacing only files the report wrote.")
+  flags.DEFINE_bool("overwrite", False, "Let --report replace a published ladder built from more runs, seeds or "
+                    "steps than this one.")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Saved JSON -> markdown tables and PNGs for docs/results.md (reads files; trains and evaluates nothing).
+"""Saved JSON -> markdown tables and PNGs for results.md (reads files; trains and evaluates nothing).
 
 The report's prose is written by hand; the tables sit between `<!-- auto:NAME -->` and
 `<!-- /auto:NAME -->` markers and are regenerated in place, so every number in them comes from the
-JSON under docs/results/.
+JSON under DOCS/results/. DOCS is OUT/report unless --docs names one (the repo's docs/ is published
+that way); what it may replace there is ztt_jax/experiments/published.py's rule.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import glob
 import json
 import os
 import re
+from typing import Optional
 
 from ztt_jax.data.config import SYNTHETIC_KINDS
-from ztt_jax.experiments import figures, summary as summary_lib
+from ztt_jax.experiments import figures, published, summary as summary_lib
 from ztt_jax.experiments.ladder import BASE_RUNGS, RUNGS, TASKS, result_stem
 from ztt_jax.plots import plot_quality_vs_compute
 
@@ -206,59 +208,128 @@ def plain_reference(s: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def build_blocks(out_dir: str, docs: str) -> dict:
+def _png(plot, data, *args, **kwargs):
+  """A writer of `plot(data, path, ...)`'s PNG carrying the report's marker."""
+  def write(path):
+    plot(data, path, *args, **kwargs)
+    published.stamp_png(path)
+  return write
+
+
+def _json(obj):
+  def write(path):
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=1)
+  return write
+
+
+def _text(text):
+  def write(path):
+    with open(path, "w") as f:
+      f.write(text)
+  return write
+
+
+def _plan(out_dir: str, docs: str) -> tuple:
+  """(blocks, {path: write(path)}, {task: ladder summary}): everything the report would write into
+  `docs`, computed without writing anything."""
   results = os.path.join(docs, "results")
-  blocks = {}
-  for task, s in summary_lib.write_summaries(out_dir, results).items():
+  blocks, files = {}, {}
+  ladders = summary_lib.summaries(out_dir)
+  for task, s in ladders.items():
     blocks[f"ladder_{task}"] = ladder_table(s)
-    figures.plot_ladder(s, os.path.join(docs, f"ladder_{task}.png"))
+    files[os.path.join(results, f"ladder_{task}.json")] = _json(s)
+    files[os.path.join(docs, f"ladder_{task}.png")] = _png(figures.plot_ladder, s)
     if task == "propagation" and "vanilla-4" in s["rungs"]:
-      with open(os.path.join(results, "default_vanilla.txt"), "w") as f:
-        f.write(plain_reference(s))
+      files[os.path.join(results, "default_vanilla.txt")] = _text(plain_reference(s))
   for task in TASKS:
     embedded = task in SYNTHETIC_KINDS
     sweeps = load_sweeps(results, task)
     for i, sw in enumerate(sweeps):
       blocks[f"exit_{task}_s{i}"] = sweep_table(sw)
     if sweeps:
-      plot_quality_vs_compute(sweeps[0], os.path.join(docs, f"exit_{task}.png"),
-                              title=f"{task}: exit rules on the trained ztt (seed 0)", x="mean_cycles")
+      files[os.path.join(docs, f"exit_{task}.png")] = _png(
+          plot_quality_vs_compute, sweeps[0], title=f"{task}: exit rules on the trained ztt (seed 0)", x="mean_cycles")
     if sweeps and embedded:
       blocks[f"cycles_by_difficulty_{task}"] = "\n\n".join(
           f"Seed {i}:\n\n" + difficulty_table(sw) for i, sw in enumerate(sweeps))
-      figures.plot_cycles_by_difficulty(sweeps, os.path.join(docs, f"cycles_by_difficulty_{task}.png"), task)
+      files[os.path.join(docs, f"cycles_by_difficulty_{task}.png")] = _png(
+          figures.plot_cycles_by_difficulty, sweeps, task)
     gated = load_sweeps(results, result_stem(task, "ztt+gate"))
     if gated:  # the gate rung has every rule, the gate's too, on one model: the task's bake-off
       blocks[f"exit_{task}_gate"] = sweep_table(gated[0])
-      plot_quality_vs_compute(gated[0], os.path.join(docs, f"exit_{task}_gate.png"),
-                              title=f"{task}: every exit rule on the trained ztt+gate (seed 0)", x="mean_cycles")
+      files[os.path.join(docs, f"exit_{task}_gate.png")] = _png(
+          plot_quality_vs_compute, gated[0], title=f"{task}: every exit rule on the trained ztt+gate (seed 0)",
+          x="mean_cycles")
       if embedded:
         blocks[f"cycles_by_difficulty_{task}_gate"] = difficulty_table(gated[0])
     depths = load_sweeps(results, task, kind="depth") if embedded else []
     if depths:
       blocks[f"depth_{task}"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
-      figures.plot_depth(depths[0], os.path.join(docs, f"depth_{task}.png"), task)
+      files[os.path.join(docs, f"depth_{task}.png")] = _png(figures.plot_depth, depths[0], task)
     if embedded:
       blocks.update(recipe_blocks(results, task))
   bench = os.path.join(results, "bench.json")
   if os.path.isfile(bench):
     with open(bench) as f:
       blocks["bench"] = bench_table(json.load(f))
-  return blocks
+  return blocks, files, ladders
 
 
-def write_all(out_dir: str, docs: str) -> dict:
-  blocks = build_blocks(out_dir, docs)
+def _block(text: str, name: str) -> Optional[str]:
+  m = re.search(rf"<!-- auto:{re.escape(name)} -->(.*?)<!-- /auto:{re.escape(name)} -->", text, re.S)
+  return m.group(1) if m else None
+
+
+def _check(docs: str, files: dict, ladders: dict, *, overwrite: bool, default_dir: str) -> None:
+  """Every rule of ztt_jax/experiments/published.py, before anything is written."""
+  published.check_ours(files, docs)
   md = os.path.join(docs, "results.md")
+  text = ""
   if os.path.isfile(md):
     with open(md) as f:
       text = f.read()
-    new = fill(text, blocks)
-    with open(md, "w") as f:
-      f.write(new)
+  for task, s in ladders.items():
+    new = published.ladder_size(s)
+    path = os.path.join(docs, "results", f"ladder_{task}.json")
+    old = published.load_json(path)
+    old = published.ladder_size(old) if os.path.isfile(path) and published.is_summary(old) else None
+    published.check_not_smaller(path, old, new, overwrite=overwrite, default_dir=default_dir)
+    block = _block(text, f"ladder_{task}")
+    published.check_not_smaller(f"{md} (block ladder_{task})", published.block_size(block) if block else None, new,
+                                overwrite=overwrite, default_dir=default_dir)
+
+
+def build_blocks(out_dir: str, docs: str, *, overwrite: bool = False, default_dir: str = "OUT/report") -> dict:
+  """The results.md blocks, after writing the summaries, PNGs and text they come with into `docs`
+  once every file they replace has passed the checks (OutputError otherwise, nothing written)."""
+  blocks, files, ladders = _plan(out_dir, docs)
+  _check(docs, files, ladders, overwrite=overwrite, default_dir=default_dir)
+  for path, write in files.items():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    published.write_atomic(path, write)
+  return blocks
+
+
+def write_all(out_dir: str, docs: Optional[str] = None, *, overwrite: bool = False) -> dict:
+  """The report of the ladder under `out_dir`, into `docs` (default OUT/report): summaries, PNGs and
+  the blocks of DOCS/results.md (created holding just the blocks if it does not exist)."""
+  dest = published.report_dir(out_dir, docs)
+  blocks = build_blocks(out_dir, dest, overwrite=overwrite, default_dir=published.report_dir(out_dir, None))
+  md = os.path.join(dest, "results.md")
+  if os.path.isfile(md):
+    with open(md) as f:
+      text = f.read()
     missing = [k for k in blocks if f"<!-- auto:{k} -->" not in text]
     if missing:
       print(f"results.md has no block for: {', '.join(missing)}")
+  else:
+    text = "# Results\n\nWritten by ztt_jax.experiments.report; each table is regenerated in place.\n" + "".join(
+        f"\n## {k}\n\n<!-- auto:{k} -->\n<!-- /auto:{k} -->\n" for k in blocks)
+  new = fill(text, blocks)
+  if not os.path.isfile(md) or new != text:
+    published.write_atomic(md, _text(new))
   for k in blocks:
     print(f"updated block {k}")
+  print(f"report written to {dest}")
   return blocks

@@ -9,6 +9,7 @@ import os
 from ztt_jax.metrics import per_difficulty
 
 from ztt_jax.experiments.ladder import RUNGS, TASKS
+from ztt_jax.experiments.published import MARKER
 
 RUNG_ORDER = tuple(RUNGS)
 
@@ -82,16 +83,12 @@ def summarize_task(task: str, rows: list[dict]) -> dict:
   return {"task": task, "budget": budget, "rungs": rungs}
 
 
-def write_summaries(out_dir: str, results_dir: str, tasks=TASKS) -> dict:
-  os.makedirs(results_dir, exist_ok=True)
-  written = {}
+def summaries(out_dir: str, tasks=TASKS) -> dict:
+  """{task: summary} of every task with finished runs under `out_dir`, each marked as the report's
+  (ztt_jax/experiments/published.py) for the JSON the report writes from it."""
+  out = {}
   for task in tasks:
     rows = load_results(os.path.join(out_dir, task))
-    if not rows:
-      continue
-    s = summarize_task(task, rows)
-    path = os.path.join(results_dir, f"ladder_{task}.json")
-    with open(path, "w") as f:
-      json.dump(s, f, indent=1)
-    written[task] = s
-  return written
+    if rows:
+      out[task] = {"written_by": MARKER, **summarize_task(task, rows)}
+  return out
