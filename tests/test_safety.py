@@ -24,10 +24,11 @@ from model_testutil import init_params
 from test_config import load_config
 from ztt_jax import config as config_lib
 from ztt_jax import data as data_lib
-from ztt_jax import export, restore, trainer
+from ztt_jax import export, restore, resume, trainer
 from ztt_jax import run as run_lib
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.convert import hf_gpt2
+from ztt_jax.data.fingerprint import fingerprint
 from ztt_jax.errors import ConfigError, OutputError
 from ztt_jax.model import ModelConfig
 
@@ -72,15 +73,11 @@ def _gpt2_form():
                      position="learned", mlp="gelu", use_bias=True).validate()
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-  """A text-data work directory with one checkpoint (step 2), written without compiling a train step."""
-  tmp = tmp_path_factory.mktemp("text_run")
-  corpus = tmp / "a.txt"
-  corpus.write_text("the quick brown fox jumps over the lazy dog. " * 120)
-  (tmp / "b.txt").write_text("an entirely different corpus of text. " * 120)
+def checkpointed_text_run(tmp, data_path):
+  """A text-data work directory tmp/run with one checkpoint (step 2) holding the metadata the trainer
+  writes (config, layout, data fingerprint), written without compiling a train step."""
   cd = load_config("tiny")
-  cd.data.kind, cd.data.path, cd.data.cache_dir = "text", str(corpus), str(tmp / "cache")
+  cd.data.kind, cd.data.path, cd.data.cache_dir = "text", str(data_path), str(tmp / "cache")
   cd.eval.max_batches, cd.log.tensorboard = 0, False
   cfg = config_lib.parse(cd)
   r = run_lib.build(cfg)
@@ -90,9 +87,19 @@ def text_run(tmp_path_factory):
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size,
                                     vocab_size=cfg.model.vocab_size)
   ckpt = Checkpointer(str(tmp / "run" / "checkpoints"), cfg.checkpoint)
-  ckpt.save(2, state, it, run_lib.layout_metadata(r), force=True)
+  ckpt.save(2, state, it, dict(run_lib.layout_metadata(r), data_fingerprint=fingerprint(cfg.data)), force=True)
   ckpt.close()
-  return tmp / "run", cd, tmp
+  return tmp / "run", cd
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("text_run")
+  corpus = tmp / "a.txt"
+  corpus.write_text("the quick brown fox jumps over the lazy dog. " * 120)
+  (tmp / "b.txt").write_text("an entirely different corpus of text. " * 120)
+  workdir, cd = checkpointed_text_run(tmp, corpus)
+  return workdir, cd, tmp
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +266,36 @@ def test_fatal_config_changes_are_listed_and_nothing_is_moved(text_run, caplog):
   assert not any("damaged or unreadable" in r.getMessage() or "Moved damaged" in r.getMessage()
                  for r in caplog.records)
   assert listing(workdir) == before
+
+
+def test_a_corpus_that_changed_under_a_resume_is_named_and_nothing_is_moved(tmp_path, caplog):
+  corpus = tmp_path / "corpus"
+  (corpus / "part").mkdir(parents=True)
+  (corpus / "part" / "1.txt").write_text("first part of the corpus. " * 100)
+  (corpus / "2.txt").write_text("second part, and a longer one at that. " * 300)
+  (corpus / "3.txt").write_text("third. " * 50)
+  workdir, cd = checkpointed_text_run(tmp_path, corpus)
+  before = listing(workdir)
+  os.remove(corpus / "2.txt")
+  with (corpus / "3.txt").open("a") as f:
+    f.write("more. ")
+  os.utime(corpus / "part" / "1.txt", ns=(1, 1))  # touched only: reported, not refused
+  with caplog.at_level(logging.WARNING), pytest.raises(ConfigError) as e:
+    trainer.train(config_lib.parse(cd), str(workdir))
+  msg = str(e.value)
+  assert "\n" not in msg and "checkpoint step 2" in msg and "different data" in msg
+  assert "2.txt is gone (11,700 bytes)" in msg and "3.txt changed size: 350 -> 356 bytes" in msg, msg
+  assert re.search(r"tokens: [\d,]+ -> [\d,]+", msg) and "1.txt" not in msg
+  assert "Restore the data" in msg and "allow_config_change=True" in msg
+  assert "part/1.txt was modified (same size)" in caplog.text
+  assert listing(workdir) == before
+  # The escape resumes on the new data, saying so.
+  saved = Checkpointer(str(workdir / "checkpoints"), config_lib.parse(cd).checkpoint).read_metadata(2)
+  cd.checkpoint.allow_config_change = True
+  with caplog.at_level(logging.WARNING):
+    resume.check_data(saved["data_fingerprint"], fingerprint(cd.data), config_lib.parse(cd),
+                      workdir=str(workdir), step=2)
+  assert "Resuming on changed data" in caplog.text and "2.txt is gone" in caplog.text
 
 
 def test_safe_config_change_resumes_and_logs_it(tmp_path, caplog):

@@ -209,9 +209,10 @@ class Checkpointer:
       return False
 
 
-def saved_config(directory: str) -> Optional[tuple[int, dict]]:
-  """(step, config dict) of the newest finished checkpoint in `directory` whose JSON metadata can be
-  read, or None. Reads only that small file: the resume check runs before anything is built."""
+def saved_metadata(directory: str) -> Optional[tuple[int, dict]]:
+  """(step, JSON metadata: config, layout, data fingerprint, ...) of the newest finished checkpoint in
+  `directory` whose metadata holds a config, or None. Reads only that small file: the resume checks
+  run before anything is built."""
   path = epath.Path(directory)
   if not path.is_dir():
     return None
@@ -223,7 +224,7 @@ def saved_config(directory: str) -> Optional[tuple[int, dict]]:
     except Exception:  # noqa: BLE001 - unreadable metadata is damage; restoring reports it
       continue
     if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
-      return step, meta["config"]
+      return step, meta
   return None
 
 

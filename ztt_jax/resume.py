@@ -19,7 +19,11 @@ The mesh is never fatal: restoring reshards. `train.global_batch_size` is safe w
 trainer's): the data iterator counts global batches, so the resumed run skips or repeats some
 examples once (README, "Data order across process counts").
 
-This module is pure: it reads dicts and returns/raises; `check` is what the trainer calls.
+The data path's contents are checked too (`check_data`): a corpus that lost a file or a token file
+rewritten in place changes the run as much as a new path would (ztt_jax/data/fingerprint.py).
+
+This module is pure: it reads dicts and returns/raises; `check` and `check_data` are what the
+trainer calls.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import os
 from typing import Any, Callable, Optional
 
 from ztt_jax import config as config_lib
+from ztt_jax.data import fingerprint as fingerprint_lib
 from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.errors import ConfigError
 
@@ -173,3 +178,25 @@ def check(saved_config: Optional[dict], new_cfg, *, workdir: str, step: int) -> 
     else:  # train.global_batch_size's consequence is spelled out, with numbers, by the trainer
       log.info("Resuming with a changed %s.", c)
   return changes
+
+
+def check_data(saved_fingerprint: Optional[dict], new_fingerprint: Optional[dict], new_cfg, *, workdir: str,
+               step: int) -> None:
+  """Compares what data.path held when checkpoint `step` was saved with what it holds now.
+
+  Raises ConfigError listing every change that makes it different data (files gone or new, sizes,
+  token or record counts), unless checkpoint.allow_config_change; an mtime-only change is logged.
+  A checkpoint from before fingerprints, or an embedded task, checks nothing."""
+  if not saved_fingerprint or not new_fingerprint:
+    return
+  fatal, maybe = fingerprint_lib.differences(saved_fingerprint, new_fingerprint)
+  for m in maybe:
+    log.warning("data.path %s: %s since checkpoint step %d; resuming on it.", new_cfg.data.path, m, step)
+  if not fatal:
+    return
+  if not new_cfg.checkpoint.allow_config_change:
+    raise ConfigError(
+        f"--workdir={workdir} holds a run (checkpoint step {step}) trained on different data than "
+        f"data.path={new_cfg.data.path!r} holds now: {'; '.join(fatal)}. Restore the data, use a new --workdir "
+        "for a new run, or pass --config.checkpoint.allow_config_change=True to resume on the new data.")
+  log.warning("Resuming on changed data (checkpoint.allow_config_change=True): %s.", "; ".join(fatal))

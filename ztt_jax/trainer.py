@@ -18,8 +18,9 @@ import psutil
 
 from ztt_jax import data as data_lib
 from ztt_jax import outdir, partitioning, resume
-from ztt_jax.checkpointing import Checkpointer, saved_config
+from ztt_jax.checkpointing import Checkpointer, saved_metadata
 from ztt_jax.config import Config
+from ztt_jax.data.fingerprint import fingerprint
 from ztt_jax.distributed import compile_synced
 from ztt_jax.evaluator import Evaluator
 from ztt_jax.flops import peak_flops_info, train_flops_per_token
@@ -76,8 +77,12 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   cfg.validate()
   workdir = outdir.check_workdir(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  _check_resume(ckpt_dir, cfg, workdir)  # first: a changed config is named before data or compiling
+  saved = saved_metadata(ckpt_dir)
+  _check_resume(saved, cfg, workdir)  # first: a changed config is named before data or compiling
   train_iter, eval_batches = _data(cfg)
+  data_fingerprint = fingerprint(cfg.data)
+  if saved is not None:  # after opening the data (which names a missing or bad file), before compiling
+    resume.check_data(saved[1].get("data_fingerprint"), data_fingerprint, cfg, workdir=workdir, step=saved[0])
   run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds
   partitioning.check_divisible(run.abstract_state)  # e.g. a tensor axis that does not divide the heads
   outdir.make_workdir(workdir, ckpt_dir)  # only now: a run stopped by a bad config leaves nothing
@@ -86,14 +91,14 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   if holder is not None:
     holder.acquire()
   try:
-    return _train(cfg, workdir, ckpt_dir, run, train_iter, eval_batches, holder)
+    return _train(cfg, workdir, ckpt_dir, run, train_iter, eval_batches, holder, data_fingerprint)
   finally:
     if holder is not None:
       holder.release()
 
 
 def _train(cfg: Config, workdir: str, ckpt_dir: str, run: Run, train_iter, eval_batches,
-           holder: Optional[Lease]) -> dict:
+           holder: Optional[Lease], data_fingerprint: Optional[dict]) -> dict:
   checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint, repair=True)
   try:
     state, start_step, resumed = _first_state(run, checkpointer, train_iter, workdir)
@@ -104,7 +109,8 @@ def _train(cfg: Config, workdir: str, ckpt_dir: str, run: Run, train_iter, eval_
                          start_step=start_step)
   step_fn = compile_synced(jit_train_step(run), TRAIN_STEP_STATIC)
   guard = _FiniteGuard(cfg.train.nonfinite == "raise")
-  saver = _Saver(run, checkpointer, train_iter, guard, saved_step=start_step if resumed else None)
+  saver = _Saver(run, checkpointer, train_iter, guard, saved_step=start_step if resumed else None,
+                 data_fingerprint=data_fingerprint)
   evaluation = _Evaluation(Evaluator(run, eval_batches))
   progress = _Progress(cfg, start_step, guard, saver)
   stop_request = StopRequest(last_step=start_step)
@@ -137,11 +143,10 @@ def _train(cfg: Config, workdir: str, ckpt_dir: str, run: Run, train_iter, eval_
   return evaluation.latest
 
 
-def _check_resume(ckpt_dir: str, cfg: Config, workdir: str) -> None:
+def _check_resume(saved: Optional[tuple[int, dict]], cfg: Config, workdir: str) -> None:
   """Compares the config saved in the newest checkpoint with `cfg` (see ztt_jax/resume.py)."""
-  saved = saved_config(ckpt_dir)
   if saved is not None:
-    resume.check(saved[1], cfg, workdir=workdir, step=saved[0])
+    resume.check(saved[1]["config"], cfg, workdir=workdir, step=saved[0])
 
 
 def _data(cfg: Config) -> tuple:
@@ -205,9 +210,9 @@ class _Saver:
   """The checkpoint hook. Never saves a step whose update was dropped, nor non-finite params."""
 
   def __init__(self, run: Run, checkpointer: Checkpointer, train_iter, guard: _FiniteGuard,
-               saved_step: Optional[int]):
+               saved_step: Optional[int], data_fingerprint: Optional[dict]):
     self.checkpointer, self.train_iter, self.guard = checkpointer, train_iter, guard
-    self.metadata = layout_metadata(run)
+    self.metadata = dict(layout_metadata(run), data_fingerprint=data_fingerprint)
     self.params_finite = compile_synced(jax.jit(_all_finite, out_shardings=partitioning.replicated(run.mesh)))
     self.saved_step = saved_step
     self.blocked_s = 0.0  # seconds the loop waited on saves since the last log line
