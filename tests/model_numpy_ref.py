@@ -43,16 +43,19 @@ def rope(x, theta):
 
 
 def attention(q, k, v, zero_key=None, zero_bias=None, mask_zero=False, window=None):
-  """One sequence. q,k,v [T,H,K]; zero_key [H,K]. Softmax over [zero slot, keys 0..t] (keys
-  t-window+1..t with a window) with a zero-value column. Returns out [T,H,K], a0 [H,T]."""
+  """One sequence. q [T,H,K]; k,v [T,G,K] (G kv heads dividing H: query head h reads kv head
+  h // (H / G)); zero_key [H,K]. Softmax over [zero slot, keys 0..t] (keys t-window+1..t with a
+  window) with a zero-value column. Returns out [T,H,K], a0 [H,T]."""
   T, H, K = q.shape
+  group = H // k.shape[1]
   out = np.zeros((T, H, K))
   a0 = np.zeros((H, T))
   for h in range(H):
+    g = h // group
     for t in range(T):
       keys = range(0 if window is None else max(0, t - window + 1), t + 1)
-      logits = [q[t, h] @ k[s, h] / math.sqrt(K) for s in keys]
-      values = [v[s, h] for s in keys]
+      logits = [q[t, h] @ k[s, g] / math.sqrt(K) for s in keys]
+      values = [v[s, g] for s in keys]
       if zero_key is not None:
         z = q[t, h] @ zero_key[h] / math.sqrt(K) + (0.0 if zero_bias is None else zero_bias[h])
         logits = [-np.inf if mask_zero else z] + logits

@@ -10,7 +10,7 @@ import model_numpy_ref as ref
 from model_testutil import apply, init_params, tiny_cfg, tokens
 from ztt_jax.model import ExitRule, ZTTModel
 
-AXES = {"embed", "vocab", "heads", "kv", "mlp", "layers", "cycles", "length"}
+AXES = {"embed", "vocab", "heads", "kv_heads", "kv", "mlp", "layers", "cycles", "length", "lora"}
 RULES = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
          ("mlp", "tensor"), ("kv", None), ("layers", None), ("cycles", None), ("length", None)]
 

@@ -53,7 +53,7 @@ def init_cache(cfg, batch: int, max_len: int, num_cycles: Optional[int] = None) 
   """Zeroed cache for `batch` rows, `max_len` positions and `num_cycles` cycles (default
   cfg.cycles; layout in the module docstring)."""
   dt = dtype_of(cfg.dtype)
-  H, K = cfg.num_heads, cfg.head_dim
+  H, K = cfg.kv_heads, cfg.head_dim  # grouped-query attention caches only the kv heads
 
   M = max_len if cfg.attention_window is None else min(max_len, cfg.attention_window)
 

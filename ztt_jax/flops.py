@@ -43,7 +43,8 @@ def layer_flops_per_token(model_cfg, seq_len: int) -> float:
   the model.attention_window keys when that is shorter)."""
   d, mlp_dim = model_cfg.d_model, model_cfg.mlp_dim
   attn_width = model_cfg.num_heads * model_cfg.head_dim
-  proj = 4 * d * attn_width
+  kv_heads = getattr(model_cfg, "num_kv_heads", None) or model_cfg.num_heads
+  proj = 2 * d * attn_width + 2 * d * kv_heads * model_cfg.head_dim  # q, o; k, v (grouped-query)
   mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * mlp_dim
   window = model_cfg.attention_window
   keys = seq_len if window is None else min(seq_len, window)

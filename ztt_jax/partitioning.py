@@ -1,6 +1,7 @@
 """Device mesh, logical-to-mesh axis rules, and the shardings of params, optimizer state and batches."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional, Sequence
 
@@ -11,6 +12,8 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from ztt_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -44,9 +47,33 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 
 
 def rules(mesh_cfg) -> tuple:
-  """The config's logical axis rules (config.MeshConfig) as Flax takes them."""
-  return tuple((name, tuple(ax) if isinstance(ax, list) else ax)
-               for name, ax in mesh_cfg.logical_axis_rules)
+  """The config's logical axis rules (config.MeshConfig) as Flax takes them. Axes the config does
+  not name get their defaults: `kv_heads` (grouped-query k/v heads) goes where `heads` goes (and
+  param_shardings replicates it when the mesh does not divide it), `lora` (per-cycle LoRA rank)
+  nowhere."""
+  out = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in mesh_cfg.logical_axis_rules)
+  named = dict(out)
+  extra = (("kv_heads", named.get("heads")), ("lora", None))
+  return out + tuple((name, ax) for name, ax in extra if name not in named)
+
+
+def _kv_heads_rules(abstract_boxed_params, mesh, axis_rules) -> tuple:
+  """axis_rules, with kv_heads replicated when its mesh axes do not divide the kv heads (e.g. 2 kv
+  heads over tensor=4): grouped-query k/v are small, so copying them beats refusing the mesh."""
+  named = dict(axis_rules)
+  axes = named.get("kv_heads")
+  if axes is None:
+    return axis_rules
+  parts = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+  boxes = jax.tree.leaves(abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for box in boxes:
+    names = getattr(box, "names", ())
+    if "kv_heads" in names and box.value.shape[names.index("kv_heads")] % parts:
+      n = box.value.shape[names.index("kv_heads")]
+      log.warning("model.num_kv_heads=%d does not split over mesh axes %s (%d devices): the k/v projections "
+               "are replicated there", n, axes, parts)
+      return tuple((name, None if name == "kv_heads" else ax) for name, ax in axis_rules)
+  return axis_rules
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
@@ -101,6 +128,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def param_shardings(abstract_boxed_params, mesh, axis_rules):
   """Shardings for the unboxed params, from the logical names on the boxed abstract params."""
   specs = nn.get_partition_spec(abstract_boxed_params)
+  axis_rules = _kv_heads_rules(abstract_boxed_params, mesh, axis_rules)
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
 
 

@@ -77,11 +77,12 @@ class LayerOut:
 
 
 class Attention(nn.Module):
-  """Projections q/k/v [embed, heads, kv], out [heads, kv, embed], optional biases, RoPE.
+  """Projections q [embed, heads, kv], k/v [embed, kv_heads, kv] (model.num_kv_heads), out
+  [heads, kv, embed], optional biases, RoPE.
 
   Cached decoding (ZTTModel.extend) adds three keyword arguments; without them nothing changes:
   positions_T: absolute positions of the T inputs (RoPE), default 0..T-1.
-  kv: {'k': k_BxMxHxK, 'v': v_BxMxHxK}, RoPE'd keys and values of positions 0..M-1. The new keys and
+  kv: {'k': k_BxMxGxK, 'v': v_BxMxGxK} (G = kv heads), RoPE'd keys and values of positions 0..M-1. The new keys and
     values are written at positions_T (contiguous), the queries attend to cache positions <= their
     own, and out.kv is the written cache. With model.attention_window the cache is a ring of
     M = min(window, max_len) entries instead (`ring_keys`): O(window) memory whatever the length.
@@ -99,11 +100,14 @@ class Attention(nn.Module):
     qkv_init = fan_in_init(0, (1, 2))
 
     def proj(name):
-      w_DxHxK = logical_param(self, f"{name}_kernel", qkv_init, (D, H, K), ("embed", "heads", "kv"))
+      # k and v have cfg.kv_heads heads (grouped-query attention), on their own logical axis so the
+      # mesh can split them apart from the query heads (partitioning.param_shardings).
+      h, axis = (H, "heads") if name == "q" else (cfg.kv_heads, "kv_heads")
+      w_DxHxK = logical_param(self, f"{name}_kernel", qkv_init, (D, h, K), ("embed", axis, "kv"))
       y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, w_DxHxK.astype(dt))
       if cfg.use_bias:
-        y_BxTxHxK = y_BxTxHxK + logical_param(self, f"{name}_bias", nn.initializers.zeros, (H, K),
-                                              ("heads", "kv")).astype(dt)
+        y_BxTxHxK = y_BxTxHxK + logical_param(self, f"{name}_bias", nn.initializers.zeros, (h, K),
+                                              (axis, "kv")).astype(dt)
       return y_BxTxHxK
 
     # Creation order q, k, v fixes which init rng each kernel gets; keep it.

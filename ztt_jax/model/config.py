@@ -47,6 +47,11 @@ class ModelConfig:
   """Width of the residual stream."""
   num_heads: int = 4
   """Attention heads per layer; `d_model` must be divisible by it (head_dim = d_model // num_heads)."""
+  num_kv_heads: Optional[int] = None
+  """Key/value heads (grouped-query attention): each serves num_heads / num_kv_heads query heads.
+  None or 0: num_heads (multi-head); 1: multi-query. Must divide num_heads. The K/V cache holds only
+  these heads, so decoding memory shrinks by num_heads / num_kv_heads. The zero key stays one per
+  query head."""
   mlp_dim: int = 512
   """Hidden width of the MLP."""
 
@@ -242,6 +247,11 @@ class ModelConfig:
     return self.d_model // self.num_heads
 
   @property
+  def kv_heads(self) -> int:
+    """Key/value heads (num_kv_heads, or num_heads when unset)."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
   def use_zero_token(self) -> bool:
     if self.zero_token is not None:
       return bool(self.zero_token)
@@ -308,6 +318,9 @@ class ModelConfig:
       fail("variant", f"unknown variant; use one of {', '.join([*VARIANT_PRESETS, *VARIANT_ALIASES])}")
     if self.d_model % self.num_heads:
       fail("d_model", f"must be divisible by num_heads={self.num_heads}; change d_model or num_heads")
+    g = self.num_kv_heads
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 0 or (g and self.num_heads % g)):
+      fail("num_kv_heads", f"must divide num_heads={self.num_heads} (or be none/0: one per query head)")
     if self.position == "rope" and self.head_dim % 2:
       fail("num_heads", f"rope needs an even head_dim, got d_model/num_heads={self.head_dim}")
     choice("norm", NORMS)

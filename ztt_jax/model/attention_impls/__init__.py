@@ -79,7 +79,14 @@ def resolve(impl: str, *, seq_len: int, dtype, head_dim: int, zero_slot: bool = 
 def attention(impl: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, zero_key_HxK=None, zero_bias_H=None,
               mask_zero_slot=None, *, q_positions_T=None, valid_TxS=None, block_size: int = 0,
               window=None, first_key=0):
-  """Dispatch to one implementation (see `ztt_jax.model.attention.zero_slot_attention`)."""
+  """Dispatch to one implementation (see `ztt_jax.model.attention.zero_slot_attention`).
+
+  Grouped-query attention: k and v may have G heads dividing q's H; each serves H / G consecutive
+  query heads (Llama's layout). They are repeated to H heads here, so every implementation sees
+  plain multi-head attention and the zero key stays per query head; the cache keeps G heads."""
+  H, G = q_BxTxHxK.shape[2], k_BxSxHxK.shape[2]
+  if G != H:
+    k_BxSxHxK, v_BxSxHxK = (jnp.repeat(a, H // G, axis=2) for a in (k_BxSxHxK, v_BxSxHxK))
   T, S = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
   K = q_BxTxHxK.shape[-1]
   name = resolve(impl, seq_len=S, dtype=q_BxTxHxK.dtype, head_dim=K, zero_slot=zero_key_HxK is not None,
