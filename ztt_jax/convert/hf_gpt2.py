@@ -28,14 +28,13 @@ folds them into head, shared middle and tail with a silent zero slot (`ztt_jax.c
 """
 from __future__ import annotations
 
-import os
+import functools
 from typing import Optional
 
 import jax
 import numpy as np
 
-from ztt_jax import export as export_lib
-from ztt_jax.convert import ConvertError, fold, hf_io
+from ztt_jax.convert import ConvertError, family, hf_io
 from ztt_jax.model import ModelConfig
 
 # Activations that are GPT-2's tanh-approximate gelu (gelu_fast is the same formula).
@@ -131,31 +130,6 @@ def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
   return top, layers
 
 
-def import_hf(hf_dir: str, out: str, to: str = "vanilla", num_cycles: int = 2,
-              n_middle_layers: Optional[int] = None, middle_init: str = "copy", zero_bias_init: float = -10.0,
-              storage: str = "safetensors", dtype: str = "float32", overwrite: bool = False) -> str:
-  """Converts a local HF GPT-2 directory to an export at `out` (see the module docstring).
-
-  `out` follows `ztt_jax.export.save`'s rules: never the HF directory itself (or inside it), and an
-  existing non-empty `out` only with `overwrite` and only if it is an export written by ztt_jax."""
-  sources = {"--hf_dir": hf_dir}
-  export_lib.check_out(out, overwrite=overwrite, sources=sources)  # before reading the weights
-  hf_cfg, tensors = read_hf(hf_dir)
-  cfg = model_config_from_hf(hf_cfg)
-  top, layers = hf_layers(cfg, tensors)
-  cfg, params = fold.fold(to, cfg, top, layers, num_cycles=num_cycles, n_middle_layers=n_middle_layers,
-                          middle_init=middle_init, zero_bias_init=zero_bias_init)
-  source = {"kind": "hf_gpt2", "hf_dir": os.path.abspath(hf_dir), "to": to, "hf_config": hf_cfg}
-  if to == "ztt":
-    source.update(middle_init=middle_init, num_cycles=num_cycles, n_middle_layers=cfg.n_middle_layers,
-                  zero_bias_init=zero_bias_init)
-  tok = os.path.join(hf_dir, "tokenizer.json")
-  # Copied so fine-tuning can use the model's own tokenizer (data.tokenizer); inside the atomic write.
-  extra = {"tokenizer.json": tok} if os.path.isfile(tok) else {}
-  return export_lib.save(out, cfg, params, storage=storage, dtype=dtype, source=source, overwrite=overwrite,
-                         sources=sources, extra_files=extra)
-
-
 # ------------------------------------------------------------------ export to HF
 
 def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None) -> tuple[dict, dict]:
@@ -171,6 +145,7 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
   need(cfg.position == "learned", f"position={cfg.position!r}")
   need(cfg.mlp == "gelu", f"mlp={cfg.mlp!r}")
   need(cfg.use_bias, "use_bias=False")
+  need(cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} (GPT-2 has one k/v head per query head)")
   need(not cfg.token_shift, "token_shift=True (GPT-2 has no token shift)")
   params = jax.tree.map(np.asarray, params)
   stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]
@@ -195,8 +170,7 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
     t[p + "mlp.c_fc.weight"], t[p + "mlp.c_fc.bias"] = ly["mlp"]["wi_kernel"], ly["mlp"]["wi_bias"]
     t[p + "mlp.c_proj.weight"], t[p + "mlp.c_proj.bias"] = ly["mlp"]["wo_kernel"], ly["mlp"]["wo_bias"]
   # Keep what an imported model's config said beyond the architecture (token ids, task params ...).
-  hf_cfg = {k: v for k, v in (base_hf_config or {}).items()
-            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+  hf_cfg = family.base_hf_config(base_hf_config)
   if not base_hf_config:
     hf_cfg.update(bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is out of a small vocab
   hf_cfg.update({
@@ -210,68 +184,15 @@ def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None)
   return hf_cfg, {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
-def export_hf(export_path: str, out: str, overwrite: bool = False) -> str:
-  """Writes `out`/config.json + `out`/model.safetensors (+ tokenizer.json) from the vanilla export at
-  `export_path` (see `hf_io.write` for what an existing `out` may be)."""
-  def build():
-    model, params = export_lib.load(export_path)
-    base = export_lib.read_config(export_path).get("source", {}).get("hf_config")
-    hf_cfg, tensors = to_hf(model.cfg, params, base)
-    return hf_cfg, tensors, os.path.join(os.path.abspath(export_path), "tokenizer.json")
-
-  return hf_io.write(out, build, source=export_path, overwrite=overwrite)
-
-
-# ------------------------------------------------------------------ CLI
-
-def train_overrides(path: str) -> str:
-  """The --config.model.* flags that make a training config match an export (for init_from)."""
-  meta = export_lib.read_config(path)
-  # Every field that shapes the params or the function, whatever the user's config file sets;
-  # run-time choices (remat, compute dtype, exit rule, deep supervision) stay the user's.
-  runtime = ("remat_policy", "dtype", "exit_threshold", "min_cycles", "exit_granularity", "cycle_loss_weight")
-  flags = [f"--config.model.{k}={v}" for k, v in meta["model"].items() if k not in runtime and v is not None]
-  return " ".join(flags + [f"--config.init_from={os.path.abspath(path)}"])
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  if f.export_hf:
-    if not f["from"].value:
-      raise ConvertError("--export_hf needs --from=EXPORT_DIR (a vanilla GPT-2-form export).")
-    out = export_hf(f["from"].value, f.out, overwrite=f.overwrite)
-    print(f"wrote Hugging Face GPT-2 {out} (load with transformers.GPT2LMHeadModel.from_pretrained)")
-    return
-  if not f.hf_dir:
-    raise ConvertError("give --hf_dir=HF_DIR to import, or --export_hf --from=EXPORT_DIR to export.")
-  out = import_hf(f.hf_dir, f.out, f.to, f.num_cycles, f.n_middle_layers, f.middle_init, f.zero_bias_init,
-                  f.format, f.dtype, overwrite=f.overwrite)
-  print(f"wrote {out}\nfine-tune with: python -m ztt_jax.train --config=configs/finetune.py:{out} "
-        f"--workdir=RUN --config.data.path=TEXT\n  (or any config plus: {train_overrides(out)})")
-
-
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("hf_dir", None, "Local Hugging Face GPT-2 directory (config.json + model.safetensors).")
-  flags.DEFINE_string("out", None, "Directory to write.", required=True)
-  flags.DEFINE_enum("to", "vanilla", ["vanilla", "ztt"], "Import as a vanilla model or as a ZTT.")
-  flags.DEFINE_integer("num_cycles", 2, "--to=ztt: cycles of the shared middle stack.")
-  flags.DEFINE_integer("n_middle_layers", None, "--to=ztt: k, layers in the shared stack; default "
-                       "(n_layer - 2) // num_cycles.")
-  flags.DEFINE_enum("middle_init", "copy", list(fold.MIDDLE_INITS),
-                    "--to=ztt: copy the first k middle layers, or average k consecutive groups of them.")
-  flags.DEFINE_float("zero_bias_init", -10.0, "--to=ztt: initial zero-slot logit bias (a0 ~ e^bias).")
-  flags.DEFINE_enum("format", "safetensors", list(export_lib.STORAGES), "Storage of the export.")
-  flags.DEFINE_enum("dtype", "float32", list(export_lib.DTYPES), "Param dtype of the export.")
-  flags.DEFINE_bool("export_hf", False, "Export --from (a vanilla export) to a Hugging Face directory --out.")
-  flags.DEFINE_string("from", None, "--export_hf: the export directory to convert.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out, if ztt_jax wrote it (an export, or "
-                    "an --export_hf directory) and it holds nothing else.")
+FAMILY = family.Family(kind="hf_gpt2", title="GPT-2", hf_class="GPT2LMHeadModel", read=read_hf,
+                       config=model_config_from_hf, layers=hf_layers, to_hf=to_hf)
+import_hf = functools.partial(family.import_hf, FAMILY)
+export_hf = functools.partial(family.export_hf, FAMILY)
+train_overrides = family.train_overrides
+main = functools.partial(family.main, FAMILY)
 
 
 if __name__ == "__main__":
   from ztt_jax import cli
-  _define_flags()
+  family.define_flags(FAMILY)
   cli.run(main)
