@@ -1,4 +1,4 @@
-"""Faults: preemption (SIGTERM), damaged or half-written checkpoints, non-finite losses.
+"""Faults: preemption (SIGTERM), damaged or half-written checkpoints, non-finite losses, a full disk.
 
 Reference: the uninterrupted single-process run of the same config (runs.reference_run). Runs here
 share its compiled step, so a resumed run must reproduce its losses exactly.
@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 import runs
+from ztt_jax import cli
 from ztt_jax import data as data_lib
 from ztt_jax import run as run_lib
 from ztt_jax import trainer
 from ztt_jax.checkpointing import Checkpointer
-from ztt_jax.errors import CheckpointError
+from ztt_jax.errors import CheckpointError, DiskFullError
 
 ROOT = runs.ROOT
 # After a read of a damaged file fails, TensorStore's pending callbacks reach Orbax's already-closed
@@ -203,3 +204,60 @@ def test_resume_after_a_crash_leaves_one_history_in_metrics_and_tensorboard(tmp_
   assert [shown[s] for s in range(1, 9)] == [100.0 + s for s in range(1, 9)]  # before the checkpoint
   np.testing.assert_allclose([shown[s] for s in range(9, 17)], [reference[s] for s in range(9, 17)],
                              rtol=1e-6)  # TensorBoard stores float32
+
+
+# ------------------------------------------------------------------ a full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 16 MiB tmpfs where this machine lets us mount one (then the disk really fills up), else a plain
+  folder and None: the tests then inject the error the file layer raises on a full disk."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                           capture_output=True).returncode == 0
+  yield disk, mounted
+  if mounted:
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk, leave_bytes):
+  """Fills the tmpfs up to `leave_bytes` of free space; returns the filler file."""
+  filler = disk / "filler"
+  with open(filler, "wb") as f:
+    f.write(b"\0" * max(0, shutil.disk_usage(disk).free - leave_bytes))
+  return filler
+
+
+_ORBAX_DISK_FULL = ("RESOURCE_EXHAUSTED: Error writing \"params\" in OCDBT database: Failed to write 4096 bytes "
+                    "to file 7: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(small_disk, monkeypatch):
+  disk, mounted = small_disk
+  workdir = runs.copy_run(runs.reference_run(), disk / "run", keep_up_to=8)
+  before = {p: p.read_bytes() for p in (workdir / "checkpoints" / "8").rglob("*") if p.is_file()}
+  if mounted:
+    filler = _fill(disk, leave_bytes=64 << 10)  # less than one save: the step-12 save fails half-way
+  else:
+    real_save = Checkpointer.save
+
+    def save_on_full_disk(self, step, *a, **k):
+      with self._disk_full_is_one_line(step, 1 << 20):
+        raise ValueError(_ORBAX_DISK_FULL)
+    monkeypatch.setattr(Checkpointer, "save", save_on_full_disk)
+  with pytest.raises(DiskFullError) as e:  # keeping every step: no deletion frees space mid-save
+    trainer.train(runs.config(checkpoint__max_to_keep=100), str(workdir))
+  msg = str(e.value)
+  assert "\n" not in msg and "checkpoint step 12" in msg and str(workdir / "checkpoints") in msg, msg
+  assert re.search(r"a save needs about [\d.]+ MiB; [\d.]+ MiB free", msg)
+  assert "The last good checkpoint, step 8, is kept" in msg and "rerun the same command" in msg
+  assert cli.describe(e.value) == (f"DiskFullError: {msg}", cli.EXIT_ERROR)
+  assert {p: p.read_bytes() for p in (workdir / "checkpoints" / "8").rglob("*") if p.is_file()} == before
+  # Space freed: the same command resumes from step 8 and trains exactly as the uninterrupted run.
+  if mounted:
+    filler.unlink()
+  else:
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+  trainer.train(runs.config(), str(workdir))
+  assert runs.losses(workdir) == runs.losses(runs.reference_run())

@@ -14,8 +14,10 @@ ztt_jax/resume.py; this check is the backstop that needs no config.)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import shutil
 from typing import Any, Optional
 
 import grain
@@ -26,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ztt_jax.config import CheckpointConfig
-from ztt_jax.errors import CheckpointError, ConfigError
+from ztt_jax.errors import CheckpointError, ConfigError, DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class Checkpointer:
       for leftover in sorted(p.name for p in self.directory.iterdir() if _TMP_MARKER in p.name):
         log.warning("Removing %s/%s: a checkpoint save that never finished (the process was killed "
                     "during it).", self.directory, leftover)
+    self._in_flight: Optional[tuple[int, int]] = None  # (step, bytes) of the save not yet finished
+    _quiet_disk_full_logs()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -72,22 +76,50 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter, metadata: dict, *, force: bool = False) -> bool:
     metadata = dict(metadata, data_iterator_state=data_iter.get_state())
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            metadata=ocp.args.JsonSave(_jsonable(metadata)),
-        ),
-        force=force,
-    )
+    nbytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    with self._disk_full_is_one_line(step, nbytes):  # an async save fails at the next call
+      saved = self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data_iter=grain.checkpoint.CheckpointSave(data_iter),
+              metadata=ocp.args.JsonSave(_jsonable(metadata)),
+          ),
+          force=force,
+      )
+    if saved:
+      self._in_flight = (step, nbytes)
+    return saved
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._disk_full_is_one_line():
+      self.manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_line(self, step: Optional[int] = None, nbytes: int = 0):
+    """Out of space during a save (this one, or the async one before it) -> DiskFullError naming
+    the directory, the size of a save, the free space and the checkpoint that is kept."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
+      if not is_disk_full(e):
+        raise
+      failed, size = self._in_flight or (step, nbytes)
+      kept = [s for s in self.all_steps() if s != failed]
+      free = shutil.disk_usage(str(self.directory)).free if self.directory.exists() else 0
+      raise DiskFullError(
+          f"No space left on device saving checkpoint step {failed} in {self.directory} (a save needs about "
+          f"{size / 2**20:.1f} MiB; {free / 2**20:.1f} MiB free). "
+          + (f"The last good checkpoint, step {kept[-1]}, is kept: free some space (or lower "
+             "checkpoint.max_to_keep) and rerun the same command to resume from it."
+             if kept else "No earlier checkpoint exists: free some space and rerun.")) from None
 
   def read_metadata(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
@@ -207,6 +239,22 @@ class Checkpointer:
                "batches, so the data order is that of the saved run.", step, e)
       data_iter.set_state(state)
       return False
+
+
+class _DropDiskFull(logging.Filter):
+  """Orbax logs a failed async save from its own thread before the error reaches us; the failure is
+  then reported once, as the DiskFullError above, not as pages of repeated thread logs."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (is_disk_full(Exception(record.getMessage())) or (exc is not None and is_disk_full(exc)))
+
+
+_DROP_DISK_FULL = _DropDiskFull()
+
+
+def _quiet_disk_full_logs() -> None:
+  logging.getLogger("absl").addFilter(_DROP_DISK_FULL)  # adding the same filter twice is a no-op
 
 
 def saved_metadata(directory: str) -> Optional[tuple[int, dict]]:

@@ -85,7 +85,7 @@ def describe(e: BaseException) -> tuple[str, int]:
     return f"{type(e).__name__}: {_one_line(str(e))}", EXIT_USAGE
   if isinstance(e, app.UsageError):
     return f"usage error: {_one_line(str(e))}", EXIT_USAGE
-  if isinstance(e, errors.CheckpointError):
+  if isinstance(e, (errors.CheckpointError, errors.DiskFullError)):
     return f"{type(e).__name__}: {_one_line(str(e))}", EXIT_ERROR
   if isinstance(e, PATH_ERRORS):
     return f"{type(e).__name__}: {_os_error_text(e)}", EXIT_ERROR
@@ -112,7 +112,8 @@ def _one_line(text: str) -> str:
 
 def _caught(e: BaseException) -> bool:
   from absl import app
-  return isinstance(e, (errors.ConfigError, errors.DataError, errors.CheckpointError, app.UsageError,
+  return isinstance(e, (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.DiskFullError,
+                        app.UsageError,
                         *PATH_ERRORS))
 
 
