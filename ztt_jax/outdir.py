@@ -7,9 +7,15 @@ Export, the GPT-2 import and `--export_hf` all write a whole directory. The rule
   export's config.json format key, or `--export_hf`'s marker file) and nothing else is in it.
 - `--out` may not be, or lie inside, a source it reads from (nor the source inside `--out`):
   replacing it would delete the input.
-- The write is atomic: everything goes to a temporary directory beside `--out`, the old directory
-  is renamed aside, the new one renamed in, and only then is the old one deleted. An interrupted
-  write leaves the old directory (or nothing) under `--out`, never a mix.
+- The write is atomic: everything goes to a temporary directory `.NAME.tmp-PID-*` beside `--out`,
+  which is then exchanged with the old directory in one `renameat2(RENAME_EXCHANGE)` (Linux), and
+  only then is the old one deleted. A kill -9 at any moment leaves `--out` whole, old or new.
+  Where the exchange is missing (macOS, some network file systems), the old directory is renamed
+  aside to `.NAME.old-PID-*` and the new one in: a kill between the two leaves `--out` missing, and
+  the next write to that path (or `recover`) renames the old one back first. Leftover
+  `.NAME.tmp-*`/`.NAME.old-*` directories of writers that are gone are removed, with a warning, by
+  the next write to that path.
+- A full disk is one DiskFullError naming the directory and the free space; the old `--out` stays.
 - Permissions follow the umask, as files written by `open()` do: `tempfile.mkdtemp` would leave
   the directory owner-only (0700), unreadable to the rest of a shared cluster.
 
@@ -19,12 +25,18 @@ has passed every check.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable, Iterable, Mapping, Optional
 
-from ztt_jax.errors import ConfigError, OutputError
+from ztt_jax.errors import ConfigError, DiskFullError, OutputError, is_disk_full
+
+log = logging.getLogger(__name__)
 
 
 def umask() -> int:
@@ -64,6 +76,7 @@ def check(out: Optional[str], *, overwrite: bool, is_ours: Callable[[str], Optio
     if _inside(src_real, real):
       raise OutputError(f"{name}={src} is inside {flag}={path}; replacing {path} would delete the input. "
                         f"Choose a {flag} that does not contain {src}.")
+  recover(path)  # an old output renamed aside by a write that was killed goes back first
   if os.path.lexists(path) and not os.path.isdir(path):
     raise OutputError(f"{flag}={path} exists and is not a directory; choose a new path.")
   if os.path.isdir(path) and os.listdir(path):
@@ -91,33 +104,101 @@ def write_atomic(path: str, fill: Callable[[str], None]) -> str:
   path = os.path.abspath(path)
   parent, base = os.path.dirname(path), os.path.basename(path)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-  old = None
+  recover(path)
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
   try:
-    fill(tmp)
-    _apply_umask(tmp)
-    if os.path.isdir(path):
-      # Renaming onto an empty directory replaces it atomically; mkdtemp gives a fresh name.
-      aside = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-      try:
-        os.rename(path, aside)
-      except BaseException:
-        os.rmdir(aside)
-        raise
-      old = aside
     try:
-      os.rename(tmp, path)
-    except BaseException:
-      if old is not None:
-        os.rename(old, path)  # put the previous output back
-        old = None
+      fill(tmp)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
+      if is_disk_full(e):
+        raise _disk_full(path, e) from None
       raise
+    _apply_umask(tmp)
+    _swap_in(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
   return path
+
+
+def _disk_full(path: str, e: Exception) -> DiskFullError:
+  free = shutil.disk_usage(os.path.dirname(path)).free
+  kept = f"the previous {path} is unchanged" if os.path.isdir(path) else f"nothing was written at {path}"
+  return DiskFullError(f"No space left writing {path} ({getattr(e, 'strerror', None) or 'no space left on device'}, {free / 2**20:.1f} MiB free on its disk); "
+                     f"{kept}. Free some space, or choose an --out on another disk, and rerun.")
+
+
+def _swap_in(tmp: str, path: str) -> None:
+  """tmp becomes `path`; the old `path` (if any) is deleted once nothing can need it."""
+  if not os.path.isdir(path):
+    os.rename(tmp, path)
+    return
+  if _exchange(tmp, path):
+    shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+    return
+  parent, base = os.path.dirname(path), os.path.basename(path)
+  # Renaming onto an empty directory replaces it atomically; mkdtemp gives a fresh name.
+  aside = tempfile.mkdtemp(prefix=f".{base}.old-{os.getpid()}-", dir=parent)
+  try:
+    os.rename(path, aside)
+  except BaseException:
+    os.rmdir(aside)
+    raise
+  try:
+    os.rename(tmp, path)
+  except BaseException:
+    os.rename(aside, path)  # put the previous output back
+    raise
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths (Linux renameat2); False where the OS or file system cannot."""
+  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+  if renameat2 is None:
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here: fall back
+    return False
+  raise OSError(err, os.strerror(err), b)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def recover(path: str) -> None:
+  """Cleans up after an interrupted write to `path`: an old output renamed aside while `path` is
+  missing is renamed back, and leftovers of writers that are gone are removed (with a warning).
+  A leftover of a live writer on this host is left alone."""
+  path = os.path.abspath(path)
+  parent, base = os.path.dirname(path), os.path.basename(path)
+  if not os.path.isdir(parent):
+    return
+  pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-[^/]*$")
+  leftovers = sorted((m.group(1), int(m.group(2)), os.path.join(parent, m.group(0)))
+                     for m in map(pattern.match, os.listdir(parent)) if m)
+  dead = [(kind, p) for kind, pid, p in leftovers if not _pid_alive(pid) and os.path.isdir(p)]
+  olds = [p for kind, p in dead if kind == "old"]
+  if not os.path.lexists(path) and olds:
+    os.rename(olds[-1], path)
+    log.warning("%s was missing after an interrupted write; restored the previous output from %s.",
+                path, olds[-1])
+    dead = [(kind, p) for kind, p in dead if p != olds[-1]]
+  for kind, p in dead:
+    shutil.rmtree(p, ignore_errors=True)
+    log.warning("Removed %s, left by an interrupted write to %s.", p, path)
 
 
 def _apply_umask(root: str) -> None:

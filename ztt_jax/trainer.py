@@ -22,6 +22,7 @@ from ztt_jax.checkpointing import Checkpointer, saved_metadata
 from ztt_jax.config import Config
 from ztt_jax.data.fingerprint import fingerprint
 from ztt_jax.distributed import compile_synced
+from ztt_jax.errors import DiskFullError, is_disk_full
 from ztt_jax.evaluator import Evaluator
 from ztt_jax.flops import peak_flops_info, train_flops_per_token
 from ztt_jax.lease import Lease
@@ -92,6 +93,14 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
     holder.acquire()
   try:
     return _train(cfg, workdir, ckpt_dir, run, train_iter, eval_batches, holder, data_fingerprint)
+  except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
+    if not is_disk_full(e) or isinstance(e, DiskFullError):
+      raise
+    kept = saved_metadata(ckpt_dir)
+    raise DiskFullError(  # metrics, TensorBoard or the lease: the checkpointer names its own saves
+        f"No space left on device writing to --workdir={workdir} ({getattr(e, 'filename', None) or e}). "
+        + (f"The last good checkpoint, step {kept[0]}, is kept: free some space and rerun the same command "
+           "to resume from it." if kept else "No checkpoint was saved yet: free some space and rerun.")) from None
   finally:
     if holder is not None:
       holder.release()
