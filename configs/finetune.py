@@ -1,4 +1,4 @@
-"""Fine-tune an export (e.g. a converted GPT-2) on text: `--config=configs/finetune.py:EXPORT_DIR`.
+"""Fine-tune an export (e.g. a converted GPT-2 or Llama) on text: `--config=configs/finetune.py:EXPORT_DIR`.
 
 The model section is the export's own config (EXPORT_DIR/config.json), so no model flags are needed,
 and `init_from` points at it. If the export holds a `tokenizer.json` (an imported HF model that had
@@ -17,7 +17,7 @@ def get_config(export_dir=None):
   cfg_path = os.path.join(export_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise ValueError(f"{export_dir} has no config.json; pass a directory written by ztt_jax.export or "
-                     "ztt_jax.convert.hf_gpt2.")
+                     "ztt_jax.convert (hf_gpt2, hf_llama).")
   with open(cfg_path) as f:
     model = json.load(f)["model"]
   cfg = base_config()
