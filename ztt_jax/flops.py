@@ -18,6 +18,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ztt_jax.model import lora
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak per chip, from vendor datasheets.
@@ -57,8 +59,9 @@ def forward_flops_per_token(model_cfg, seq_len: int, num_cycles=None) -> float:
   config's). Affine in the cycles, so a mean over tokens (a float) gives the mean FLOPs."""
   c = model_cfg.cycles if num_cycles is None else num_cycles
   shift = 2 * model_cfg.d_model ** 2 if model_cfg.token_shift else 0
+  lora_deltas = c * model_cfg.stack_layers * lora.flops_per_layer(model_cfg)  # per-cycle LoRA
   return (model_cfg.effective_depth_at(c) * layer_flops_per_token(model_cfg, seq_len)
-          + 2 * model_cfg.d_model * model_cfg.vocab_size + shift)
+          + 2 * model_cfg.d_model * model_cfg.vocab_size + shift + lora_deltas)
 
 
 def readout_flops_per_token(model_cfg, seq_len: int) -> float:

@@ -17,6 +17,11 @@ The zero-key pool starts at zero keys plus a per-(cycle, layer, head) learned bi
 slot's logit of zero_bias_init (default -10), so a0 = e^b / (e^b + sum_j e^(s_j)) is about e^-10
 times smaller than the attention's own weights and the converted model starts as the pre-trained
 layers would compute (up to the layers that copy/average changed), while the bias can still learn.
+
+lora_rank = r > 0 (needs m = num_cycles * k): per-cycle LoRA on the shared layers (model/lora.py).
+Cycle c of shared layer j stands for original middle layer c*k + j: its deltas are a truncated SVD
+of (that layer - the shared one) and its norm scales that layer's own, so at full rank the ZTT
+computes the original model (up to the zero slot's e^-10 mass) and at r the best rank-r start.
 """
 from __future__ import annotations
 
@@ -43,9 +48,46 @@ def to_vanilla(cfg: ModelConfig, top: dict, layers: list[dict]) -> tuple[ModelCo
   return cfg, {**top, "middle": {"layers": stack(layers)}}
 
 
+# Kernels that get per-cycle LoRA deltas: (sub-module, name, number of input axes).
+LORA_KERNELS = (("attn", "q", 1), ("attn", "k", 1), ("attn", "v", 1), ("attn", "o", 2),
+                ("mlp", "wi", 1), ("mlp", "wg", 1), ("mlp", "wo", 1))
+
+
+def _low_rank(w: np.ndarray, n_in: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+  """(a [*in, r], b [r, *out]) with a b the best rank-r approximation of w [*in, *out] (truncated
+  SVD, the singular values split evenly; zero-padded when r exceeds the matrix's rank)."""
+  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+  u, sv, vt = np.linalg.svd(w.reshape(int(np.prod(in_shape)), -1).astype(np.float64), full_matrices=False)
+  n = min(r, sv.size)
+  a = np.zeros((u.shape[0], r)); b = np.zeros((r, vt.shape[1]))  # noqa: E702
+  a[:, :n], b[:n] = u[:, :n] * np.sqrt(sv[:n]), np.sqrt(sv[:n])[:, None] * vt[:n]
+  return a.reshape(*in_shape, r).astype(np.float32), b.reshape(r, *out_shape).astype(np.float32)
+
+
+def add_cycle_lora(shared: list[dict], middle: list[dict], num_cycles: int, r: int) -> list[dict]:
+  """The shared layers with per-cycle LoRA deltas and norms (model/lora.py): cycle c of shared layer j
+  stands for original middle layer c*k + j, its deltas a truncated SVD of (that layer - shared j) and
+  its norm scales that layer's own. At full rank the stack computes the original layers."""
+  k = len(shared)
+  out = []
+  for j, base in enumerate(shared):
+    orig = [middle[c * k + j] for c in range(num_cycles)]
+    layer = jax.tree.map(lambda a: a, base)
+    for norm in ("attn_norm", "mlp_norm"):
+      layer[norm] = {n: np.stack([o[norm][n] for o in orig]) for n in base[norm]}
+    for sub, name, n_in in LORA_KERNELS:
+      if f"{name}_kernel" not in base[sub]:
+        continue  # gelu MLPs have no gate
+      ab = [_low_rank(o[sub][f"{name}_kernel"] - base[sub][f"{name}_kernel"], n_in, r) for o in orig]
+      layer[sub][f"{name}_lora_a"] = np.stack([a for a, _ in ab])
+      layer[sub][f"{name}_lora_b"] = np.stack([b for _, b in ab])
+    out.append(layer)
+  return out
+
+
 def to_ztt(cfg: ModelConfig, top: dict, layers: list[dict], num_cycles: int = 2,
            n_middle_layers: Optional[int] = None, middle_init: str = "copy",
-           zero_bias_init: float = -10.0) -> tuple[ModelConfig, dict]:
+           zero_bias_init: float = -10.0, lora_rank: int = 0) -> tuple[ModelConfig, dict]:
   """Head = layer 0, tail = last layer, shared middle from layers 1..L-2 (see the module docstring)."""
   L = len(layers)
   if L < 3:
@@ -64,10 +106,20 @@ def to_ztt(cfg: ModelConfig, top: dict, layers: list[dict], num_cycles: int = 2,
     shared = middle[:k]
   else:
     shared = [_mean([middle[i] for i in group]) for group in np.array_split(np.arange(m), k)]
+  if lora_rank:
+    if not isinstance(lora_rank, int) or lora_rank < 0:
+      raise ConvertError(f"--lora_rank={lora_rank}: must be an integer >= 0.")
+    if m != num_cycles * k:
+      raise ConvertError(f"--lora_rank needs each original middle layer to be one (cycle, shared layer): "
+                         f"n_layer - 2 = {m} must equal num_cycles * n_middle_layers = {num_cycles * k}.")
+    if cfg.use_bias:
+      raise ConvertError("--lora_rank: the deltas are low-rank matrices and biases would stay shared; "
+                         "convert a bias-free (Llama-form) model, or leave --lora_rank at 0.")
+    shared = add_cycle_lora(shared, middle, num_cycles, lora_rank)
   H = cfg.num_heads
   zcfg = cfg.replace(variant="ztt", num_cycles=num_cycles, n_head_layers=1, n_middle_layers=k, n_tail_layers=1,
                      zero_bias=True, zero_bias_init=float(zero_bias_init), zero_key_init="zeros",
-                     zero_token_layers="middle").validate()
+                     zero_token_layers="middle", cycle_lora_rank=int(lora_rank)).validate()
   params = {**top,
             "head": {"layers": stack(layers[:1])},
             "middle": {"layers": stack(shared)},

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ztt_jax.model import attention_impls
+from ztt_jax.model import attention_impls, lora
 from ztt_jax.model.config import ModelConfig
 from ztt_jax.model.layers import apply_rope, dtype_of, fan_in_init, logical_param
 
@@ -87,17 +87,20 @@ class Attention(nn.Module):
     own, and out.kv is the written cache. With model.attention_window the cache is a ring of
     M = min(window, max_len) entries instead (`ring_keys`): O(window) memory whatever the length.
   kv_only: compute just the new tokens' K/V (out.kv, [B,T,H,K] each): a frozen token's cache entries.
+  cycle: the cycle index (traced int) in a cycled layer: adds the per-cycle LoRA deltas (model/lora.py).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD: Array, zero_key_HxK: Optional[Array] = None,
                zero_bias_H: Optional[Array] = None, mask_zero_slot: Optional[Array] = None, *,
-               positions_T: Optional[Array] = None, kv: Optional[dict] = None, kv_only: bool = False) -> LayerOut:
+               positions_T: Optional[Array] = None, kv: Optional[dict] = None, kv_only: bool = False,
+               cycle: Optional[Array] = None) -> LayerOut:
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
     qkv_init = fan_in_init(0, (1, 2))
+    on = lora.active(cfg, cycle)  # per-cycle LoRA deltas (a cycled layer, model/lora.py)
 
     def proj(name):
       # k and v have cfg.kv_heads heads (grouped-query attention), on their own logical axis so the
@@ -105,6 +108,9 @@ class Attention(nn.Module):
       h, axis = (H, "heads") if name == "q" else (cfg.kv_heads, "kv_heads")
       w_DxHxK = logical_param(self, f"{name}_kernel", qkv_init, (D, h, K), ("embed", axis, "kv"))
       y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, w_DxHxK.astype(dt))
+      if on:
+        y_BxTxHxK = y_BxTxHxK + lora.delta(self, name, x_BxTxD, "d", (D,), ("embed",), "hk", (h, K), (axis, "kv"),
+                                           cycle)
       if cfg.use_bias:
         y_BxTxHxK = y_BxTxHxK + logical_param(self, f"{name}_bias", nn.initializers.zeros, (h, K),
                                               (axis, "kv")).astype(dt)
@@ -137,6 +143,8 @@ class Attention(nn.Module):
                                               window=cfg.attention_window, first_key=first_key)
     wo_HxKxD = logical_param(self, "o_kernel", fan_in_init((0, 1), 2), (H, K, D), ("heads", "kv", "embed"))
     y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, wo_HxKxD.astype(dt))
+    if on:
+      y_BxTxD = y_BxTxD + lora.delta(self, "o", o_BxTxHxK, "hk", (H, K), ("heads", "kv"), "d", (D,), ("embed",), cycle)
     if cfg.use_bias:
       y_BxTxD = y_BxTxD + logical_param(self, "o_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
     if kv is not None and cfg.attention_window is not None:

@@ -22,23 +22,26 @@ class Block(nn.Module):
     state, so their K/V here are projections of that state (ExitRule.frozen_kv='state').
   positions_T, kv, kv_only: cached decoding, see Attention. kv_only computes only this layer's K/V
     of x (out.kv) and runs nothing else.
+  cycle: the cycle index (traced int) when the block is in the cycled stack: per-cycle LoRA deltas and
+    norm scales with model.cycle_lora_rank > 0 (model/lora.py); None elsewhere.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, zero_xs, mask_zero_slot: Optional[Array], frozen=None, *,
-               positions_T: Optional[Array] = None, kv: Optional[dict] = None, kv_only: bool = False) -> LayerOut:
+  def __call__(self, x_BxTxD: Array, zero_xs, mask_zero_slot: Optional[Array], frozen=None,
+               cycle: Optional[Array] = None, *, positions_T: Optional[Array] = None, kv: Optional[dict] = None,
+               kv_only: bool = False) -> LayerOut:
     zero_key_HxK, zero_bias_H = zero_xs
     if frozen is not None:
       exited_BxT, frozen_BxTxD = frozen
       x_BxTxD = jnp.where(exited_BxT[..., None], frozen_BxTxD, x_BxTxD)
     attn = Attention(self.cfg, name="attn")
-    h_BxTxD = Norm(self.cfg, name="attn_norm")(x_BxTxD)
+    h_BxTxD = Norm(self.cfg, name="attn_norm")(x_BxTxD, cycle)
     if kv_only:
-      return attn(h_BxTxD, positions_T=positions_T, kv_only=True)
-    out = attn(h_BxTxD, zero_key_HxK, zero_bias_H, mask_zero_slot, positions_T=positions_T, kv=kv)
+      return attn(h_BxTxD, positions_T=positions_T, kv_only=True, cycle=cycle)
+    out = attn(h_BxTxD, zero_key_HxK, zero_bias_H, mask_zero_slot, positions_T=positions_T, kv=kv, cycle=cycle)
     x_BxTxD = x_BxTxD + out.x
-    x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxTxD))
+    x_BxTxD = x_BxTxD + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxTxD, cycle), cycle)
     return LayerOut(constrain(x_BxTxD), jnp.mean(out.a0, axis=1), out.kv)
 
 
@@ -57,7 +60,8 @@ class LayerStack(nn.Module):
 
   Returns LayerOut(x, a0_LxBxT, kv). kv: the stack's cache {'k','v'} [L, B, M, H, K], scanned with
   the layers (each layer reads and writes its own entry). kv_only: each layer's K/V of the same x
-  ([L, B, T, H, K]; the cache entries of frozen tokens), and nothing else runs.
+  ([L, B, T, H, K]; the cache entries of frozen tokens), and nothing else runs. cycle: the cycle
+  index, passed by the cycled stack (per-cycle LoRA, model/lora.py).
   """
   cfg: ModelConfig
   n_layers: int
@@ -67,7 +71,7 @@ class LayerStack(nn.Module):
   def __call__(self, x_BxTxD: Array, zero_keys_LxHxK: Optional[Array] = None,
                zero_bias_LxH: Optional[Array] = None, mask_zero_slot: Optional[Array] = None,
                frozen=None, *, kv: Optional[dict] = None, positions_T: Optional[Array] = None,
-               kv_only: bool = False) -> LayerOut:
+               kv_only: bool = False, cycle: Optional[Array] = None) -> LayerOut:
     cfg = self.cfg
     L, H, K = self.n_layers, cfg.num_heads, cfg.head_dim
     if self.own_zero_key:
@@ -82,16 +86,16 @@ class LayerStack(nn.Module):
     if cfg.remat_policy != "none" and not decoding:
       block = nn.remat(Block, prevent_cse=False, policy=attention_impls.remat_policy(cfg.remat_policy))
 
-    def layer(blk, x_BxTxD, zero_xs, kv, mask_zero_slot, frozen, positions_T):
+    def layer(blk, x_BxTxD, zero_xs, kv, mask_zero_slot, frozen, positions_T, cycle):
       extra = dict(positions_T=positions_T, kv=kv, kv_only=kv_only) if decoding else {}
-      out = blk(x_BxTxD, zero_xs, mask_zero_slot, frozen, **extra)
+      out = blk(x_BxTxD, zero_xs, mask_zero_slot, frozen, cycle, **extra)
       return (x_BxTxD, out.kv) if kv_only else (out.x, (out.a0, out.kv))
 
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=L,
+                      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=L,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxTxD, ys = scanned(block(cfg, name="layers"), x_BxTxD, (zero_keys_LxHxK, zero_bias_LxH), kv,
-                          mask_zero_slot, frozen, positions_T)
+                          mask_zero_slot, frozen, positions_T, cycle)
     if kv_only:
       return LayerOut(None, None, ys)
     a0_LxBxT, kv = ys

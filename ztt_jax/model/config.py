@@ -179,6 +179,13 @@ class ModelConfig:
   other tokens lacks what the tail added; 'direct' exits only once the state itself holds it
   (measured in docs/results.md, the propagation task's exit bake-off)."""
 
+  cycle_lora_rank: int = 0
+  """Per-cycle LoRA on the shared stack (Relaxed Recursive Transformers): every matmul of a cycled
+  layer (q, k, v, o, MLP) adds a rank-r delta of its own per cycle, and the cycled layers' norm
+  scales become per cycle, so a conversion (--lora_rank) can start at the original model exactly
+  at full rank. 0: off. Params: `<kernel>_lora_a` [C, in..., r], `<kernel>_lora_b` [C, r, out...]
+  (B starts at zero) beside each kernel; see ztt_jax/model/lora.py."""
+
   # ---------------------------------------------------------------- looped-training recipes
 
   backprop_cycles: int = 0
@@ -372,6 +379,11 @@ class ModelConfig:
   def _validate_recipes(self, fail) -> None:
     """The looped-training recipe fields (backprop_cycles, input_injection, exit_gate, zero_bias_init,
     zero_attention_target_weight)."""
+    r = self.cycle_lora_rank
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+      fail("cycle_lora_rank", "must be an integer >= 0 (0: no per-cycle LoRA)")
+    if r and not VARIANT_PRESETS[self.canonical_variant]["cycled"]:
+      fail("cycle_lora_rank", f"variant={self.variant!r} has no cycled stack; set it to 0 or use variant=ztt")
     k = self.backprop_cycles
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
       fail("backprop_cycles", "must be an integer >= 0 (the last k cycles get gradients; 0: all of them)")

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ztt_jax.model import lora
 from ztt_jax.model.config import ModelConfig
 
 Array = jax.Array
@@ -37,20 +38,24 @@ def constrain(x_BxTxD: Array) -> Array:
 
 
 class Norm(nn.Module):
-  """RMSNorm or LayerNorm over the last axis; statistics in float32."""
+  """RMSNorm or LayerNorm over the last axis; statistics in float32. In a cycled layer with per-cycle
+  LoRA (`cycle` given, model.cycle_lora_rank > 0) scale and bias are per cycle, [C, D] (model/lora.py)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, cycle: Optional[Array] = None) -> Array:
     cfg = self.cfg
+    per_cycle = lora.active(cfg, cycle)
+    shape, axes = ((cfg.cycles, cfg.d_model), ("cycles", "embed")) if per_cycle else ((cfg.d_model,), ("embed",))
+    pick = (lambda p: p[lora.row(cfg, cycle)]) if per_cycle else (lambda p: p)  # noqa: E731
     x = x_BxTxD.astype(jnp.float32)
-    scale_D = logical_param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",))
+    scale_D = pick(logical_param(self, "scale", nn.initializers.ones, shape, axes))
     if cfg.norm == "layernorm":
       x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
     y = x * scale_D.astype(jnp.float32)
     if cfg.norm == "layernorm":
-      y = y + logical_param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("embed",)).astype(jnp.float32)
+      y = y + pick(logical_param(self, "bias", nn.initializers.zeros, shape, axes)).astype(jnp.float32)
     return y.astype(dtype_of(cfg.dtype))
 
 
@@ -71,17 +76,20 @@ class Mlp(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, cycle: Optional[Array] = None) -> Array:
+    """cycle: the cycle index in a cycled layer (per-cycle LoRA deltas, model/lora.py)."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     D, F = cfg.d_model, cfg.mlp_dim
+    on = lora.active(cfg, cycle)
+    up = lambda n, x: lora.delta(self, n, x, "d", (D,), ("embed",), "f", (F,), ("mlp",), cycle) if on else 0  # noqa: E731
     wi_DxF = logical_param(self, "wi_kernel", fan_in_init(0, 1), (D, F), ("embed", "mlp"))
-    h_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, wi_DxF.astype(dt))
+    h_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, wi_DxF.astype(dt)) + up("wi", x_BxTxD)
     if cfg.use_bias:
       h_BxTxF = h_BxTxF + logical_param(self, "wi_bias", nn.initializers.zeros, (F,), ("mlp",)).astype(dt)
     if cfg.mlp == "swiglu":
       wg_DxF = logical_param(self, "wg_kernel", fan_in_init(0, 1), (D, F), ("embed", "mlp"))
-      g_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, wg_DxF.astype(dt))
+      g_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, wg_DxF.astype(dt)) + up("wg", x_BxTxD)
       if cfg.use_bias:
         g_BxTxF = g_BxTxF + logical_param(self, "wg_bias", nn.initializers.zeros, (F,), ("mlp",)).astype(dt)
       h_BxTxF = jax.nn.silu(g_BxTxF) * h_BxTxF
@@ -89,6 +97,8 @@ class Mlp(nn.Module):
       h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)
     wo_FxD = logical_param(self, "wo_kernel", fan_in_init(0, 1), (F, D), ("mlp", "embed"))
     y_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, wo_FxD.astype(dt))
+    if on:
+      y_BxTxD = y_BxTxD + lora.delta(self, "wo", h_BxTxF, "f", (F,), ("mlp",), "d", (D,), ("embed",), cycle)
     if cfg.use_bias:
       y_BxTxD = y_BxTxD + logical_param(self, "wo_bias", nn.initializers.zeros, (D,), ("embed",)).astype(dt)
     return y_BxTxD

@@ -161,7 +161,7 @@ class ZTTModel(nn.Module):
     frozen = (state.exited_BxT, state.x_BxTxD) if rule.exits and rule.frozen_kv == "state" else None
     # Injection changes what the stack sees, not the state a token keeps (and shows once frozen).
     x_in_BxTxD = state.x_BxTxD if state.inject_BxTxD is None else state.x_BxTxD + state.inject_BxTxD
-    out = self.middle(x_in_BxTxD, *zero_xs, self._mask(), frozen, kv=kv, positions_T=positions_T)
+    out = self.middle(x_in_BxTxD, *zero_xs, self._mask(), frozen, kv=kv, positions_T=positions_T, cycle=c)
     za_BxT = jnp.mean(out.a0, axis=0).astype(jnp.float32)
     ran_BxT = ~state.exited_BxT
     lam_BxT, survival_BxT = None, state.survival_BxT
@@ -350,18 +350,21 @@ def _fill_frozen_kv(mdl: ZTTModel, kv: dict, x_BxTxD: Array, c_end: Array, posit
   """Cache entries of cycles c_end.. when every new token is frozen in x: each of those cycles would
   project each layer's K/V from x, and the middle params are shared by all cycles, so one projection
   per layer fills every skipped cycle."""
-  new = mdl.middle(x_BxTxD, positions_T=positions_T, kv_only=True).kv  # [S, B, T, H, K] each
   C, S = kv["k"].shape[:2]
+  # [1 or C, S, B, T, H, K] each; per-cycle LoRA (model/lora.py) gives each cycle its own K/V.
+  cycles = range(C) if mdl.cfg.cycle_lora_rank else [None]
+  new = jax.tree.map(lambda *a: jnp.stack(a), *[
+      mdl.middle(x_BxTxD, positions_T=positions_T, kv_only=True, cycle=c).kv for c in cycles])
   B, T = x_BxTxD.shape[:2]
   later_C = (jnp.arange(C) >= c_end)[:, None, None, None, None, None]
   start = (0, 0, 0, positions_T[0], 0, 0)
 
   def put(a, new):
     if mdl.cfg.attention_window is not None:  # a rolling cache: write the ring, keep cycles < c_end
-      ring = ring_keys(a, jnp.broadcast_to(new[None], (C,) + new.shape), positions_T[0], axis=3)[1]
+      ring = ring_keys(a, jnp.broadcast_to(new, (C,) + new.shape[1:]), positions_T[0], axis=3)[1]
       return jnp.where(later_C, ring, a)
     cur = jax.lax.dynamic_slice(a, start, (C, S, B, T) + a.shape[-2:])
-    return jax.lax.dynamic_update_slice(a, jnp.where(later_C, new[None].astype(a.dtype), cur), start)
+    return jax.lax.dynamic_update_slice(a, jnp.where(later_C, new.astype(a.dtype), cur), start)
 
   return jax.tree.map(put, kv, new)
 
