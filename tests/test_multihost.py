@@ -9,8 +9,10 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import numpy as np
+import psutil
 import pytest
 import tensorstore as ts
 
@@ -32,20 +34,28 @@ def _launch(workdir, logdir):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-  """2 processes x 4 devices: killed (SIGKILL, both) after checkpoint KILL_AFTER, then restarted."""
+  """2 processes x 4 devices: one of them killed (SIGKILL) after checkpoint KILL_AFTER, as a pod
+  loses a host; the survivor must stop by itself. Then the same command is run again."""
   root = tmp_path_factory.mktemp("multihost")
   workdir = root / "run"
   proc = _launch(workdir, root / "logs_first")
   try:
     runs.wait_for(lambda: (workdir / "checkpoints" / str(KILL_AFTER)).is_dir(), proc, timeout=400,
                   what=f"checkpoint {KILL_AFTER}")
+    victim = next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                  if "--process_id=1" in c.cmdline())
+    victim.kill()
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    survivor_exit_s = time.monotonic() - t0
   finally:
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes
+    os.killpg(proc.pid, signal.SIGKILL)  # anything left, should the assertions below fail
     proc.wait()
   first = {
       "metrics_rows": runs.read_rows(workdir),
       "checkpoints": runs.steps_on_disk(workdir),
       "process_1_log": (root / "logs_first" / "process_1.log").read_text(),
+      "launcher": (proc.returncode, err, survivor_exit_s, victim.pid),
   }
   proc = _launch(workdir, root / "logs_second")
   _, err = proc.communicate(timeout=400)
@@ -53,7 +63,14 @@ def two_process_run(tmp_path_factory):
   return workdir, root, first
 
 
-def test_two_processes_equal_one_process_and_resume_after_both_are_killed(two_process_run):
+def test_losing_one_process_stops_the_other_within_a_minute_naming_it(two_process_run):
+  _, _, first = two_process_run
+  rc, err, seconds, victim = first["launcher"]
+  assert seconds < 60 and rc != 0, (seconds, rc, err)
+  assert f"process 1 (pid {victim}) exited with status 137; stopping the others" in err, err
+
+
+def test_two_processes_equal_one_process_and_resume_after_one_is_killed(two_process_run):
   workdir, root, first = two_process_run
   reference = runs.losses(runs.reference_run())
 

@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import time
 from typing import Optional
 
 import jax
@@ -50,7 +51,7 @@ def detected_cluster() -> Optional[str]:
 
 
 def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                     process_id: Optional[int] = None) -> bool:
+                     process_id: Optional[int] = None, heartbeat_timeout_s: Optional[int] = None) -> bool:
   """Initialises jax.distributed if this is a multi-process launch; returns whether it did.
 
   Explicit values win, then ZTT_COORDINATOR_ADDRESS / ZTT_NUM_PROCESSES / ZTT_PROCESS_ID, then the
@@ -82,14 +83,15 @@ def maybe_initialize(coordinator_address: Optional[str] = None, num_processes: O
     if num_processes == 1:
       return False
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               **_timeouts(heartbeat_timeout_s))
   else:
     cluster = detected_cluster()
     if cluster is None:
       return False
     log.info("Detected a %s cluster: jax.distributed.initialize() reads it from the environment.",
              cluster)
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    jax.distributed.initialize(local_device_ids=local_device_ids, **_timeouts(heartbeat_timeout_s))
   log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
@@ -136,3 +138,55 @@ def _wait_for_all_processes(name: str, timeout_s: int = 3600):
   client = jax_distributed.global_state.client
   if client is not None:
     client.wait_at_barrier(name, timeout_s * 1000)
+
+
+
+# ------------------------------------------------------------------ losing a process
+
+# What a survivor exits with when a peer is gone: EX_TEMPFAIL, "try again". A pod or SLURM job
+# re-queues on it, and the restart resumes from the last checkpoint (docs/checkpoints-and-faults.md).
+EXIT_PEER_LOST = 75
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+
+
+def _timeouts(heartbeat_timeout_s: Optional[int]) -> dict:
+  """JAX waits 100 s for a heartbeat and 300 s at shutdown by default: a pod whose host died would
+  idle for minutes in a collective that never completes. A lost peer is declared after this many
+  seconds (flag --heartbeat_timeout_s, or ZTT_HEARTBEAT_TIMEOUT_S for cluster-detected launches)."""
+  hb = heartbeat_timeout_s or _int_env("ZTT_HEARTBEAT_TIMEOUT_S") or DEFAULT_HEARTBEAT_TIMEOUT_S
+  return {"heartbeat_timeout_seconds": hb, "shutdown_timeout_seconds": hb}
+
+
+def lost_processes() -> Optional[list[int]]:
+  """The processes the coordination service no longer sees alive; None when it cannot be asked
+  (a single process, or the coordinator itself is gone: then process 0 is lost)."""
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return None
+  everyone = list(range(jax.process_count()))
+  try:
+    live = set(client.get_live_nodes(everyone))
+  except Exception:  # noqa: BLE001 - the service is unreachable: it lived in process 0
+    return [0] if jax.process_index() != 0 else None
+  return [p for p in everyone if p not in live]
+
+
+def peer_lost(error: BaseException, heartbeat_timeout_s: Optional[int] = None) -> Optional[str]:
+  """After `error` in a multi-process run: the one line to exit with if a peer is gone, else None.
+
+  A collective with a dead peer fails at once on CPU (Gloo: connection reset) but the coordination
+  service declares the peer lost only after the heartbeat timeout; so wait up to that long for it."""
+  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return None  # a config or data error is this process's own, and is reported as such
+  deadline = time.monotonic() + _timeouts(heartbeat_timeout_s)["heartbeat_timeout_seconds"] + 5
+  lost = lost_processes()
+  while lost == [] and time.monotonic() < deadline:
+    time.sleep(1)
+    lost = lost_processes()
+  if not lost:
+    return None
+  names = ", ".join(map(str, lost))
+  return (f"PeerLost: process {names} of {jax.process_count()} is gone (this is process {jax.process_index()}; "
+          f"it stopped at: {type(error).__name__}). Restart the job (re-queue it): every process resumes from "
+          f"the last checkpoint. Exit status {EXIT_PEER_LOST}.")

@@ -62,7 +62,7 @@ FATAL: dict[str, dict[str, Callable]] = {
             "vocab_size", "d_model", "num_heads", "mlp_dim", "n_head_layers", "n_middle_layers",
             "n_tail_layers", "num_cycles", "variant", "zero_token", "share_head_tail", "zero_token_layers",
             "zero_bias", "norm", "norm_eps", "position", "mlp", "use_bias", "tie_embeddings", "param_dtype",
-            "input_injection", "exit_gate")},
+            "input_injection", "exit_gate", "num_kv_heads", "cycle_lora_rank")},
         "max_seq_len": _model_pos("learned"),  # sizes the position table; with rope only a limit
         "rope_theta": _model_pos("rope"),
     },

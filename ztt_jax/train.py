@@ -16,13 +16,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", None, "Seconds without a heartbeat after which a "
+                                  "process counts as lost and the others exit (multi-host; default 30).",
+                                  lower_bound=1)
 
 
 def main(argv):
   del argv
   from ztt_jax import distributed
   try:
-    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   import jax
@@ -36,6 +39,11 @@ def main(argv):
   except trainer.NonFiniteLossError as e:
     _fail_fast_if_multiprocess(f"NonFiniteLossError: {e}")
     raise SystemExit(f"NonFiniteLossError: {e}") from None  # exit status 1, no traceback
+  except Exception as e:  # noqa: BLE001 - a peer that died surfaces here as a failed collective
+    lost = distributed.peer_lost(e, _HEARTBEAT.value)
+    if lost:
+      _fail_fast_if_multiprocess(lost, distributed.EXIT_PEER_LOST)
+    raise
 
 
 def _fail_fast_if_multiprocess(message: str, code: int = 1):
