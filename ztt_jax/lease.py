@@ -7,10 +7,13 @@ stale: its pid is gone (or is another process now) on this host, or it has not b
 `checkpoint.lease_timeout_s` (the only test possible for a holder on another host). Readers
 (evaluate, generate, export) never look at it.
 
-Taking the lease is create-if-absent: the full file is written under a temporary name and hard-linked
-to lease.json, which fails if lease.json exists. That is atomic on local and NFS file systems, and a
-reader never sees a half-written lease. Taking over a stale lease renames it aside first, and a
-taker that finds it renamed someone else's fresh lease puts it back and stops.
+Taking the lease is create-if-absent (ztt_jax.storage.create_new): locally the full file is written
+under a temporary name and hard-linked to lease.json, which fails if lease.json exists (atomic on
+local and NFS file systems); on an object store (a gs:// workdir) it is an upload with the
+precondition that no lease.json exists (GCS ifGenerationMatch=0). Either way a reader never sees a
+half-written lease. Taking over a stale lease: locally it is renamed aside first, and a taker that
+finds it renamed someone else's fresh lease puts it back and stops; on GCS it is deleted only if it
+is still the generation that was read and judged stale, so of two takers one wins.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Optional
 
 import psutil
 
+from ztt_jax import storage
 from ztt_jax.errors import LeaseError
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,7 @@ def _utc(t: float) -> str:
 def _read(path: str) -> Optional[dict]:
   """The lease at `path`; None if there is none; {} if it cannot be read as one."""
   try:
-    with open(path) as f:
-      holder = json.load(f)
+    holder = json.loads(storage.read_text(path))
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
@@ -57,23 +60,15 @@ def _read(path: str) -> Optional[dict]:
 
 def _write_new(path: str, content: dict) -> bool:
   """Creates `path` holding `content` if it does not exist; False if it does."""
-  tmp = f"{path}.new-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(content, f)
-  try:
-    os.link(tmp, path)
-    return True
-  except FileExistsError:
-    return False
-  finally:
-    os.remove(tmp)
+  return storage.create_new(path, json.dumps(content).encode())
 
 
 class Lease:
   """The lease of `workdir` while this process holds it (see the module docstring)."""
 
   def __init__(self, workdir: str, timeout_s: float):
-    self.path, self.timeout_s = os.path.join(workdir, NAME), timeout_s
+    self.workdir, self.timeout_s = workdir, timeout_s
+    self.path = storage.join(workdir, NAME)
     now, pid = time.time(), os.getpid()
     self.me = {"host": socket.gethostname(), "pid": pid, "pid_started": _pid_started(pid),
                "started": now, "refreshed": now}
@@ -108,11 +103,11 @@ class Lease:
         return
       if not holder:
         raise LeaseError(f"{self.path} exists but is not a lease ztt_jax can read; if no run is training in "
-                         f"{os.path.dirname(self.path)}, delete it and rerun.")
+                         f"{self.workdir}, delete it and rerun.")
       why = self.stale_reason(holder)
       if why is None:
         raise LeaseError(
-            f"{os.path.dirname(self.path)} is being trained by pid {holder['pid']} on host {holder['host']} "
+            f"{self.workdir} is being trained by pid {holder['pid']} on host {holder['host']} "
             f"(since {_utc(holder.get('started', holder['refreshed']))}, lease refreshed "
             f"{time.time() - holder['refreshed']:.0f} s ago); wait for that run to end or stop it, or "
             "choose another --workdir.")
@@ -120,6 +115,9 @@ class Lease:
     raise LeaseError(f"{self.path} keeps changing: other runs are starting in the same directory; start one.")
 
   def _take_over(self, holder: dict, why: str) -> None:
+    if storage.is_url(self.path):
+      self._take_over_object(holder, why)
+      return
     aside = f"{self.path}.stale-{os.getpid()}"
     try:
       os.rename(self.path, aside)
@@ -134,8 +132,20 @@ class Lease:
       os.remove(aside)
       return
     os.remove(aside)
+    self._warn_taken(holder, why)
+
+  def _take_over_object(self, holder: dict, why: str) -> None:
+    # No rename on an object store: delete the lease only if it is still the one judged stale (the
+    # generation read before its content); acquire() then creates ours if absent.
+    gen = storage.generation(self.path)
+    if gen is None or _read(self.path) != holder:
+      return  # gone or replaced since: acquire() looks again
+    if storage.delete(self.path, if_generation=gen):
+      self._warn_taken(holder, why)
+
+  def _warn_taken(self, holder: dict, why: str) -> None:
     log.warning("Took over the lease of %s from pid %d on host %s (%s): that run is no longer writing.",
-                os.path.dirname(self.path), holder["pid"], holder["host"], why)
+                self.workdir, holder["pid"], holder["host"], why)
 
   def refresh(self, force: bool = False) -> None:
     """Rewrites the lease with the current time, at most every few seconds unless `force`;
@@ -146,15 +156,12 @@ class Lease:
     holder = _read(self.path)
     if not self._is_mine(holder):
       who = f"pid {holder['pid']} on host {holder['host']}" if holder else "no readable lease (it was deleted or replaced)"
-      raise LeaseError(f"The lease of {os.path.dirname(self.path)} is now held by {who}: this run went "
+      raise LeaseError(f"The lease of {self.workdir} is now held by {who}: this run went "
                        f"{now - self._last_write:.0f} s without refreshing it (checkpoint.lease_timeout_s="
                        f"{self.timeout_s:g}); it stops so that one run writes there. Raise the timeout.")
-    tmp = f"{self.path}.refresh-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump({**self.me, "refreshed": now}, f)
-    os.replace(tmp, self.path)
+    storage.write_text(self.path, json.dumps({**self.me, "refreshed": now}))
     self._last_write = now
 
   def release(self) -> None:
     if self._is_mine(_read(self.path)):
-      os.remove(self.path)
+      storage.delete(self.path)

@@ -6,7 +6,11 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, Mapping
+
+from ztt_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -21,36 +25,66 @@ class MetricsWriter:
   One history per run: `start_step` is the step training continues from (the restored checkpoint's,
   0 for a fresh start). Rows an interrupted run logged past it are dropped from metrics.jsonl, and
   TensorBoard is told to hide the events past it (`purge_step`), since those steps are trained again.
+
+  On an object store (a gs:// workdir), which has no append, the writer keeps the file's rows and
+  rewrites the whole object at each write (one upload: a reader sees the old rows or the new ones).
+  TensorBoard's event file is written locally and uploaded whole after each flush, the same way.
+  (tensorboardX can write gs:// itself, but its writer uploads again when garbage-collected, and
+  retries for minutes when the store is gone by then.)
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._rows: list[str] | None = None  # an object store's rows, rewritten whole at each write
+    self._tb_sync = None  # (local event dir, its URL) for an object store
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       truncate_after(self.path, start_step)
+      if storage.is_url(self.path):
+        self._rows = _lines(self.path) if storage.exists(self.path) else []
       if tensorboard:
         from tensorboardX import SummaryWriter
         # TensorBoard hides every earlier event at a step >= purge_step (its own rule for a crashed
         # and restarted run); the events stay in the old files, which TensorBoard reads past.
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+        logdir = storage.join(workdir, "tensorboard")
+        if storage.is_url(logdir):
+          self._tb_sync = (tempfile.mkdtemp(prefix="ztt_jax_tensorboard_"), logdir)
+          logdir = self._tb_sync[0]
+        self._tb = SummaryWriter(logdir, purge_step=start_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     if not self.enabled:
       return
     clean = {k: _to_float(v) for k, v in flat(metrics).items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = json.dumps({"step": int(step), **clean})
+    if self._rows is not None:
+      self._rows.append(line)
+      storage.write_text(self.path, "".join(r + "\n" for r in self._rows))
+    else:
+      with storage.path(self.path).open("a") as f:  # local only: gcsfs's "a" silently overwrites
+        f.write(line + "\n")
     if self._tb is not None:
       for k, v in clean.items():
         if v is not None:
           self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
+      self._sync_tensorboard()
+
+  def _sync_tensorboard(self):
+    if self._tb_sync is not None:
+      local, url = self._tb_sync
+      for name in os.listdir(local):  # this run's event file: new files each run, never another's
+        storage.upload(os.path.join(local, name), storage.join(url, name))
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._sync_tensorboard()
+      if self._tb_sync is not None:
+        shutil.rmtree(self._tb_sync[0], ignore_errors=True)
+      self._tb = None
 
 
 def flat(metrics: Mapping[str, Any]) -> dict:
@@ -96,14 +130,12 @@ def _to_float(v):
 
 def truncate_after(path: str, step: int) -> None:
   """Drops the rows of `path` (a metrics.jsonl) past `step`, and a half-written last line, by
-  writing the rest to a temporary file and renaming it over `path`: a kill during the rewrite
-  leaves the old file or the new one, never a mix."""
-  if not os.path.exists(path):
+  writing the rest to a temporary file and renaming it over `path` (on an object store, one upload):
+  a kill during the rewrite leaves the old file or the new one, never a mix."""
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    lines = f.read().splitlines()
   keep, dropped, broken = [], [], 0
-  for line in filter(str.strip, lines):
+  for line in _lines(path):
     try:
       row_step = json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -115,17 +147,15 @@ def truncate_after(path: str, step: int) -> None:
       dropped.append(row_step)
   if not dropped and not broken:
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write("".join(line + "\n" for line in keep))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.write_text(path, "".join(line + "\n" for line in keep))
   log.warning("Continuing from step %d: dropped %d metrics.jsonl rows past it (steps %s), which are "
               "trained again, and %d half-written lines.", step, len(dropped),
               f"{min(dropped)}..{max(dropped)}" if dropped else "none", broken)
 
 
+def _lines(path: str) -> list[str]:
+  return [line for line in storage.read_text(path).splitlines() if line.strip()]
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in _lines(storage.join(workdir, "metrics.jsonl"))]

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 from typing import Callable, Iterable, Mapping, Optional
 
+from ztt_jax import storage
 from ztt_jax.errors import ConfigError, DiskFullError, OutputError, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ def check_workdir(workdir) -> str:
   if workdir is None or not str(workdir).strip():
     raise ConfigError("--workdir is empty; give the run's directory, e.g. --workdir=runs/my_run (it is "
                       "created if missing; re-running the same command resumes from it).")
+  if storage.is_url(workdir):
+    return _check_url_workdir(storage.absolute(workdir))
   path = os.path.abspath(os.path.expanduser(str(workdir)))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"--workdir={path} is a file, not a directory; choose another path.")
@@ -233,11 +236,30 @@ def check_workdir(workdir) -> str:
   return path
 
 
+def _check_url_workdir(url: str) -> str:
+  """An object-store workdir: not an object itself, and writable (a probe object is created and
+  deleted, which names a missing bucket or missing credentials before anything is compiled)."""
+  probe = storage.join(url, f".ztt_jax_write_check-{os.getpid()}")
+  try:
+    if storage.exists(url) and not storage.isdir(url):
+      raise ConfigError(f"--workdir={url} is an object, not a folder; choose another path.")
+    storage.create_new(probe, b"")
+    storage.delete(probe)
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 - every store says "no bucket" or "no access" its own way
+    raise ConfigError(f"--workdir={url} cannot be written ({type(e).__name__}: {str(e)[:200]}); check that "
+                      "the bucket exists and that the credentials in the environment may write it "
+                      "(GOOGLE_APPLICATION_CREDENTIALS, or the VM's service account).") from None
+  return url
+
+
 def make_workdir(workdir: str, *subdirs: str) -> None:
-  """Creates the work directory (checked by `check_workdir`) and `subdirs` inside it."""
+  """Creates the work directory (checked by `check_workdir`) and `subdirs` inside it (nothing to
+  create on an object store, where a folder exists once an object does)."""
   try:
     for d in subdirs or (workdir,):
-      os.makedirs(d, exist_ok=True)
+      storage.makedirs(d)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} cannot be created ({e.strerror}: {e.filename}); choose a "
                       "directory you can write.") from None

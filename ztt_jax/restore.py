@@ -16,6 +16,7 @@ from flax import traverse_util
 from ztt_jax import config as config_lib
 from ztt_jax import export
 from ztt_jax import run as run_lib
+from ztt_jax import storage as paths
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.errors import CheckpointError, ConfigError
 from ztt_jax.train_step import TrainState
@@ -31,8 +32,8 @@ class TrainedRun:
 
 def load_trained(workdir: str, step: Optional[int] = None, devices=None) -> TrainedRun:
   """Params of checkpoint `step` (default: newest good one) placed on `devices` (default: all)."""
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = paths.join(paths.absolute(workdir), "checkpoints")
+  if not paths.isdir(ckpt_dir):
     raise CheckpointError(f"No checkpoints in {workdir}: expected {ckpt_dir}. Pass the --workdir of a "
                           "training run (python -m ztt_jax.train ... --workdir=DIR).")
   probe = Checkpointer(ckpt_dir, config_lib.CheckpointConfig())
@@ -63,7 +64,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None, storage: str 
   export.check_out(out, overwrite=overwrite, sources=sources)  # before the minutes of loading the run
   # Local devices only: the export is written by this process, so every array must be addressable here.
   trained = load_trained(workdir, step, devices=jax.local_devices())
-  source = {"kind": "training_run", "workdir": os.path.abspath(workdir), "step": int(trained.step)}
+  source = {"kind": "training_run", "workdir": paths.absolute(workdir), "step": int(trained.step)}
   return export.save(out, trained.cfg.model, trained.params, storage=storage, unscanned=unscanned,
                      dtype=dtype, source=source, overwrite=overwrite, sources=sources)
 

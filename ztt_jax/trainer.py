@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Callable, Optional
 
@@ -17,10 +16,11 @@ import numpy as np
 import psutil
 
 from ztt_jax import data as data_lib
-from ztt_jax import outdir, partitioning, resume
+from ztt_jax import outdir, partitioning, resume, storage
 from ztt_jax.checkpointing import Checkpointer, saved_metadata
 from ztt_jax.config import Config
 from ztt_jax.data.fingerprint import fingerprint
+from ztt_jax.data.pipeline import local_data
 from ztt_jax.distributed import compile_synced
 from ztt_jax.errors import DiskFullError, is_disk_full
 from ztt_jax.evaluator import Evaluator
@@ -77,11 +77,11 @@ def train(cfg: Config, workdir: str, devices=None) -> dict:
   """
   cfg.validate()
   workdir = outdir.check_workdir(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = storage.join(workdir, "checkpoints")
   saved = saved_metadata(ckpt_dir)
   _check_resume(saved, cfg, workdir)  # first: a changed config is named before data or compiling
   train_iter, eval_batches = _data(cfg)
-  data_fingerprint = fingerprint(cfg.data)
+  data_fingerprint = fingerprint(local_data(cfg.data))  # of the local copy of data in a bucket
   if saved is not None:  # after opening the data (which names a missing or bad file), before compiling
     resume.check_data(saved[1].get("data_fingerprint"), data_fingerprint, cfg, workdir=workdir, step=saved[0])
   run = build(cfg, devices)  # after the data checks: a bad file should fail in seconds

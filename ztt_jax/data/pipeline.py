@@ -4,12 +4,14 @@ Global batch i, row n is example i * global_batch_size + n. The train dataset is
 global batch indices, so its iterator state ({'next_index': i}) is the same on every process and
 does not depend on the process count: a checkpoint resumes with the same data on any host count.
 """
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
 import grain
 import numpy as np
 
+from ztt_jax import storage
 from ztt_jax.data import multihop, propagation, sources, text
 from ztt_jax.data.config import DataConfig
 from ztt_jax.data.tokenizer import load_tokenizer
@@ -32,8 +34,22 @@ class Source(Protocol):
   def pad_example(self) -> dict: ...
 
 
+def local_data(cfg: DataConfig) -> DataConfig:
+  """`cfg` with a data.path in an object store (gs://...) replaced by a local copy of it
+  (storage.local_copy: made once, reused while the objects are unchanged): ArrayRecord and the
+  memory-mapped token files read local files only. The run's config keeps the URL."""
+  if cfg.kind in ('text', 'tokens', 'array_record') and cfg.path and storage.is_url(cfg.path):
+    try:
+      return dataclasses.replace(cfg, path=storage.local_copy(cfg.path, cfg.cache_dir))
+    except FileNotFoundError:
+      raise DataError(f'data.path {cfg.path!r} does not exist: no object has that name or prefix. Set '
+                      '--config.data.path to an existing file or folder in the bucket.') from None
+  return cfg
+
+
 def open_source(cfg: DataConfig) -> Source:
   """Opens (and for text, tokenizes once) the configured data; raises DataError on bad input."""
+  cfg = local_data(cfg)
   if cfg.kind == 'propagation':
     return propagation.PropagationSource(cfg)
   if cfg.kind == 'multihop':
