@@ -127,3 +127,12 @@ def test_a_second_writer_is_refused_and_a_stale_lease_taken_over(bucket, caplog)
 def test_a_workdir_in_a_missing_bucket_is_one_config_error(bucket):
   with pytest.raises(ConfigError, match="cannot be written .* check that the bucket exists"):
     trainer.train(runs.config(), "gs://no-such-bucket/runs/x")
+
+
+def test_an_export_to_a_bucket_is_refused_in_one_line(trained):
+  from ztt_jax import restore
+  from ztt_jax.errors import OutputError
+  workdir, _ = trained
+  with pytest.raises(OutputError, match="not supported; give a local --out"):
+    restore.export_run(workdir, f"{BUCKET}/exports/x")
+  assert not storage.exists(f"{BUCKET}/exports/x")

@@ -64,6 +64,11 @@ def check(out: Optional[str], *, overwrite: bool, is_ours: Callable[[str], Optio
   """
   if not out or not str(out).strip():
     raise OutputError(f"{flag} is empty; give the directory to write {what} to.")
+  if storage.is_url(out):
+    # The swap above needs a directory rename, which object stores lack; abspath would make a local
+    # folder named "gs:". Written locally, an output can be copied up whole.
+    raise OutputError(f"{flag}={out}: writing {what} straight to an object store is not supported; give a "
+                      f"local {flag} and copy the finished directory up (gcloud storage cp -r).")
   path = os.path.abspath(os.path.expanduser(out))
   real = _real(path)
   for name, src in dict(sources).items():

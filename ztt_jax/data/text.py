@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ztt_jax import storage
 from ztt_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from ztt_jax.errors import DataError
 
@@ -78,6 +79,9 @@ def _cache_key(files: list[pathlib.Path], tokenizer) -> str:
 def build_token_cache(path: str, tokenizer: Union[ByteTokenizer, HFTokenizer],
                       cache_dir: Optional[str] = None) -> TokenCache:
   """Returns the cache for `path`, tokenizing only if no valid cache exists yet."""
+  if cache_dir and storage.is_url(cache_dir):
+    raise DataError(f'data.cache_dir={cache_dir!r} is in an object store; the token cache is memory-mapped, '
+                    'so it must be a local folder. Leave data.cache_dir unset or give a local path.')
   files = list_text_files(path)
   cache_dir = cache_dir or default_cache_dir()
   key = _cache_key(files, tokenizer)
