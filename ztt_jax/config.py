@@ -83,6 +83,11 @@ class TrainConfig:
   """Largest cycle count drawn; None: model.num_cycles (the pool's rows). More reuses the last row."""
   cycles_sigma: float = 0.5
   """Log-normal spread of lognormal_poisson (Huginn: 0.5)."""
+  loss_block_tokens: int = 0
+  """Tokens per block of the loss (ztt_jax/loss.py: the LM head and log-softmax run block by block
+  over the sequence, so the [B, T, V] logits are never held; training and evaluation alike). Counted
+  over the whole (micro)batch; a block's float32 logits take block x vocab_size x 4 bytes, split over
+  the devices. 0: automatic, about 2^25 logits (128 MiB) per block."""
 
   def validate(self):
     if self.steps < 1:
@@ -100,6 +105,8 @@ class TrainConfig:
     if self.cycles_distribution not in CYCLES_DISTRIBUTIONS:
       raise ConfigError(f"train.cycles_distribution={self.cycles_distribution!r}: use one of "
                         f"{', '.join(CYCLES_DISTRIBUTIONS)}.")
+    if isinstance(self.loss_block_tokens, bool) or self.loss_block_tokens < 0:
+      raise ConfigError(f"train.loss_block_tokens={self.loss_block_tokens}: must be >= 0 (0: automatic).")
     if self.cycles_max is not None and (isinstance(self.cycles_max, bool) or self.cycles_max < 1):
       raise ConfigError(f"train.cycles_max={self.cycles_max}: must be a positive integer, or none.")
     if self.cycles_mean is not None and not self.cycles_mean >= 1:

@@ -69,7 +69,7 @@ class Evaluator:
     self.run = run
     self.batches = batches
     self.rule = ExitRule.from_config(run.cfg.model) if rule is None else rule
-    step = make_eval_step(run.model, num_cycles=num_cycles)
+    step = make_eval_step(run.model, num_cycles=num_cycles, block_tokens=run.cfg.train.loss_block_tokens)
     repl = partitioning.replicated(run.mesh)
     self._fn = compile_synced(jax.jit(lambda p, b, rule: (step(p, b, rule), b.get("difficulty")),
                                       in_shardings=(run.param_shardings, None, None), out_shardings=repl))

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ztt_jax import loss as loss_lib
 from ztt_jax.config import Config
 from ztt_jax.model.exit import ExitRule, halting_distribution, kl_to_uniform, zero_attention_target_loss
 from ztt_jax.partitioning import BATCH_AXES
@@ -25,32 +26,46 @@ class TrainState:
   skipped_steps: jax.Array
 
 
-def token_cross_entropy(logits_BxTxV, targets_BxT):
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+def token_losses(model: nn.Module, params, batch, rule: Optional[ExitRule] = None,
+                 num_cycles: Optional[int] = None, *, block_tokens: int = 0, per_cycle: bool = True):
+  """The model's per-token cross-entropy [B,T] and argmax == target [B,T] on batch['targets'],
+  computed blockwise from the hidden states (ztt_jax/loss.py): the [B,T,V] logits are never held.
+
+  Returns (ce_BxT, hit_BxT, aux): aux is the model's, and when the model collects every cycle's
+  read-out (deep supervision, the exit gate, the a0 target) and per_cycle, it also holds cycle_ce and
+  cycle_hit [C,B,T] (the last row is the final read-out's). block_tokens: train.loss_block_tokens."""
+  variables = {"params": params}
+  h_BxTxD, aux = model.apply(variables, batch["inputs"], rule, num_cycles, readout=False)
+  head = model.apply(variables, method="lm_head")
+  h_CxBxTxD = aux.pop("cycle_hidden", None)
+  if h_CxBxTxD is None or not per_cycle:
+    ce_BxT, hit_BxT = loss_lib.token_losses(h_BxTxD, head, batch["targets"], block_tokens)
+    return ce_BxT, hit_BxT, aux
+  aux["cycle_ce"], aux["cycle_hit"] = loss_lib.token_losses(h_CxBxTxD, head, batch["targets"], block_tokens)
+  return aux["cycle_ce"][-1], aux["cycle_hit"][-1], aux
 
 
 def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float,
-                       num_cycles: Optional[int] = None):
+                       num_cycles: Optional[int] = None, *, block_tokens: int = 0):
   """Sums (not means) over weighted tokens, so microbatches add up exactly to the full batch.
 
   Returns (loss_sum, stats) where loss_sum includes the deep-supervision term
   `cycle_loss_weight * mean_c(loss_c)`, with the exit gate (model.exit_gate) its terms (see
   gate_loss_sums), and with model.zero_attention_target_weight > 0 that weight times the mean over
   cycles of the a0 target's BCE sum (model.exit.zero_attention_target_loss); stats holds per-cycle
-  zero-attention sums. num_cycles: static, see
-  ZTTModel.__call__ (a sampled cycle count, train.cycles_distribution).
+  zero-attention sums. num_cycles: static, see ZTTModel.__call__ (a sampled cycle count,
+  train.cycles_distribution). block_tokens: train.loss_block_tokens (ztt_jax/loss.py).
   """
-  logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], None, num_cycles)
+  ce_BxT, _, aux = token_losses(model, params, batch, None, num_cycles, block_tokens=block_tokens)
   w_BxT = batch["weights"]
-  ce_sum = jnp.sum(token_cross_entropy(logits_BxTxV, batch["targets"]) * w_BxT)
+  ce_sum = jnp.sum(ce_BxT * w_BxT)
   loss_sum = ce_sum
   stats = {
       "ce_sum": ce_sum,
       "zero_attention_sum_C": jnp.sum(aux["zero_attention"].astype(jnp.float32) * w_BxT, axis=(1, 2)),
   }
-  if "cycle_logits" in aux:
-    cycle_ce_CxBxT = jax.vmap(token_cross_entropy, in_axes=(0, None))(
-        aux["cycle_logits"], batch["targets"])
+  if "cycle_ce" in aux:
+    cycle_ce_CxBxT = aux["cycle_ce"]
     if cycle_loss_weight > 0:
       loss_sum = loss_sum + cycle_loss_weight * jnp.mean(jnp.sum(cycle_ce_CxBxT * w_BxT, axis=(1, 2)))
     if "exit_gate" in aux:
@@ -58,7 +73,7 @@ def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float
       loss_sum = loss_sum + gate_sum
       stats.update(gate_stats)
     if model.cfg.zero_attention_target_weight > 0:
-      bce_CxBxT = zero_attention_target_loss(aux["zero_attention"], aux["cycle_logits"], batch["targets"])
+      bce_CxBxT = zero_attention_target_loss(aux["zero_attention"], aux["cycle_hit"])
       target_sum = jnp.mean(jnp.sum(bce_CxBxT * w_BxT, axis=(1, 2)))
       loss_sum = loss_sum + model.cfg.zero_attention_target_weight * target_sum
       stats["zero_attention_target_sum"] = target_sum
@@ -117,13 +132,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
   passes the count it sampled (train.cycles_distribution), and jit keeps one program per count."""
   num_micro = cfg.train.microbatches
   cycle_loss_weight = cfg.model.cycle_loss_weight
+  block_tokens = cfg.train.loss_block_tokens
 
   def step(state: TrainState, batch, num_cycles: Optional[int] = None):
     weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def micro_grads(params, micro):
       def loss_fn(p):
-        loss_sum, stats = weighted_loss_sums(model, p, micro, cycle_loss_weight, num_cycles)
+        loss_sum, stats = weighted_loss_sums(model, p, micro, cycle_loss_weight, num_cycles,
+                                              block_tokens=block_tokens)
         return loss_sum / weight_total, stats
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -141,7 +158,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Con
 
       first = jax.tree.map(lambda x: x[0], micro_batches)
       stats_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: weighted_loss_sums(model, state.params, first, cycle_loss_weight, num_cycles)[1]))
+          lambda: weighted_loss_sums(model, state.params, first, cycle_loss_weight, num_cycles,
+                                     block_tokens=block_tokens)[1]))
       (loss, stats, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros((), jnp.float32), stats_zero, zeros), micro_batches)
 
@@ -187,20 +205,22 @@ def _recipe_metrics(stats: dict, weight_total, num_cycles: Optional[int]) -> dic
   return out
 
 
-def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None):
+def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None,
+                   block_tokens: int = 0):
   """Per-example sums, and per-token hits and cycles, so the host can aggregate over batches and by
   difficulty (per example when `difficulty` is [B], per scored token when it is [B, T]).
 
   rule: the exit rule (None: no exit); the step's optional third argument replaces it. Passed
   through jit a rule's threshold is traced, so one compile serves a whole threshold sweep.
-  num_cycles: static, see ZTTModel.__call__.
+  num_cycles: static, see ZTTModel.__call__. block_tokens: train.loss_block_tokens (the per-token
+  metrics come from ztt_jax/loss.py, which never holds the logits).
   """
 
   def eval_step(params, batch, rule: Optional[ExitRule] = rule):
-    logits_BxTxV, aux = model.apply({"params": params}, batch["inputs"], rule, num_cycles)
+    ce_BxT, hit_BxT, aux = token_losses(model, params, batch, rule, num_cycles, block_tokens=block_tokens,
+                                        per_cycle=False)
     w_BxT = batch["weights"]
-    ce_BxT = token_cross_entropy(logits_BxTxV, batch["targets"])
-    hit_BxT = (jnp.argmax(logits_BxTxV, -1) == batch["targets"]) | (w_BxT == 0)
+    hit_BxT = hit_BxT | (w_BxT == 0)
     return {
         "ce_sum_B": jnp.sum(ce_BxT * w_BxT, axis=1),
         "weight_B": jnp.sum(w_BxT, axis=1),

@@ -47,12 +47,12 @@ def state_delta(x_prev_BxTxD: Array, x_BxTxD: Array, eps: float = 1e-6) -> Array
 ZERO_ATTENTION_TARGET_EPS = 1e-6
 
 
-def zero_attention_target_loss(za_CxBxT: Array, cycle_logits_CxBxTxV: Array, targets_BxT: Array) -> Array:
+def zero_attention_target_loss(za_CxBxT: Array, right_CxBxT: Array) -> Array:
   """Per cycle and token, the binary cross-entropy of mean a0 as a prediction that the cycle's
-  read-out is already right: target [argmax(logits_c) == target] (a constant), prediction
-  eps + (1 - 2 eps) a0_c. float32 [C,B,T] (model.zero_attention_target_weight)."""
-  right_CxBxT = jax.lax.stop_gradient(
-      (jnp.argmax(cycle_logits_CxBxTxV, -1) == targets_BxT[None]).astype(jnp.float32))
+  read-out is already right: target right_CxBxT = [argmax(logits_c) == target] (a constant; from
+  ztt_jax/loss.py, which never holds the logits), prediction eps + (1 - 2 eps) a0_c. float32 [C,B,T]
+  (model.zero_attention_target_weight)."""
+  right_CxBxT = jax.lax.stop_gradient(right_CxBxT.astype(jnp.float32))
   eps = ZERO_ATTENTION_TARGET_EPS
   # The affine squash, not a clip, keeps the log finite: a clip would stop the gradient exactly where
   # a0 has collapsed and most needs to move.

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ztt_jax.loss import LMHead, head_logits
 from ztt_jax.model import lora
 from ztt_jax.model.config import ModelConfig
 
@@ -144,11 +145,13 @@ class Embedder(nn.Module):
         x_BxTxD = x_BxTxD + jax.lax.dynamic_slice_in_dim(self.pos_embedding, offset, T)[None]
     return constrain(x_BxTxD.astype(dtype_of(cfg.dtype)))
 
-  def decode(self, x_BxTxD: Array) -> Array:
-    """Logits in float32 (the matmul accumulates in float32 whatever the compute dtype)."""
+  def head(self) -> LMHead:
+    """The LM head's kernel in the compute dtype, in its stored layout (ztt_jax/loss.py)."""
     dt = dtype_of(self.cfg.dtype)
     if self.cfg.tie_embeddings:
-      logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding.astype(dt), preferred_element_type=jnp.float32)
-    else:
-      logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head.astype(dt), preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+      return LMHead(self.embedding.astype(dt), vocab_axis=0)
+    return LMHead(self.lm_head.astype(dt), vocab_axis=1)
+
+  def decode(self, x_BxTxD: Array) -> Array:
+    """Logits in float32 (the matmul accumulates in float32 whatever the compute dtype)."""
+    return head_logits(x_BxTxD, self.head())

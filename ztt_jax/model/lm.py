@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from ztt_jax.errors import ConfigError
+from ztt_jax.loss import LMHead
 from ztt_jax.model.attention import ring_keys
 from ztt_jax.model.block import LayerStack, zero_key_init
 from ztt_jax.model.config import ModelConfig
@@ -135,15 +136,23 @@ class ZTTModel(nn.Module):
     row = jnp.minimum(c, cfg.cycles - 1)
     return self.zero_key_pool[row], (self.zero_bias_pool[row] if cfg.zero_bias else None)
 
+  def lm_head(self) -> LMHead:
+    """The LM head (tied embedding or lm_head) in the compute dtype, for ztt_jax/loss.py."""
+    return self.embed.head()
+
   def lm_logits(self, x_BxTxD: Array) -> Array:
     """final norm -> LM head; float32 logits."""
     return self.embed.decode(self.final_norm(x_BxTxD))
 
-  def readout(self, x_BxTxD: Array) -> Array:
-    """tail -> final norm -> LM head; float32 logits."""
+  def read_hidden(self, x_BxTxD: Array) -> Array:
+    """tail -> final norm: what the LM head reads."""
     if self.cfg.unique_tail_layers:
       x_BxTxD = self.tail(x_BxTxD, mask_zero_slot=self._mask()).x
-    return self.lm_logits(x_BxTxD)
+    return self.final_norm(x_BxTxD)
+
+  def readout(self, x_BxTxD: Array) -> Array:
+    """tail -> final norm -> LM head; float32 logits."""
+    return self.embed.decode(self.read_hidden(x_BxTxD))
 
   def cycle_readout(self, x_BxTxD: Array) -> Array:
     """The read-out of a cycle before the last (model.cycle_readout); float32 logits."""
@@ -194,18 +203,23 @@ class ZTTModel(nn.Module):
 
   # ---------------------------------------------------------------- training and evaluation
 
-  def __call__(self, tokens_BxT: Array, rule: Optional[ExitRule] = None, num_cycles: Optional[int] = None):
+  def __call__(self, tokens_BxT: Array, rule: Optional[ExitRule] = None, num_cycles: Optional[int] = None,
+               readout: bool = True):
     """Returns (logits_BxTxV float32, aux).
 
     rule: the exit rule (model.exit.ExitRule); None = no exit (training). Its threshold may be
       traced. Build the configured one with ExitRule.from_config(cfg).
     num_cycles: cycles to run (static int); default cfg.cycles. Rows beyond the pool reuse the last.
+    readout: False returns the hidden states the LM head reads (after the final norm) instead of
+      logits, [B,T,D] in the compute dtype, and aux['cycle_hidden'] [C,B,T,D] (the last row is the
+      final one) instead of aux['cycle_logits']: the loss path (ztt_jax/loss.py, with `lm_head`)
+      never holds [B,T,V] logits.
 
     aux: zero_attention [C,B,T] (mean a0 of the cycle; 0 for cycles a token did not run and for
     variants without the zero token), exit_signal [C,B,T] (the signal the rule used, same masking),
     cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0,
-    cfg.exit_gate or cfg.zero_attention_target_weight > 0, exit_gate [C,B,T] (the halting probabilities lambda_c, same masking) with
-    cfg.exit_gate.
+    cfg.exit_gate or cfg.zero_attention_target_weight > 0, exit_gate [C,B,T] (the
+    halting probabilities lambda_c, same masking) with cfg.exit_gate.
     """
     cfg: ModelConfig = self.cfg
     rule = self._rule(rule)
@@ -220,16 +234,31 @@ class ZTTModel(nn.Module):
     aux = {"zero_attention": za_CxBxT, "exit_signal": sig_CxBxT, "cycles_used": state.used_BxT}
     if cfg.exit_gate:
       aux["exit_gate"] = lam_CxBxT
-    if collect_states:
-      B, T, D = state.x_BxTxD.shape
-      if cfg.cycle_readout == "tail" or C == 1:
-        cyc_CxBxTxV = self.readout(states_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
-      else:
-        early_CxBxTxV = self.lm_logits(states_CxBxTxD[:-1].reshape((C - 1) * B, T, D)).reshape(C - 1, B, T, -1)
-        cyc_CxBxTxV = jnp.concatenate([early_CxBxTxV, self.readout(states_CxBxTxD[-1])[None]])
-      aux["cycle_logits"] = cyc_CxBxTxV
-      return cyc_CxBxTxV[-1], aux
-    return self.readout(state.x_BxTxD), aux
+    if not collect_states:
+      h_BxTxD = self.read_hidden(state.x_BxTxD)
+      return (h_BxTxD, aux) if not readout else (self.embed.decode(h_BxTxD), aux)
+    B, T, D = state.x_BxTxD.shape
+    if cfg.cycle_readout == "tail" or C == 1:
+      h_CxBxTxD = self._read_hidden_per_cycle(states_CxBxTxD)
+    else:
+      h_CxBxTxD = jnp.concatenate([self.final_norm(states_CxBxTxD[:-1]), self.read_hidden(states_CxBxTxD[-1])[None]])
+    if not readout:
+      aux["cycle_hidden"] = h_CxBxTxD
+      return h_CxBxTxD[-1], aux
+    cyc_CxBxTxV = self.embed.decode(h_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
+    aux["cycle_logits"] = cyc_CxBxTxV
+    return cyc_CxBxTxV[-1], aux
+
+  def _read_hidden_per_cycle(self, states_CxBxTxD: Array) -> Array:
+    """read_hidden of every cycle's state, one cycle at a time: the tail's working set (its MLP
+    activations, forward and backward) is that of one batch, not of C batches at once."""
+    def body(mdl, _, x_BxTxD):
+      return None, mdl.read_hidden(x_BxTxD)
+
+    if self.cfg.remat_policy != "none":  # a read-out saves nothing but the state it reads
+      body = nn.remat(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False}, length=states_CxBxTxD.shape[0])
+    return scan(self, None, states_CxBxTxD)[1]
 
   def _cycles(self, state: CycleState, C: int, rule: ExitRule, collect_states: bool):
     """C cycles. With backprop_cycles=k < C the first C - k run on stop-gradient inputs and params

@@ -1,0 +1,133 @@
+"""The blockwise loss (ztt_jax/loss.py) against plain optax cross-entropy on materialised logits:
+the per-token values, the training objective with every recipe that reads the cycles out (deep
+supervision, the learned exit gate, the a0 target) and its gradient in every param, tied and untied
+heads, per-token weights and padding, and the eval step's metrics."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from model_testutil import init_params, tiny_cfg
+from ztt_jax.loss import LMHead, head_logits, positions_per_block, token_losses
+from ztt_jax.model.exit import ExitRule, zero_attention_target_loss
+from ztt_jax.train_step import gate_loss_sums, make_eval_step, weighted_loss_sums
+
+B, T = 2, 7
+BLOCK = 6  # 3 positions per block: 3 blocks, the last one padded
+
+
+def test_positions_per_block():
+  assert positions_per_block(2, 7, 32, BLOCK) == 3  # no divisor of 7 near 3: padded
+  assert positions_per_block(8, 1024, 50304, 1024) == 128
+  assert positions_per_block(8, 1000, 50304, 900) == 100  # a divisor close enough: no padding
+  assert positions_per_block(4, 16, 32, 0) == 16  # a small vocabulary: one block
+  assert positions_per_block(64, 16, 32, 8) == 1
+
+
+@pytest.mark.parametrize("vocab_axis", [0, 1])
+def test_token_losses_match_optax_values_hits_and_gradients(vocab_axis):
+  C, D, V = 3, 8, 11
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(C, B, T, D)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(V, D) if vocab_axis == 0 else (D, V)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+  g = jnp.asarray(rng.uniform(size=(C, B, T)), jnp.float32)  # any per-token cotangent
+
+  def blockwise(h, kernel):
+    ce, hit = token_losses(h, LMHead(kernel, vocab_axis), targets, BLOCK)
+    return jnp.sum(ce * g), (ce, hit)
+
+  def plain(h, kernel):
+    logits = jax.vmap(head_logits, in_axes=(0, None))(h, LMHead(kernel, vocab_axis))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(targets, (C, B, T)))
+    return jnp.sum(ce * g), (ce, jnp.argmax(logits, -1) == targets)
+
+  (got, (ce, hit)), got_g = jax.jit(jax.value_and_grad(blockwise, (0, 1), has_aux=True))(h, kernel)
+  (want, (ce_w, hit_w)), want_g = jax.value_and_grad(plain, (0, 1), has_aux=True)(h, kernel)
+  np.testing.assert_allclose(np.asarray(ce), np.asarray(ce_w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(hit), np.asarray(hit_w))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(got_g, want_g):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def _plain_loss_sums(model, params, batch, cycle_loss_weight):
+  """weighted_loss_sums as it was: optax on the materialised [C, B, T, V] logits."""
+  cfg = model.cfg
+  logits, aux = model.apply({"params": params}, batch["inputs"])
+  w, t = batch["weights"], batch["targets"]
+  loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, t) * w)
+  if "cycle_logits" in aux:
+    cyc = aux["cycle_logits"]
+    cce = optax.softmax_cross_entropy_with_integer_labels(cyc, jnp.broadcast_to(t, cyc.shape[:-1]))
+    loss += cycle_loss_weight * jnp.mean(jnp.sum(cce * w, axis=(1, 2)))
+    if cfg.exit_gate:
+      loss += gate_loss_sums(cfg, aux["exit_gate"], cce, w)[0]
+    if cfg.zero_attention_target_weight > 0:
+      bce = zero_attention_target_loss(aux["zero_attention"], jnp.argmax(cyc, -1) == t)
+      loss += cfg.zero_attention_target_weight * jnp.mean(jnp.sum(bce * w, axis=(1, 2)))
+  return loss
+
+
+def _batch(model, params, seed=1):
+  """Targets: half of them what the last read-out predicts (so the a0 target sees both classes),
+  random weights, and padding at the end of the second row (weight 0, target 0)."""
+  cfg = model.cfg
+  rng = np.random.default_rng(seed)
+  inputs = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+  pred = np.asarray(jnp.argmax(model.apply({"params": params}, inputs)[0], -1))
+  targets = np.where(rng.uniform(size=(B, T)) < 0.5, pred, rng.integers(0, cfg.vocab_size, (B, T)))
+  w = rng.uniform(0.2, 1.0, size=(B, T))
+  targets[1, -2:], w[1, -2:] = 0, 0.0
+  return {"inputs": inputs, "targets": jnp.asarray(targets, jnp.int32), "weights": jnp.asarray(w, jnp.float32)}
+
+
+CASES = {
+    # every recipe that reads each cycle out, tied head, the tail read-out (rematerialised per cycle)
+    "tied_recipes": dict(cycle_loss_weight=0.5, exit_gate=True, zero_attention_target_weight=0.7),
+    # an untied head, one read-out (nothing per cycle)
+    "untied_plain": dict(tie_embeddings=False, cycle_loss_weight=0.0),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+  cfg = tiny_cfg(max_seq_len=T, **CASES[request.param])
+  model, params = init_params(cfg, B, T)
+  return request.param, model, params, _batch(model, params)
+
+
+def test_objective_and_every_gradient_match_plain_cross_entropy(case):
+  name, model, params, batch = case
+  cw = model.cfg.cycle_loss_weight
+  got, got_g = jax.jit(jax.value_and_grad(
+      lambda p: weighted_loss_sums(model, p, batch, cw, block_tokens=BLOCK)[0]))(params)
+  want, want_g = jax.jit(jax.value_and_grad(lambda p: _plain_loss_sums(model, p, batch, cw)))(params)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  head = "embedding" if model.cfg.tie_embeddings else "lm_head"
+  assert np.abs(np.asarray(got_g["embed"][head])).max() > 1e-3
+  for path, a in jax.tree_util.tree_leaves_with_path(got_g):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(_at(want_g, path)), rtol=1e-5, atol=1e-5,
+                               err_msg=f"{name}: {jax.tree_util.keystr(path)}")
+
+
+def _at(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_eval_step_matches_plain_logits(case):
+  """Per-token metrics under an exit rule: the eval step's blockwise values against argmax and optax
+  on the logits the model returns."""
+  _, model, params, batch = case
+  rule = ExitRule.from_config(model.cfg, threshold=0.5) if model.cfg.use_zero_token else None
+  got = jax.jit(make_eval_step(model, block_tokens=BLOCK))(params, batch, rule)
+  logits, aux = model.apply({"params": params}, batch["inputs"], rule)
+  w = batch["weights"]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  hit = np.asarray((jnp.argmax(logits, -1) == batch["targets"]) & (w > 0))
+  np.testing.assert_allclose(np.asarray(got["ce_sum_B"]), np.asarray(jnp.sum(ce * w, 1)), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got["correct_BxT"]), hit)
+  np.testing.assert_array_equal(np.asarray(got["cycles_BxT"]), np.asarray(aux["cycles_used"]))
