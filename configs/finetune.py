@@ -6,27 +6,26 @@ one), text is tokenized with it; otherwise bytes. Override anything as usual, e.
 `--config.data.path=FILE --config.train.steps=500`.
 """
 import json
-import os
 
+from ztt_jax import storage
 from ztt_jax.config import base_config
 
 
 def get_config(export_dir=None):
   if not export_dir:
     raise ValueError("configs/finetune.py needs the export directory: --config=configs/finetune.py:DIR")
-  cfg_path = os.path.join(export_dir, "config.json")
-  if not os.path.isfile(cfg_path):
+  cfg_path = storage.join(export_dir, "config.json")  # a local directory or gs://...
+  if not storage.isfile(cfg_path):
     raise ValueError(f"{export_dir} has no config.json; pass a directory written by ztt_jax.export or "
                      "ztt_jax.convert (hf_gpt2, hf_llama).")
-  with open(cfg_path) as f:
-    model = json.load(f)["model"]
+  model = json.loads(storage.read_text(cfg_path))["model"]
   cfg = base_config()
   for k, v in model.items():
     cfg.model[k] = tuple(v) if isinstance(v, list) else v
-  cfg.init_from = os.path.abspath(export_dir)
-  tok = os.path.join(export_dir, "tokenizer.json")
+  cfg.init_from = storage.absolute(export_dir)
+  tok = storage.join(cfg.init_from, "tokenizer.json")
   cfg.data.kind = "text"
-  cfg.data.tokenizer = os.path.abspath(tok) if os.path.isfile(tok) else "bytes"
+  cfg.data.tokenizer = tok if storage.isfile(tok) else "bytes"
   cfg.data.seq_len = min(128, model["max_seq_len"])
   cfg.data.eval_fraction = 0.1
   cfg.train.steps = 300

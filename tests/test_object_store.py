@@ -71,10 +71,16 @@ def _tensorboard_scalars(logdir, tag):
   return shown
 
 
-def test_evaluate_export_and_generate_read_the_run_from_the_bucket(trained, tmp_path):
+@pytest.fixture(scope="module")
+def loaded(trained):
+  from ztt_jax import restore
+  return restore.load_trained(trained[0], devices=jax.devices()[:1])
+
+
+def test_evaluate_export_and_generate_read_the_run_from_the_bucket(trained, loaded, tmp_path):
   from ztt_jax import decoding, evaluator, export, restore
   workdir, _ = trained
-  run = restore.load_trained(workdir, devices=jax.devices()[:1])
+  run = loaded
   assert run.step == runs.STEPS
   result = evaluator.evaluate(run, max_batches=1)
   assert result["step"] == runs.STEPS and np.isfinite(result["loss"])
@@ -129,10 +135,83 @@ def test_a_workdir_in_a_missing_bucket_is_one_config_error(bucket):
     trainer.train(runs.config(), "gs://no-such-bucket/runs/x")
 
 
-def test_an_export_to_a_bucket_is_refused_in_one_line(trained):
-  from ztt_jax import restore
+def test_an_export_to_the_bucket_loads_back_and_overwrite_replaces_only_ours(trained, loaded):
+  from ztt_jax import export, restore
   from ztt_jax.errors import OutputError
   workdir, _ = trained
-  with pytest.raises(OutputError, match="not supported; give a local --out"):
-    restore.export_run(workdir, f"{BUCKET}/exports/x")
-  assert not storage.exists(f"{BUCKET}/exports/x")
+  out = f"{BUCKET}/exports/run"
+  storage.write_text(f"{BUCKET}/exports/run-notes/keep.txt", "a neighbour sharing the prefix's start")
+  assert restore.export_run(workdir, out) == out
+  assert storage.listdir(out) == [export.CONFIG_FILE, export.SAFETENSORS_FILE]
+  model, params = export.load(out)
+  _assert_tree_equal(params, loaded.params)
+  assert export.read_config(out)["source"]["workdir"] == workdir
+  with pytest.raises(OutputError, match="exists and is not empty; .* --overwrite"):
+    restore.export_run(workdir, out)
+  storage.write_text(f"{out}/notes.txt", "the user's")
+  with pytest.raises(OutputError, match="not an export written by ztt_jax .*notes.txt"):
+    export.save(out, model.cfg, params, overwrite=True)
+  assert storage.read_text(f"{out}/notes.txt") == "the user's"
+  storage.delete(f"{out}/notes.txt")
+  # Replaced by another storage: the old params.safetensors goes, the neighbour stays.
+  export.save(out, model.cfg, params, storage="orbax", overwrite=True)
+  assert storage.listdir(out) == [export.CONFIG_FILE, export.ORBAX_DIR]
+  _assert_tree_equal(export.load(out)[1], loaded.params)
+  assert storage.exists(f"{BUCKET}/exports/run-notes/keep.txt")
+
+
+def test_a_half_written_export_is_refused_by_readers_and_replaced_by_overwrite(loaded, monkeypatch):
+  from ztt_jax import export, outdir
+  from ztt_jax.errors import OutputError
+  out = f"{BUCKET}/exports/half"
+  cfg, params = loaded.cfg.model, loaded.params
+  export.save(out, cfg, params)
+  copy = storage.copy
+
+  def killed_before_the_marker(src, dst):
+    if dst.endswith("/" + export.CONFIG_FILE):
+      raise KeyboardInterrupt  # as a kill would stop it: nothing after this runs
+    copy(src, dst)
+
+  monkeypatch.setattr(storage, "copy", killed_before_the_marker)
+  with pytest.raises(KeyboardInterrupt):
+    export.save(out, cfg, params, overwrite=True, dtype="bfloat16")
+  monkeypatch.setattr(storage, "copy", copy)
+  assert storage.listdir(out) == [outdir.WRITING, export.SAFETENSORS_FILE]
+  with pytest.raises(export.ExportError, match=r"^\S+ is not a finished export: it holds .* Rerun the export"):
+    export.load(out)
+  with pytest.raises(OutputError, match="exists and is not empty"):
+    export.save(out, cfg, params)
+  export.save(out, cfg, params, overwrite=True)
+  assert storage.listdir(out) == [export.CONFIG_FILE, export.SAFETENSORS_FILE]
+  _assert_tree_equal(export.load(out)[1], params)
+
+
+def test_a_hugging_face_directory_goes_to_the_bucket_and_is_read_back(bucket):
+  from ztt_jax.convert import hf_io
+  tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  out = hf_io.write(f"{bucket}/hf/x", lambda: ({"model_type": "gpt2"}, tensors, None), source="/nowhere")
+  assert storage.listdir(out) == ["config.json", "model.safetensors", hf_io.MARKER]
+  assert hf_io.is_ours(out) is None
+  cfg, got = hf_io.read(out)
+  assert cfg == {"model_type": "gpt2"}
+  np.testing.assert_array_equal(got["w"], tensors["w"])
+
+
+def test_evaluate_sweep_writes_its_json_and_plot_to_the_bucket(bucket):
+  from ztt_jax import evaluate
+  workdir = f"{bucket}/runs/swept"
+  result = {"metric": "loss", "step": runs.STEPS, "points": [
+      {"rule": "fixed", "parameter": c, "loss": 3.0 - c / 4, "mean_cycles": c, "compute_fraction": c / 2}
+      for c in (1, 2)]}
+  out, png = evaluate.write_sweep(result, workdir, None)
+  assert (out, png) == (f"{workdir}/sweep_step{runs.STEPS}.json", f"{workdir}/sweep_step{runs.STEPS}.png")
+  assert json.loads(storage.read_text(out)) == result
+  assert storage.read_bytes(png).startswith(b"\x89PNG")
+
+
+def _assert_tree_equal(got, want):
+  want = jax.tree.map(np.asarray, jax.device_get(want))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)

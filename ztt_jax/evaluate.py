@@ -8,9 +8,9 @@ The flags and main only; the library (Evaluator, evaluate, sweep, and what the J
 ztt_jax/evaluator.py.
 """
 import json
-import os
 
 from ztt_jax import cli
+from ztt_jax import storage
 from ztt_jax.errors import ConfigError
 
 
@@ -28,10 +28,7 @@ def main(argv):
   trained, rule = cli.load_trained_run()
   if FLAGS.sweep:
     result = evaluator.sweep(trained, rule, num_thresholds=FLAGS.num_thresholds, max_batches=FLAGS.max_batches)
-    out = FLAGS.output or os.path.join(FLAGS.workdir, f"sweep_step{trained.step}.json")
-    evaluator.write_json(result, out)
-    from ztt_jax.plots import plot_quality_vs_compute
-    png = plot_quality_vs_compute(result, os.path.splitext(out)[0] + ".png")
+    out, png = write_sweep(result, FLAGS.workdir, FLAGS.output)
     for p in result["points"]:
       print(f"{p['rule']:>14} {p['parameter']!s:>10.8} | {result['metric']} {p[result['metric']]:.4f} | "
             f"mean cycles {p['mean_cycles']:.2f} | compute {p['compute_fraction']:.3f}")
@@ -44,6 +41,17 @@ def main(argv):
     print(evaluator.per_difficulty_table(result))
   if FLAGS.output:
     evaluator.write_json(result, FLAGS.output)
+
+
+def write_sweep(result: dict, workdir: str, output=None) -> tuple[str, str]:
+  """Writes a sweep's JSON to `output` (default WORKDIR/sweep_step<N>.json) and its plot beside it;
+  either may be a URL (gs://...). Returns both paths."""
+  from ztt_jax import evaluator
+  from ztt_jax.plots import plot_quality_vs_compute
+  out = output or storage.join(storage.absolute(workdir), f"sweep_step{result['step']}.json")
+  evaluator.write_json(result, out)
+  stem = out[:-len(".json")] if out.endswith(".json") else out
+  return out, plot_quality_vs_compute(result, stem + ".png")
 
 
 def _define_flags():

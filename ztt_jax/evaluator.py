@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -279,7 +278,8 @@ def per_difficulty_table(result: dict) -> str:
 
 
 def write_json(obj: dict, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
+  """`obj` as JSON at `path` (a local path or a URL), replaced at once."""
+  from ztt_jax import storage
+  storage.makedirs(storage.parent(storage.absolute(path)))
+  storage.write_text(path, json.dumps(obj, indent=2))
   return path

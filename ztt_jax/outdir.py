@@ -15,6 +15,16 @@ Export, the GPT-2 import and `--export_hf` all write a whole directory. The rule
   the next write to that path (or `recover`) renames the old one back first. Leftover
   `.NAME.tmp-*`/`.NAME.old-*` directories of writers that are gone are removed, with a warning, by
   the next write to that path.
+- On an object store (`--out=gs://...`), which has no directory rename, the same promises are kept
+  with markers (`write_atomic` -> `_write_url`): the files are built in a local temporary directory,
+  then `WRITING` is uploaded first (naming the writer's format), the old completion marker (the
+  export's config.json, `--export_hf`'s marker file) deleted, the new files uploaded, objects of
+  the old output that the new one lacks deleted, the new completion marker uploaded last, and
+  `WRITING` deleted. A kill at any moment leaves a prefix that is either finished (marker, no
+  `WRITING`) or recognisably ours and unfinished (`WRITING`): readers refuse it in one line
+  ("not a finished export ... rerun the export") and the next `--overwrite` replaces it. What is
+  not kept: the old output itself, once the write has started (there is no swap); and two writers
+  to one URL at the same time are not told apart.
 - A full disk is one DiskFullError naming the directory and the free space; the old `--out` stays.
 - Permissions follow the umask, as files written by `open()` do: `tempfile.mkdtemp` would leave
   the directory owner-only (0700), unreadable to the rest of a shared cluster.
@@ -27,17 +37,24 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from typing import Callable, Iterable, Mapping, Optional
 
 from ztt_jax import storage
 from ztt_jax.errors import ConfigError, DiskFullError, OutputError, is_disk_full
 
 log = logging.getLogger(__name__)
+
+# Uploaded first and deleted last by a write to an object store: while it is there, the prefix is an
+# unfinished output of ours (its JSON names the writer's format), never a finished one.
+WRITING = ".ztt_jax_writing"
 
 
 def umask() -> int:
@@ -47,6 +64,8 @@ def umask() -> int:
 
 
 def _real(path: str) -> str:
+  if storage.is_url(path):
+    return storage.absolute(path)
   return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
@@ -64,12 +83,8 @@ def check(out: Optional[str], *, overwrite: bool, is_ours: Callable[[str], Optio
   """
   if not out or not str(out).strip():
     raise OutputError(f"{flag} is empty; give the directory to write {what} to.")
-  if storage.is_url(out):
-    # The swap above needs a directory rename, which object stores lack; abspath would make a local
-    # folder named "gs:". Written locally, an output can be copied up whole.
-    raise OutputError(f"{flag}={out}: writing {what} straight to an object store is not supported; give a "
-                      f"local {flag} and copy the finished directory up (gcloud storage cp -r).")
-  path = os.path.abspath(os.path.expanduser(out))
+  url = storage.is_url(out)
+  path = storage.absolute(out) if url else os.path.abspath(os.path.expanduser(out))
   real = _real(path)
   for name, src in dict(sources).items():
     if not src:
@@ -82,10 +97,15 @@ def check(out: Optional[str], *, overwrite: bool, is_ours: Callable[[str], Optio
     if _inside(src_real, real):
       raise OutputError(f"{name}={src} is inside {flag}={path}; replacing {path} would delete the input. "
                         f"Choose a {flag} that does not contain {src}.")
-  recover(path)  # an old output renamed aside by a write that was killed goes back first
-  if os.path.lexists(path) and not os.path.isdir(path):
+  if url:
+    is_file, nonempty = storage.isfile(path), bool(storage.files(path))
+  else:
+    recover(path)  # an old output renamed aside by a write that was killed goes back first
+    is_file = os.path.lexists(path) and not os.path.isdir(path)
+    nonempty = os.path.isdir(path) and bool(os.listdir(path))
+  if is_file:
     raise OutputError(f"{flag}={path} exists and is not a directory; choose a new path.")
-  if os.path.isdir(path) and os.listdir(path):
+  if nonempty:
     if not overwrite:
       raise OutputError(f"{flag}={path} exists and is not empty; choose a new path, or pass --overwrite "
                         f"to replace it (only {what} written by ztt_jax is ever replaced).")
@@ -97,16 +117,34 @@ def check(out: Optional[str], *, overwrite: bool, is_ours: Callable[[str], Optio
 
 
 def only_known_entries(path: str, known: Iterable[str]) -> Optional[str]:
-  """None if every entry of `path` is in `known`, else a reason naming the others."""
-  extra = sorted(set(os.listdir(path)) - set(known))
+  """None if every entry of `path` is in `known` (or is `WRITING`), else a reason naming the others."""
+  extra = sorted(set(storage.listdir(path)) - set(known) - {WRITING})
   if extra:
     shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
     return f"it also holds {shown}, which ztt_jax did not write"
   return None
 
 
-def write_atomic(path: str, fill: Callable[[str], None]) -> str:
-  """Runs fill(tmp_dir), then swaps tmp_dir in at `path` (see the module docstring)."""
+def unfinished(path: str) -> Optional[dict]:
+  """What `WRITING` in `path` says ({"format", "pid", "host", "started"}) if a write to `path` was
+  interrupted (or is under way), else None."""
+  marker = storage.join(path, WRITING)
+  if not storage.exists(marker):
+    return None
+  try:
+    got = json.loads(storage.read_text(marker))
+  except (OSError, ValueError):
+    got = None
+  return got if isinstance(got, dict) else {}
+
+
+def write_atomic(path: str, fill: Callable[[str], None], *, marker: Optional[str] = None,
+                 fmt: Optional[str] = None) -> str:
+  """Runs fill(tmp_dir), then swaps tmp_dir in at `path` (see the module docstring). `marker`: the
+  file that fill writes last, whose presence marks a finished output, and `fmt` the writer's format;
+  an object store needs both (its write is ordered by them, not swapped)."""
+  if storage.is_url(path):
+    return _write_url(storage.absolute(path), fill, marker, fmt)
   path = os.path.abspath(path)
   parent, base = os.path.dirname(path), os.path.basename(path)
   os.makedirs(parent, exist_ok=True)
@@ -125,6 +163,38 @@ def write_atomic(path: str, fill: Callable[[str], None]) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return path
+
+
+def _write_url(url: str, fill: Callable[[str], None], marker: Optional[str], fmt: Optional[str]) -> str:
+  """The object-store form of the swap: WRITING first, the completion marker last (module docstring)."""
+  if not marker or not fmt:
+    raise ValueError("writing an output to an object store needs its completion marker and format")
+  with tempfile.TemporaryDirectory(prefix="ztt_jax_out-") as tmp:
+    try:
+      fill(tmp)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the (local) disk is full
+      if is_disk_full(e):
+        free = shutil.disk_usage(tmp).free
+        raise DiskFullError(f"No space left building {url} in {tmp} ({free / 2**20:.1f} MiB free); nothing was "
+                            "uploaded. Free some space there (or set TMPDIR to a larger disk) and rerun.") from None
+      raise
+    new = storage.files(tmp)
+    if marker not in new:
+      raise ValueError(f"the output for {url} lacks its completion marker {marker}")
+    old = set(storage.files(url))
+    storage.write_text(storage.join(url, WRITING), json.dumps(
+        {"format": fmt, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+    storage.delete(storage.join(url, marker))  # from here on, readers see an unfinished output
+    for rel in new:
+      if rel != marker:
+        storage.copy(os.path.join(tmp, *rel.split("/")), storage.join(url, *rel.split("/")))
+    # Only names the output check found ours (is_ours listed them) are deleted; the finished prefix
+    # then holds exactly the new output.
+    for rel in sorted(old - set(new) - {WRITING, marker}):
+      storage.delete(storage.join(url, *rel.split("/")))
+    storage.copy(os.path.join(tmp, marker), storage.join(url, marker))
+    storage.delete(storage.join(url, WRITING))
+  return url
 
 
 def _disk_full(path: str, e: Exception) -> DiskFullError:

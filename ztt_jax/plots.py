@@ -1,7 +1,10 @@
 """Plots from saved JSON (no JAX): quality against compute for the exit rules of a sweep."""
 from __future__ import annotations
 
+import io
 import json
+
+from ztt_jax import storage
 
 RULE_STYLE = {
     "zero_attention": dict(marker="o", label="zero attention (ZTT)"),
@@ -12,8 +15,18 @@ RULE_STYLE = {
 
 
 def load_sweep(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
+
+
+def save_figure(fig, path: str, **kw) -> str:
+  """fig as a PNG at `path` (a local path or a URL), written at once; closes fig."""
+  import matplotlib.pyplot as plt
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **kw)
+  plt.close(fig)
+  storage.makedirs(storage.parent(storage.absolute(path)))
+  storage.write_bytes(path, buf.getvalue())
+  return path
 
 
 def plot_quality_vs_compute(sweep: dict, path: str, metric: str | None = None, title: str | None = None,
@@ -41,6 +54,4 @@ def plot_quality_vs_compute(sweep: dict, path: str, metric: str | None = None, t
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)

@@ -68,17 +68,58 @@ def _fs(url: str):
   return fs, inner
 
 
+def _fresh(url: str):
+  """(fs, in-store path) with fsspec's cached listings of the path (and its parents) dropped: another
+  process, or another file-system instance here (etils keeps its own), may have changed it."""
+  fs, inner = _fs(url)
+  inner = inner.rstrip("/")
+  fs.invalidate_cache(inner)
+  return fs, inner
+
+
 def exists(p) -> bool:
-  return epath.Path(p).exists()
+  if is_url(p):
+    fs, inner = _fresh(str(p))
+    return fs.exists(inner)
+  return os.path.exists(p)
 
 
 def isdir(p) -> bool:
   """A local directory, or a URL under which objects exist (object stores have no directories)."""
-  return epath.Path(p).is_dir()
+  if is_url(p):
+    fs, inner = _fresh(str(p))
+    return fs.isdir(inner)
+  return os.path.isdir(p)
+
+
+def isfile(p) -> bool:
+  if is_url(p):
+    fs, inner = _fresh(str(p))
+    return fs.isfile(inner)
+  return os.path.isfile(p)
 
 
 def listdir(p) -> list[str]:
-  return sorted(c.name for c in epath.Path(p).iterdir())
+  if is_url(p):
+    fs, inner = _fresh(str(p))
+    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(inner, detail=False))
+  return sorted(os.listdir(p))
+
+
+def files(p) -> list[str]:
+  """Every file under directory `p` (on an object store: every object under the prefix `p/`), as
+  sorted '/'-separated paths relative to `p`; [] if there are none."""
+  p = str(p)
+  if not is_url(p):
+    return sorted(os.path.relpath(os.path.join(d, n), p).replace(os.sep, "/")
+                  for d, _, names in os.walk(p) for n in names)
+  fs, inner = _fresh(p)
+  return sorted(posixpath.relpath(o, inner) for o in fs.find(inner) if o.startswith(inner + "/"))
+
+
+def copy(src, dst) -> None:
+  """Copies one file, either side local or a URL."""
+  epath.Path(src).copy(epath.Path(dst), overwrite=True)
 
 
 def makedirs(p) -> None:
@@ -95,17 +136,21 @@ def read_bytes(p) -> bytes:
 
 
 def write_text(p, text: str) -> None:
-  """Replaces `p` with `text` at once. Local: a temporary file beside it, fsynced, renamed over it.
+  write_bytes(p, text.encode())
+
+
+def write_bytes(p, data: bytes) -> None:
+  """Replaces `p` with `data` at once. Local: a temporary file beside it, fsynced, renamed over it.
   URL: one object upload, which a reader sees whole or not at all."""
   p = str(p)
   if is_url(p):
-    epath.Path(p).write_text(text)
+    epath.Path(p).write_bytes(data)
     _fs(p)[0].invalidate_cache(p)
     return
   tmp = f"{p}.tmp-{os.getpid()}"
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    with open(tmp, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, p)
@@ -186,12 +231,10 @@ def rmtree(p) -> None:
 def upload(local: str, url: str) -> None:
   """Copies a local file or directory tree to `url` (files in sorted order)."""
   if os.path.isdir(local):
-    for root, _, files in sorted(os.walk(local)):
-      for name in sorted(files):
-        rel = os.path.relpath(os.path.join(root, name), local)
-        epath.Path(os.path.join(root, name)).copy(epath.Path(url).joinpath(*rel.split(os.sep)), overwrite=True)
+    for rel in files(local):
+      copy(os.path.join(local, *rel.split("/")), join(url, *rel.split("/")))
   else:
-    epath.Path(local).copy(epath.Path(url), overwrite=True)
+    copy(local, url)
 
 
 def mirror_dir(cache_dir: Optional[str] = None) -> str:

@@ -11,6 +11,7 @@ import os
 from typing import Callable, Optional
 
 from ztt_jax import export as export_lib
+from ztt_jax import storage as paths
 from ztt_jax.convert import ConvertError, fold, hf_io
 
 
@@ -43,13 +44,13 @@ def import_hf(family: Family, hf_dir: str, out: str, to: str = "vanilla", num_cy
   if lora_rank:
     ztt_kw["lora_rank"] = lora_rank
   cfg, params = fold.fold(to, cfg, top, layers, **ztt_kw)
-  source = {"kind": family.kind, "hf_dir": os.path.abspath(hf_dir), "to": to, "hf_config": hf_cfg}
+  source = {"kind": family.kind, "hf_dir": paths.absolute(hf_dir), "to": to, "hf_config": hf_cfg}
   if to == "ztt":
     source.update(middle_init=middle_init, num_cycles=num_cycles, n_middle_layers=cfg.n_middle_layers,
                   zero_bias_init=zero_bias_init, lora_rank=lora_rank)
-  tok = os.path.join(hf_dir, "tokenizer.json")
+  tok = paths.join(hf_dir, "tokenizer.json")
   # Copied so fine-tuning can use the model's own tokenizer (data.tokenizer); inside the atomic write.
-  extra = {"tokenizer.json": tok} if os.path.isfile(tok) else {}
+  extra = {"tokenizer.json": tok} if paths.isfile(tok) else {}
   return export_lib.save(out, cfg, params, storage=storage, dtype=dtype, source=source, overwrite=overwrite,
                          sources=sources, extra_files=extra)
 
@@ -61,7 +62,7 @@ def export_hf(family: Family, export_path: str, out: str, overwrite: bool = Fals
     model, params = export_lib.load(export_path)
     base = export_lib.read_config(export_path).get("source", {}).get("hf_config")
     hf_cfg, tensors = family.to_hf(model.cfg, params, base)
-    return hf_cfg, tensors, os.path.join(os.path.abspath(export_path), "tokenizer.json")
+    return hf_cfg, tensors, paths.join(paths.absolute(export_path), "tokenizer.json")
 
   return hf_io.write(out, build, source=export_path, overwrite=overwrite)
 
@@ -79,7 +80,7 @@ def train_overrides(path: str) -> str:
   # run-time choices (remat, compute dtype, exit rule, deep supervision) stay the user's.
   runtime = ("remat_policy", "dtype", "exit_threshold", "min_cycles", "exit_granularity", "cycle_loss_weight")
   flags = [f"--config.model.{k}={v}" for k, v in meta["model"].items() if k not in runtime and v is not None]
-  return " ".join(flags + [f"--config.init_from={os.path.abspath(path)}"])
+  return " ".join(flags + [f"--config.init_from={paths.absolute(path)}"])
 
 
 def main(family: Family, argv) -> None:

@@ -4,19 +4,21 @@ model.safetensors.index.json), read and written for any model family; no torch, 
 `write` never destroys what it did not write (ztt_jax.outdir): an existing non-empty --out needs
 --overwrite and is replaced only if an earlier `write` made it. Hugging Face's config.json is not
 ours to recognise a directory by, so `write` leaves the marker file ztt_jax_export_hf.json beside
-it. --out may not be or lie inside its input, and the directory is swapped in atomically.
+it. --out may not be or lie inside its input, and the directory is swapped in atomically (on an
+object store: the marker file uploaded last, see ztt_jax.outdir). --hf_dir may be a URL: it is read
+through a local copy (storage.local_copy), as safetensors reads local files.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Callable, Optional
 
 import numpy as np
 
 from ztt_jax import export as export_lib
 from ztt_jax import outdir
+from ztt_jax import storage
 from ztt_jax.convert import ConvertError
 
 MARKER = "ztt_jax_export_hf.json"
@@ -27,7 +29,11 @@ ENTRIES = ("config.json", "model.safetensors", "tokenizer.json", MARKER)
 def read(hf_dir: str, prefix: str = "", ignored_suffixes: tuple = ()) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json as a dict, {tensor name without `prefix`: float32 array}); tensors whose name ends
   in one of `ignored_suffixes` are skipped."""
-  hf_dir = os.path.abspath(hf_dir)
+  hf_dir = storage.absolute(hf_dir)
+  if storage.is_url(hf_dir) and storage.isdir(hf_dir):
+    export_lib.refuse_unfinished(hf_dir, "Hugging Face export", "Rerun the --export_hf (with --overwrite).",
+                                 ConvertError)
+    hf_dir = storage.local_copy(hf_dir)
   if not os.path.isdir(hf_dir):
     raise ConvertError(f"--hf_dir={hf_dir} is not a directory. Point it at a local Hugging Face model "
                        "directory (config.json + model.safetensors), e.g. one written by save_pretrained.")
@@ -91,9 +97,9 @@ def write(out: str, build: Callable[[], tuple[dict, dict, Optional[str]]], *, so
               metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    if tokenizer and os.path.isfile(tokenizer):
-      shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+    if tokenizer and storage.isfile(tokenizer):
+      storage.copy(tokenizer, os.path.join(tmp, "tokenizer.json"))
     with open(os.path.join(tmp, MARKER), "w") as f:
-      json.dump({"format": MARKER_FORMAT, "version": 1, "from": os.path.abspath(source)}, f, indent=2)
+      json.dump({"format": MARKER_FORMAT, "version": 1, "from": storage.absolute(source)}, f, indent=2)
 
-  return outdir.write_atomic(outdir.check(out, **check), fill)
+  return outdir.write_atomic(outdir.check(out, **check), fill, marker=MARKER, fmt=MARKER_FORMAT)

@@ -1,10 +1,10 @@
 """Tokenizers: raw bytes (the default) or a Hugging Face `tokenizers` JSON file."""
 import hashlib
-import os
 from typing import Sequence, Union
 
 import numpy as np
 
+from ztt_jax import storage
 from ztt_jax.errors import DataError
 
 PAD_ID = 256
@@ -47,20 +47,20 @@ class HFTokenizer:
   def __init__(self, path: str):
     import tokenizers  # Only needed for this option.
 
-    if not os.path.isfile(path):
+    if not storage.isfile(path):  # a local file or gs://...
       raise DataError(
           f'Tokenizer file {path!r} (data.tokenizer) does not exist. Set --config.data.tokenizer to a '
           "Hugging Face tokenizers JSON file, or to 'bytes'.")
+    data = storage.read_bytes(path)
     try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
+      self._tok = tokenizers.Tokenizer.from_str(data.decode('utf-8'))
     except Exception as e:  # The library raises bare Exceptions on malformed JSON.
       raise DataError(
           f'Tokenizer file {path!r} (data.tokenizer) is not a valid Hugging Face tokenizers JSON file '
           f'({e}). Save one with tokenizers.Tokenizer.save(path), or use data.tokenizer=bytes.') from e
     self.path = path
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    with open(path, 'rb') as f:
-      self.identity = 'hf-' + hashlib.sha256(f.read()).hexdigest()
+    self.identity = 'hf-' + hashlib.sha256(data).hexdigest()
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int64)

@@ -17,10 +17,10 @@ Every rung's config is built (and checked) before the first one trains.
 from __future__ import annotations
 
 import logging
-import os
 
 from absl import app, flags
 
+from ztt_jax import storage
 from ztt_jax.experiments import ladder
 
 
@@ -37,12 +37,13 @@ def main(argv):
   rungs = check_args(f)
   import jax
   # Seeds of a rung compile identical programs; the persistent cache turns the repeats into loads.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(f.out), ".jax_cache"))
+  # (JAX's cache reads and writes gs:// itself.)
+  jax.config.update("jax_compilation_cache_dir", storage.join(storage.absolute(f.out), ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if f.sweep:
     from ztt_jax.experiments.exits import sweep_ztt
     from ztt_jax.experiments.published import report_dir
-    sweep_ztt(f.task, f.out, os.path.join(report_dir(f.out, f.docs), "results"), f.seeds, rung=f.sweep_rung,
+    sweep_ztt(f.task, f.out, storage.join(report_dir(f.out, f.docs), "results"), f.seeds, rung=f.sweep_rung,
               log=lambda s: print(s, flush=True))
     return
   from ztt_jax.experiments.runs import run_ladder
@@ -65,7 +66,7 @@ def check_args(f) -> list:
   if f.task == "text" and not f.sweep:
     if not f.data:
       raise app.UsageError("--task=text needs --data=PATH, a text file or folder (the last 10% is held out)")
-    if not os.path.exists(f.data):
+    if not storage.exists(f.data):
       raise app.UsageError(f"--data={f.data}: no such file or folder; give the training text")
   if not f.sweep:
     for rung in names:

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import math
-import os
 
-from ztt_jax import evaluator, restore
+from ztt_jax import evaluator, restore, storage
 from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.experiments.ladder import result_stem, run_name
 from ztt_jax.experiments.runs import finished
@@ -21,17 +20,17 @@ DEPTH_MAX_DIFFICULTY = {"multihop": lambda d: d + 2, "propagation": lambda d: 2 
 
 
 def sweep_path(results_dir: str, task: str, seed: int, rung: str = "ztt") -> str:
-  return os.path.join(results_dir, f"sweep_{result_stem(task, rung)}_s{seed}.json")
+  return storage.join(results_dir, f"sweep_{result_stem(task, rung)}_s{seed}.json")
 
 
 def depth_path(results_dir: str, task: str, seed: int, rung: str = "ztt") -> str:
-  return os.path.join(results_dir, f"depth_{result_stem(task, rung)}_s{seed}.json")
+  return storage.join(results_dir, f"depth_{result_stem(task, rung)}_s{seed}.json")
 
 
 def _trained_runs(task, out, seeds, rung, paths, log):
   for seed in range(seeds):
-    workdir = os.path.join(out, task, run_name(rung, seed))
-    if all(os.path.isfile(p(seed)) for p in paths):
+    workdir = storage.join(storage.absolute(out), task, run_name(rung, seed))
+    if all(storage.isfile(p(seed)) for p in paths):
       log(f"[{task}] {rung} seed {seed}: done, skipped")
       continue
     if not finished(workdir):
@@ -45,7 +44,7 @@ def sweep_ztt(task: str, out: str, results_dir: str, seeds: int, *, rung: str = 
   """Every exit rule the rung's model has (the learned gate's with exit_gate) on the same held-out
   batches, with mean cycles and accuracy by difficulty at each point; and on an embedded task,
   accuracy by difficulty at DEPTH_FACTORS x the trained cycles (depth extrapolation)."""
-  os.makedirs(results_dir, exist_ok=True)
+  storage.makedirs(results_dir)
   paths = [lambda s: sweep_path(results_dir, task, s, rung)]
   if task in SYNTHETIC_KINDS:
     paths.append(lambda s: depth_path(results_dir, task, s, rung))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ztt_jax.data.config import SYNTHETIC_KINDS
+from ztt_jax.plots import save_figure
 
 # What a difficulty d counts, per embedded task (the x axis of the by-difficulty plots).
 DIFFICULTY_LABEL = {"multihop": "difficulty: hops needed for the answer",
@@ -56,9 +57,7 @@ def plot_ladder(summary: dict, path: str) -> str:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def plot_cycles_by_difficulty(sweeps: list[dict], path: str, task: str) -> str:
@@ -83,9 +82,7 @@ def plot_cycles_by_difficulty(sweeps: list[dict], path: str, task: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="seed 0 thresholds", title_fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def plot_depth(depth: dict, path: str, task: str) -> str:
@@ -107,6 +104,4 @@ def plot_depth(depth: dict, path: str, task: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)

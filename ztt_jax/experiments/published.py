@@ -20,9 +20,11 @@ import json
 import os
 import re
 import struct
+import tempfile
 import zlib
 from typing import Optional
 
+from ztt_jax import storage
 from ztt_jax.errors import OutputError
 
 MARKER = "ztt_jax.experiments.report"
@@ -33,13 +35,12 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def report_dir(out_dir: str, docs: Optional[str]) -> str:
   """Where the report (and the exit sweeps it reads) go: --docs if given, else OUT/report."""
-  return docs if docs else os.path.join(out_dir, "report")
+  return docs if docs else storage.join(out_dir, "report")
 
 
 def load_json(path: str):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (OSError, ValueError):
     return None
 
@@ -54,8 +55,7 @@ def is_summary(obj) -> bool:
 def png_text(path: str) -> dict:
   """The tEXt entries of a PNG ({} for anything that is not a PNG)."""
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = storage.read_bytes(path)
   except OSError:
     return {}
   if not data.startswith(_PNG_SIGNATURE):
@@ -74,19 +74,17 @@ def png_text(path: str) -> dict:
 
 def stamp_png(path: str) -> None:
   """Adds the report's tEXt marker right after the PNG's header chunk (IHDR, always 13 bytes)."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = storage.read_bytes(path)
   body = b"tEXt" + b"written_by\0" + MARKER.encode("latin-1")
   chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
   end_of_ihdr = len(_PNG_SIGNATURE) + 8 + 13 + 4
-  with open(path, "wb") as f:
-    f.write(data[:end_of_ihdr] + chunk + data[end_of_ihdr:])
+  storage.write_bytes(path, data[:end_of_ihdr] + chunk + data[end_of_ihdr:])
 
 
 def _holds_a_summary(dest: str) -> bool:
-  results = os.path.join(dest, "results")
-  names = os.listdir(results) if os.path.isdir(results) else []
-  return any(n.startswith("ladder_") and n.endswith(".json") and is_summary(load_json(os.path.join(results, n)))
+  results = storage.join(dest, "results")
+  names = storage.listdir(results) if storage.isdir(results) else []
+  return any(n.startswith("ladder_") and n.endswith(".json") and is_summary(load_json(storage.join(results, n)))
              for n in names)
 
 
@@ -103,8 +101,8 @@ def not_ours(path: str, dest: str) -> Optional[str]:
       return None
     return f"no written_by={MARKER} PNG text"
   if name == "default_vanilla.txt":
-    with open(path, errors="replace") as f:
-      return None if f.read(len(DEFAULT_VANILLA_HEAD)) == DEFAULT_VANILLA_HEAD else "not the report's text"
+    head = storage.read_bytes(path)[:len(DEFAULT_VANILLA_HEAD)].decode(errors="replace")
+    return None if head == DEFAULT_VANILLA_HEAD else "not the report's text"
   return "not a file the report writes"
 
 
@@ -141,7 +139,7 @@ def check_not_smaller(where: str, old: Optional[dict], new: dict, *, overwrite: 
 def check_ours(paths, dest: str) -> None:
   """OutputError naming the first existing file among `paths` that the report did not write."""
   for path in paths:
-    if os.path.lexists(path):
+    if storage.exists(path) or os.path.islink(path):
       why = not_ours(path, dest)
       if why is not None:
         raise OutputError(
@@ -150,12 +148,18 @@ def check_ours(paths, dest: str) -> None:
 
 
 def write_atomic(path: str, write) -> None:
-  """write(tmp) then rename over `path`: a crash leaves the old file or the new one, never half of one."""
+  """write(tmp) then rename over `path`: a crash leaves the old file or the new one, never half of one.
+  On an object store tmp is a local file, uploaded as one object (seen whole or not at all)."""
   stem, ext = os.path.splitext(os.path.basename(path))
-  tmp = os.path.join(os.path.dirname(path) or ".", f".{stem}.tmp-{os.getpid()}{ext}")
+  url = storage.is_url(path)
+  where = tempfile.gettempdir() if url else (os.path.dirname(path) or ".")
+  tmp = os.path.join(where, f".{stem}.tmp-{os.getpid()}{ext}")
   try:
     write(tmp)
-    os.replace(tmp, path)
+    if url:
+      storage.copy(tmp, path)
+    else:
+      os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

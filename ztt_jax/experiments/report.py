@@ -7,12 +7,12 @@ that way); what it may replace there is ztt_jax/experiments/published.py's rule.
 """
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
-import os
 import re
 from typing import Optional
 
+from ztt_jax import storage
 from ztt_jax.data.config import SYNTHETIC_KINDS
 from ztt_jax.experiments import figures, published, summary as summary_lib
 from ztt_jax.experiments.ladder import BASE_RUNGS, RUNGS, TASKS, result_stem
@@ -173,11 +173,9 @@ def fill(text: str, blocks: dict) -> str:
 
 
 def load_sweeps(results_dir: str, task: str, kind: str = "sweep") -> list[dict]:
-  out = []
-  for path in sorted(glob.glob(os.path.join(results_dir, f"{kind}_{task}_s*.json"))):
-    with open(path) as f:
-      out.append(json.load(f))
-  return out
+  names = storage.listdir(results_dir) if storage.isdir(results_dir) else []
+  return [json.loads(storage.read_text(storage.join(results_dir, n)))
+          for n in fnmatch.filter(names, f"{kind}_{task}_s*.json")]
 
 
 def recipe_blocks(results: str, task: str) -> dict:
@@ -233,32 +231,32 @@ def _text(text):
 def _plan(out_dir: str, docs: str) -> tuple:
   """(blocks, {path: write(path)}, {task: ladder summary}): everything the report would write into
   `docs`, computed without writing anything."""
-  results = os.path.join(docs, "results")
+  results = storage.join(docs, "results")
   blocks, files = {}, {}
   ladders = summary_lib.summaries(out_dir)
   for task, s in ladders.items():
     blocks[f"ladder_{task}"] = ladder_table(s)
-    files[os.path.join(results, f"ladder_{task}.json")] = _json(s)
-    files[os.path.join(docs, f"ladder_{task}.png")] = _png(figures.plot_ladder, s)
+    files[storage.join(results, f"ladder_{task}.json")] = _json(s)
+    files[storage.join(docs, f"ladder_{task}.png")] = _png(figures.plot_ladder, s)
     if task == "propagation" and "vanilla-4" in s["rungs"]:
-      files[os.path.join(results, "default_vanilla.txt")] = _text(plain_reference(s))
+      files[storage.join(results, "default_vanilla.txt")] = _text(plain_reference(s))
   for task in TASKS:
     embedded = task in SYNTHETIC_KINDS
     sweeps = load_sweeps(results, task)
     for i, sw in enumerate(sweeps):
       blocks[f"exit_{task}_s{i}"] = sweep_table(sw)
     if sweeps:
-      files[os.path.join(docs, f"exit_{task}.png")] = _png(
+      files[storage.join(docs, f"exit_{task}.png")] = _png(
           plot_quality_vs_compute, sweeps[0], title=f"{task}: exit rules on the trained ztt (seed 0)", x="mean_cycles")
     if sweeps and embedded:
       blocks[f"cycles_by_difficulty_{task}"] = "\n\n".join(
           f"Seed {i}:\n\n" + difficulty_table(sw) for i, sw in enumerate(sweeps))
-      files[os.path.join(docs, f"cycles_by_difficulty_{task}.png")] = _png(
+      files[storage.join(docs, f"cycles_by_difficulty_{task}.png")] = _png(
           figures.plot_cycles_by_difficulty, sweeps, task)
     gated = load_sweeps(results, result_stem(task, "ztt+gate"))
     if gated:  # the gate rung has every rule, the gate's too, on one model: the task's bake-off
       blocks[f"exit_{task}_gate"] = sweep_table(gated[0])
-      files[os.path.join(docs, f"exit_{task}_gate.png")] = _png(
+      files[storage.join(docs, f"exit_{task}_gate.png")] = _png(
           plot_quality_vs_compute, gated[0], title=f"{task}: every exit rule on the trained ztt+gate (seed 0)",
           x="mean_cycles")
       if embedded:
@@ -266,13 +264,12 @@ def _plan(out_dir: str, docs: str) -> tuple:
     depths = load_sweeps(results, task, kind="depth") if embedded else []
     if depths:
       blocks[f"depth_{task}"] = "\n\n".join(f"Seed {d['seed']}:\n\n" + depth_table(d) for d in depths)
-      files[os.path.join(docs, f"depth_{task}.png")] = _png(figures.plot_depth, depths[0], task)
+      files[storage.join(docs, f"depth_{task}.png")] = _png(figures.plot_depth, depths[0], task)
     if embedded:
       blocks.update(recipe_blocks(results, task))
-  bench = os.path.join(results, "bench.json")
-  if os.path.isfile(bench):
-    with open(bench) as f:
-      blocks["bench"] = bench_table(json.load(f))
+  bench = storage.join(results, "bench.json")
+  if storage.isfile(bench):
+    blocks["bench"] = bench_table(json.loads(storage.read_text(bench)))
   return blocks, files, ladders
 
 
@@ -284,16 +281,13 @@ def _block(text: str, name: str) -> Optional[str]:
 def _check(docs: str, files: dict, ladders: dict, *, overwrite: bool, default_dir: str) -> None:
   """Every rule of ztt_jax/experiments/published.py, before anything is written."""
   published.check_ours(files, docs)
-  md = os.path.join(docs, "results.md")
-  text = ""
-  if os.path.isfile(md):
-    with open(md) as f:
-      text = f.read()
+  md = storage.join(docs, "results.md")
+  text = storage.read_text(md) if storage.isfile(md) else ""
   for task, s in ladders.items():
     new = published.ladder_size(s)
-    path = os.path.join(docs, "results", f"ladder_{task}.json")
+    path = storage.join(docs, "results", f"ladder_{task}.json")
     old = published.load_json(path)
-    old = published.ladder_size(old) if os.path.isfile(path) and published.is_summary(old) else None
+    old = published.ladder_size(old) if storage.isfile(path) and published.is_summary(old) else None
     published.check_not_smaller(path, old, new, overwrite=overwrite, default_dir=default_dir)
     block = _block(text, f"ladder_{task}")
     published.check_not_smaller(f"{md} (block ladder_{task})", published.block_size(block) if block else None, new,
@@ -306,7 +300,7 @@ def build_blocks(out_dir: str, docs: str, *, overwrite: bool = False, default_di
   blocks, files, ladders = _plan(out_dir, docs)
   _check(docs, files, ladders, overwrite=overwrite, default_dir=default_dir)
   for path, write in files.items():
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.makedirs(storage.parent(path))
     published.write_atomic(path, write)
   return blocks
 
@@ -316,10 +310,10 @@ def write_all(out_dir: str, docs: Optional[str] = None, *, overwrite: bool = Fal
   the blocks of DOCS/results.md (created holding just the blocks if it does not exist)."""
   dest = published.report_dir(out_dir, docs)
   blocks = build_blocks(out_dir, dest, overwrite=overwrite, default_dir=published.report_dir(out_dir, None))
-  md = os.path.join(dest, "results.md")
-  if os.path.isfile(md):
-    with open(md) as f:
-      text = f.read()
+  md = storage.join(dest, "results.md")
+  exists = storage.isfile(md)
+  if exists:
+    text = storage.read_text(md)
     missing = [k for k in blocks if f"<!-- auto:{k} -->" not in text]
     if missing:
       print(f"results.md has no block for: {', '.join(missing)}")
@@ -327,7 +321,7 @@ def write_all(out_dir: str, docs: Optional[str] = None, *, overwrite: bool = Fal
     text = "# Results\n\nWritten by ztt_jax.experiments.report; each table is regenerated in place.\n" + "".join(
         f"\n## {k}\n\n<!-- auto:{k} -->\n<!-- /auto:{k} -->\n" for k in blocks)
   new = fill(text, blocks)
-  if not os.path.isfile(md) or new != text:
+  if not exists or new != text:
     published.write_atomic(md, _text(new))
   for k in blocks:
     print(f"updated block {k}")

@@ -1,11 +1,10 @@
 """Saved run results -> one summary JSON per task (mean and spread over seeds). No JAX computation."""
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 
+from ztt_jax import storage
 from ztt_jax.metrics import per_difficulty
 
 from ztt_jax.experiments.ladder import RUNGS, TASKS
@@ -16,20 +15,21 @@ RUNG_ORDER = tuple(RUNGS)
 
 def load_results(task_dir: str) -> list[dict]:
   rows = []
-  for path in sorted(glob.glob(os.path.join(task_dir, "*", "result.json"))):
-    with open(path) as f:
-      row = json.load(f)
-    row["eval_curve"] = eval_curve(os.path.join(os.path.dirname(path), "metrics.jsonl"))
-    rows.append(row)
+  runs = storage.listdir(task_dir) if storage.isdir(task_dir) else []
+  for run in runs:
+    path = storage.join(task_dir, run, "result.json")
+    if storage.isfile(path):
+      row = json.loads(storage.read_text(path))
+      row["eval_curve"] = eval_curve(storage.join(task_dir, run, "metrics.jsonl"))
+      rows.append(row)
   return rows
 
 
 def eval_curve(metrics_path: str) -> dict:
   """{step: held-out loss} from the run's metrics.jsonl: shows whether the loss was still falling."""
-  if not os.path.isfile(metrics_path):
+  if not storage.isfile(metrics_path):
     return {}
-  with open(metrics_path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in storage.read_text(metrics_path).splitlines() if line.strip()]
   return {str(r["step"]): r["eval/loss"] for r in rows if r.get("eval/loss") is not None}
 
 
@@ -88,7 +88,7 @@ def summaries(out_dir: str, tasks=TASKS) -> dict:
   (ztt_jax/experiments/published.py) for the JSON the report writes from it."""
   out = {}
   for task in tasks:
-    rows = load_results(os.path.join(out_dir, task))
+    rows = load_results(storage.join(storage.absolute(out_dir), task))
     if rows:
       out[task] = {"written_by": MARKER, **summarize_task(task, rows)}
   return out

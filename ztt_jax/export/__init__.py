@@ -19,6 +19,9 @@ leading 'layers' axis. `--unscan` stores each layer of a stack under its own nam
 (`middle/layers_0/attn/q_kernel`, `middle/layers_1/...`), the layout most other tools expect;
 `load` stacks them back. The zero-key and zero-bias pools stay as they are ([cycles, layers, ...]).
 
+PATH may be a URL (gs://...): the export is built locally and uploaded with its config.json last
+(ztt_jax.outdir: a prefix holding outdir.WRITING is unfinished and refused by `load`).
+
 `load(PATH)` needs no training config: it rebuilds `ZTTModel` from config.json and returns
 `(model, params)` with params unboxed (numpy arrays) in the training tree. It checks every tensor
 against the shapes the config implies, so a damaged or mismatched export fails with a message
@@ -29,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from typing import Any, Optional
 
 import jax
@@ -38,6 +40,7 @@ import numpy as np
 from flax import traverse_util
 
 from ztt_jax import outdir
+from ztt_jax import storage as paths
 from ztt_jax.errors import CheckpointError, ConfigError
 from ztt_jax.model import ModelConfig, ZTTModel
 
@@ -152,12 +155,12 @@ def save(path: str, model_cfg: Any, params: Any, *, storage: str = "safetensors"
       with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, ORBAX_DIR), tree)
     for name, file in (extra_files or {}).items():
-      shutil.copyfile(file, os.path.join(tmp, name))
+      paths.copy(file, os.path.join(tmp, name))
     # config.json last: its presence marks a complete export.
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
 
-  return outdir.write_atomic(path, fill)
+  return outdir.write_atomic(path, fill, marker=CONFIG_FILE, fmt=FORMAT)
 
 
 # What an export directory may hold; anything else there is the user's, so --overwrite keeps off it.
@@ -171,15 +174,29 @@ def is_export(path: str) -> Optional[str]:
 
 def is_marked(path: str, marker: str, fmt: str, entries) -> Optional[str]:
   """None if `path` holds the JSON file `marker` with {"format": fmt} and nothing but `entries`,
-  else why not: how any directory ztt_jax writes is told apart from one --overwrite must keep."""
+  else why not: how any directory ztt_jax writes is told apart from one --overwrite must keep.
+  An interrupted write of the same writer to an object store (outdir.WRITING naming `fmt`) is ours too."""
+  writing = outdir.unfinished(path)
+  if writing is not None:
+    if writing.get("format") != fmt:
+      return f"its {outdir.WRITING} names format {writing.get('format')!r}, not {fmt!r}"
+    return outdir.only_known_entries(path, entries)
   try:
-    with open(os.path.join(path, marker)) as f:
-      got = json.load(f).get("format")
+    got = json.loads(paths.read_text(paths.join(path, marker))).get("format")
   except (OSError, ValueError, AttributeError):
     return f"it has no {marker} with format {fmt!r}"
   if got != fmt:
     return f"its {marker} has format {got!r}, not {fmt!r}"
   return outdir.only_known_entries(path, entries)
+
+
+def refuse_unfinished(path: str, what: str, rerun: str, error=None) -> None:
+  """One-line error if a write to `path` (an object store's prefix) was interrupted or is under way."""
+  writing = outdir.unfinished(path)
+  if writing is not None:
+    by = (f" (begun by pid {writing['pid']} on host {writing['host']})" if {"pid", "host"} <= set(writing) else "")
+    raise (error or ExportError)(f"{path} is not a finished {what}: it holds {outdir.WRITING}, so writing it was "
+                                 f"interrupted or is under way{by}. {rerun}")
 
 
 def check_out(out: str, *, overwrite: bool = False, sources: Optional[dict] = None) -> str:
@@ -191,28 +208,28 @@ def check_out(out: str, *, overwrite: bool = False, sources: Optional[dict] = No
 
 def read_config(path: str) -> dict:
   """The export's config.json (or the metadata of a bare params.safetensors file)."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  path = paths.absolute(path)
+  if not paths.exists(path):
     raise ExportError(f"No export at {path}. Create one with `python -m ztt_jax.export --workdir=RUN "
                       "--out=PATH` or `python -m ztt_jax.convert.hf_gpt2 --hf_dir=HF --out=PATH`.")
-  if os.path.isfile(path):
+  if paths.isfile(path):
     if not path.endswith(".safetensors"):
       raise ExportError(f"{path} is a file, not an export directory (or a {SAFETENSORS_FILE} file).")
     meta = _safetensors_meta(path)
   else:
-    cfg_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
+    refuse_unfinished(path, "export", "Rerun the export (with --overwrite) to replace it.")
+    cfg_path = paths.join(path, CONFIG_FILE)
+    if not paths.isfile(cfg_path):
       hint = (" It looks like a training work directory: export it first with "
               f"`python -m ztt_jax.export --workdir={path} --out=NEW_PATH`."
-              if os.path.isdir(os.path.join(path, "checkpoints")) else
+              if paths.isdir(paths.join(path, "checkpoints")) else
               " It looks like a Hugging Face model: convert it first with "
               f"`python -m ztt_jax.convert.hf_gpt2 --hf_dir={path} --out=NEW_PATH`."
-              if os.path.isfile(os.path.join(path, "model.safetensors")) else "")
+              if paths.isfile(paths.join(path, "model.safetensors")) else "")
       raise ExportError(f"{path} is not a ztt_jax export: it has no {CONFIG_FILE} (an export that was "
                         f"interrupted before finishing has none either).{hint}")
     try:
-      with open(cfg_path) as f:
-        meta = json.load(f)
+      meta = json.loads(paths.read_text(cfg_path))
     except (OSError, ValueError) as e:
       raise ExportError(f"{cfg_path} is damaged ({e}); export the model again.") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -237,12 +254,12 @@ def load(path: str) -> tuple[ZTTModel, dict]:
     cfg = ModelConfig.from_any(meta["model"])
   except (KeyError, TypeError, ConfigError) as e:
     raise ExportError(f"{path}: the model config in {CONFIG_FILE} is invalid ({e}).") from None
-  path = os.path.abspath(path)
+  path = paths.absolute(path)
   if meta["storage"] == "safetensors":
-    file = path if os.path.isfile(path) else os.path.join(path, SAFETENSORS_FILE)
+    file = path if paths.isfile(path) else paths.join(path, SAFETENSORS_FILE)
     tree = traverse_util.unflatten_dict(_read_safetensors(file), sep="/")
   else:
-    tree = _read_orbax(os.path.join(path, ORBAX_DIR))
+    tree = _read_orbax(paths.join(path, ORBAX_DIR))
   if meta.get("unscanned"):
     tree = rescan(tree)
   _check_tree(tree, abstract_params(cfg), path, any_dtype=False)
@@ -250,10 +267,13 @@ def load(path: str) -> tuple[ZTTModel, dict]:
 
 
 def _safetensors_meta(file: str) -> dict:
-  from safetensors import safe_open
+  # The header read by hand (8-byte little-endian length, then JSON): safe_open wants a local file.
   try:
-    with safe_open(file, "numpy") as f:
-      raw = (f.metadata() or {}).get("ztt_jax_config")
+    with paths.path(file).open("rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      if not 2 <= n <= 100 << 20:
+        raise ValueError(f"header length {n}")
+      raw = (json.loads(f.read(n)).get("__metadata__") or {}).get("ztt_jax_config")
   except Exception as e:  # noqa: BLE001 - the library raises several types for a bad header
     raise ExportError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); the export "
                       "is damaged or truncated. Export it again.") from None
@@ -264,18 +284,18 @@ def _safetensors_meta(file: str) -> dict:
 
 
 def _read_safetensors(file: str) -> dict:
-  if not os.path.isfile(file):
+  if not paths.isfile(file):
     raise ExportError(f"{file} is missing: the export is incomplete. Export it again.")
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load, load_file
   try:
-    return load_file(file)
+    return load(paths.read_bytes(file)) if paths.is_url(file) else load_file(file)
   except Exception as e:  # noqa: BLE001
     raise ExportError(f"{file} cannot be read ({type(e).__name__}: {e}); the export is damaged or "
                       "truncated. Export it again.") from None
 
 
 def _read_orbax(directory: str) -> dict:
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise ExportError(f"{directory} is missing: the export is incomplete. Export it again.")
   import orbax.checkpoint as ocp
   try:
