@@ -84,9 +84,10 @@ def _batch(cfg, seed=1):
 @pytest.fixture(scope="module")
 def case():
   """Every recipe that reads each cycle out (deep supervision, the exit gate, the a0 target) through
-  the tail (rematerialised per cycle), with the tied head; the untied layout is checked above."""
+  the tail (rematerialised per cycle under nothing_saveable), with the tied head; the untied layout
+  is checked above."""
   cfg = tiny_cfg(max_seq_len=T, vocab_size=5, num_cycles=2, cycle_loss_weight=0.5, exit_gate=True,
-                 zero_attention_target_weight=0.7)
+                 zero_attention_target_weight=0.7, remat_policy="nothing_saveable")
   model, params = init_params(cfg, B, T)
   return model, params, _batch(cfg)
 
