@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from ztt_jax import evaluator, restore
+from ztt_jax import storage
 from ztt_jax import run as run_lib
 from ztt_jax.data.pipeline import open_source
 from ztt_jax.data.sources import example_from_tokens
@@ -21,7 +22,7 @@ RESULT = "result.json"
 
 def finished(workdir: str) -> bool:
   """result.json is written only after the trainer returns, so its presence means the run is done."""
-  return os.path.isfile(os.path.join(workdir, RESULT))
+  return storage.isfile(storage.join(workdir, RESULT))
 
 
 def param_count(cfg) -> int:
@@ -52,7 +53,13 @@ def nanogpt_loss(workdir: str) -> float:
 
 def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, steps=None) -> dict:
   cfg = rung_config(task, rung, seed, data_path=data_path, steps=steps)
-  workdir = os.path.join(out, run_name(rung, seed))
+  return train_and_record(cfg, storage.join(out, run_name(rung, seed)), {"task": task, "rung": rung, "seed": seed})
+
+
+def train_and_record(cfg, workdir: str, meta: dict) -> dict:
+  """Trains `cfg` in `workdir`, then writes workdir/result.json: `meta` plus the run's budget, size,
+  speed, final metrics, load averages and (text) the nanoGPT-protocol loss. A preempted run writes
+  nothing and returns the trainer's {"preempted_at": step}."""
   load_start = os.getloadavg()
   t0 = time.perf_counter()
   final = train(cfg, workdir)
@@ -61,7 +68,7 @@ def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, step
   rows = read_metrics(workdir)
   tok_s = [r["train/tokens_per_sec"] for r in rows if "train/tokens_per_sec" in r]
   result = {
-      "task": task, "rung": rung, "seed": seed, "steps": cfg.train.steps,
+      **meta, "steps": cfg.train.steps,
       "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
       "params": param_count(cfg), "effective_depth": cfg.model.effective_depth,
       "variant": cfg.model.canonical_variant, "num_cycles": cfg.model.cycles,
@@ -72,20 +79,19 @@ def train_one(task: str, rung: str, seed: int, out: str, *, data_path=None, step
       # 1/5/15-minute load averages before and after (the run itself adds ~1-2 on 2 cores)
       "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
   }
-  if task == "text":
+  if cfg.data.kind == "text":
     result["nanogpt_eval_loss"] = nanogpt_loss(workdir)
-  with open(os.path.join(workdir, RESULT), "w") as f:
-    json.dump(result, f, indent=1)
+  storage.write_text(storage.join(workdir, RESULT), json.dumps(result, indent=1))
   return result
 
 
 def run_ladder(task: str, out: str, seeds: int, *, data_path=None, steps=None, rungs=None, log=print):
   """Seed-major order, so a ladder stopped halfway has every rung at seed 0 before any at seed 1."""
-  out = os.path.join(out, task)
-  os.makedirs(out, exist_ok=True)
+  out = storage.join(storage.absolute(out), task)
+  storage.makedirs(out)
   for seed in range(seeds):
     for rung in rungs or BASE_RUNGS:
-      workdir = os.path.join(out, run_name(rung, seed))
+      workdir = storage.join(out, run_name(rung, seed))
       if finished(workdir):
         log(f"[{task}] {run_name(rung, seed)}: done, skipped")
         continue
