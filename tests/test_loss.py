@@ -1,7 +1,8 @@
 """The blockwise loss (ztt_jax/loss.py) against plain optax cross-entropy on materialised logits:
 the per-token values, the training objective with every recipe that reads the cycles out (deep
 supervision, the learned exit gate, the a0 target) and its gradient in every param, tied and untied
-heads, per-token weights and padding, and the eval step's metrics."""
+heads, per-token weights and padding, and the eval step's metrics; model.cycle_loss_every against a
+plain loop over the cycles."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,11 @@ import optax
 import pytest
 
 from model_testutil import init_params, tiny_cfg
+from ztt_jax.errors import ConfigError
 from ztt_jax.loss import LMHead, head_logits, positions_per_block, token_losses
+from ztt_jax.model import ZTTModel
 from ztt_jax.model.exit import ExitRule, zero_attention_target_loss
+from ztt_jax.model.lm import readout_cycles
 from ztt_jax.train_step import gate_loss_sums, make_eval_step, weighted_loss_sums
 
 B, T = 2, 7
@@ -126,3 +130,40 @@ def test_eval_step_matches_plain_logits(case):
   np.testing.assert_allclose(np.asarray(got["ce_sum_B"]), np.asarray(jnp.sum(ce * w, 1)), rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(got["correct_BxT"]), hit)
   np.testing.assert_array_equal(np.asarray(got["cycles_BxT"]), np.asarray(aux["cycles_used"]))
+
+
+def test_cycle_loss_every_matches_a_plain_loop_over_the_read_out_cycles():
+  """model.cycle_loss_every=2 at C = 3: deep supervision and the a0 target over cycles 2 and 3 (the
+  last always counts), against a Python loop over every cycle's logits from the same params."""
+  assert readout_cycles(tiny_cfg(num_cycles=5, cycle_loss_every=2), 5) == (1, 3, 4)
+  assert readout_cycles(tiny_cfg(num_cycles=4, cycle_loss_every=2), 4) == (1, 3)
+  assert readout_cycles(tiny_cfg(num_cycles=3), 3) == (0, 1, 2)
+  kw = dict(max_seq_len=T, vocab_size=5, num_cycles=3, cycle_loss_weight=0.5, zero_attention_target_weight=0.7)
+  model_all, params = init_params(tiny_cfg(**kw), B, T)
+  model_k = ZTTModel(tiny_cfg(cycle_loss_every=2, **kw))
+  batch = _batch(model_all.cfg)
+  (got, stats), (_, aux) = jax.jit(lambda p: (weighted_loss_sums(model_k, p, batch, 0.5, block_tokens=BLOCK),
+                                              model_all.apply({"params": p}, batch["inputs"])))(params)
+  cyc, za = np.asarray(aux["cycle_logits"], np.float64), np.asarray(aux["zero_attention"], np.float64)
+  w, t = np.asarray(batch["weights"], np.float64), np.asarray(batch["targets"])
+  ce_sums, bce_sums = [], []
+  for c in range(3):
+    logp = cyc[c] - np.log(np.exp(cyc[c]).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, t[..., None], -1)[..., 0]
+    right = (cyc[c].argmax(-1) == t).astype(np.float64)
+    a = 1e-6 + (1 - 2e-6) * za[c]
+    bce = -(right * np.log(a) + (1 - right) * np.log(1 - a))
+    if (c + 1) % 2 == 0 or c == 2:
+      ce_sums.append(np.sum(ce * w))
+      bce_sums.append(np.sum(bce * w))
+  want_target = np.mean(bce_sums)
+  want = ce_sums[-1] + 0.5 * np.mean(ce_sums) + 0.7 * want_target
+  np.testing.assert_allclose(float(stats["zero_attention_target_sum"]), want_target, rtol=1e-5)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_cycle_loss_every_errors_name_the_fix():
+  with pytest.raises(ConfigError, match="cycle_loss_every=0: must be a positive integer"):
+    tiny_cfg(cycle_loss_every=0)
+  with pytest.raises(ConfigError, match="exit gate's expected loss needs every cycle"):
+    tiny_cfg(cycle_loss_every=2, exit_gate=True)

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ztt_jax import loss as loss_lib
 from ztt_jax.config import Config
 from ztt_jax.model.exit import ExitRule, halting_distribution, kl_to_uniform, zero_attention_target_loss
+from ztt_jax.model.lm import readout_cycles
 from ztt_jax.partitioning import BATCH_AXES
 
 
@@ -31,9 +32,10 @@ def token_losses(model: nn.Module, params, batch, rule: Optional[ExitRule] = Non
   """The model's per-token cross-entropy [B,T] and argmax == target [B,T] on batch['targets'],
   computed blockwise from the hidden states (ztt_jax/loss.py): the [B,T,V] logits are never held.
 
-  Returns (ce_BxT, hit_BxT, aux): aux is the model's, and when the model collects every cycle's
-  read-out (deep supervision, the exit gate, the a0 target) and per_cycle, it also holds cycle_ce and
-  cycle_hit [C,B,T] (the last row is the final read-out's). block_tokens: train.loss_block_tokens."""
+  Returns (ce_BxT, hit_BxT, aux): aux is the model's, and when the model reads the cycles out (deep
+  supervision, the exit gate, the a0 target) and per_cycle, it also holds cycle_ce and cycle_hit
+  [R,B,T] for the R cycles of model.lm.readout_cycles (the last row is the final read-out's).
+  block_tokens: train.loss_block_tokens."""
   variables = {"params": params}
   h_BxTxD, aux = model.apply(variables, batch["inputs"], rule, num_cycles, readout=False)
   head = model.apply(variables, method="lm_head")
@@ -50,7 +52,7 @@ def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float
   """Sums (not means) over weighted tokens, so microbatches add up exactly to the full batch.
 
   Returns (loss_sum, stats) where loss_sum includes the deep-supervision term
-  `cycle_loss_weight * mean_c(loss_c)`, with the exit gate (model.exit_gate) its terms (see
+  `cycle_loss_weight * mean_c(loss_c)` over the read-out cycles (model.cycle_loss_every), with the exit gate (model.exit_gate) its terms (see
   gate_loss_sums), and with model.zero_attention_target_weight > 0 that weight times the mean over
   cycles of the a0 target's BCE sum (model.exit.zero_attention_target_loss); stats holds per-cycle
   zero-attention sums. num_cycles: static, see ZTTModel.__call__ (a sampled cycle count,
@@ -73,8 +75,10 @@ def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float
       loss_sum = loss_sum + gate_sum
       stats.update(gate_stats)
     if model.cfg.zero_attention_target_weight > 0:
-      bce_CxBxT = zero_attention_target_loss(aux["zero_attention"], aux["cycle_hit"])
-      target_sum = jnp.mean(jnp.sum(bce_CxBxT * w_BxT, axis=(1, 2)))
+      # The read-out cycles' a0 (model.cycle_loss_every): the BCE needs each one's hit.
+      za_RxBxT = aux["zero_attention"][np.asarray(readout_cycles(model.cfg, aux["zero_attention"].shape[0]))]
+      bce_RxBxT = zero_attention_target_loss(za_RxBxT, aux["cycle_hit"])
+      target_sum = jnp.mean(jnp.sum(bce_RxBxT * w_BxT, axis=(1, 2)))
       loss_sum = loss_sum + model.cfg.zero_attention_target_weight * target_sum
       stats["zero_attention_target_sum"] = target_sum
   return loss_sum, stats

@@ -169,6 +169,10 @@ class ModelConfig:
   cumulative exit probability; needs exit_gate). The zero_attention* signals need the zero token."""
   cycle_loss_weight: float = 0.0
   """Weight of the per-cycle (deep supervision) loss; > 0 makes apply() return aux['cycle_logits']."""
+  cycle_loss_every: int = 1
+  """Read out every k-th cycle for deep supervision and the a0 target: cycles k, 2k, ... (1-based)
+  and always the last; 1: every cycle. Each read-out costs a tail pass and the LM head, so k cuts
+  what deep supervision costs. Not with exit_gate (its expected loss needs every cycle's loss)."""
 
   cycle_readout: str = "tail"
   """How a cycle before the last is read out (deep supervision, the confidence exit signal, the
@@ -384,6 +388,12 @@ class ModelConfig:
       fail("cycle_lora_rank", "must be an integer >= 0 (0: no per-cycle LoRA)")
     if r and not VARIANT_PRESETS[self.canonical_variant]["cycled"]:
       fail("cycle_lora_rank", f"variant={self.variant!r} has no cycled stack; set it to 0 or use variant=ztt")
+    e = self.cycle_loss_every
+    if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+      fail("cycle_loss_every", "must be a positive integer (1: every cycle is read out)")
+    if e > 1 and self.exit_gate:
+      fail("cycle_loss_every", "the exit gate's expected loss needs every cycle's loss; set it to 1 or "
+           "turn exit_gate off")
     k = self.backprop_cycles
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
       fail("backprop_cycles", "must be an integer >= 0 (the last k cycles get gradients; 0: all of them)")

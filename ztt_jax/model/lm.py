@@ -46,6 +46,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ztt_jax.errors import ConfigError
 from ztt_jax.loss import LMHead
@@ -66,6 +67,13 @@ def count_params(params: Any, include_pool: bool = True) -> int:
   if not include_pool:
     params = {k: v for k, v in params.items() if k not in ("zero_key_pool", "zero_bias_pool")}
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def readout_cycles(cfg: ModelConfig, num_cycles: int) -> tuple[int, ...]:
+  """The cycles (0-based) read out for deep supervision and the a0 target: every
+  cfg.cycle_loss_every-th one, and the last."""
+  k = cfg.cycle_loss_every
+  return tuple(c for c in range(num_cycles) if (c + 1) % k == 0 or c == num_cycles - 1)
 
 
 class ZTTModel(nn.Module):
@@ -211,15 +219,16 @@ class ZTTModel(nn.Module):
       traced. Build the configured one with ExitRule.from_config(cfg).
     num_cycles: cycles to run (static int); default cfg.cycles. Rows beyond the pool reuse the last.
     readout: False returns the hidden states the LM head reads (after the final norm) instead of
-      logits, [B,T,D] in the compute dtype, and aux['cycle_hidden'] [C,B,T,D] (the last row is the
+      logits, [B,T,D] in the compute dtype, and aux['cycle_hidden'] [R,B,T,D] (the last row is the
       final one) instead of aux['cycle_logits']: the loss path (ztt_jax/loss.py, with `lm_head`)
       never holds [B,T,V] logits.
 
     aux: zero_attention [C,B,T] (mean a0 of the cycle; 0 for cycles a token did not run and for
     variants without the zero token), exit_signal [C,B,T] (the signal the rule used, same masking),
-    cycles_used [B,T] int32, cycle_logits [C,B,T,V] float32 when cfg.cycle_loss_weight > 0,
-    cfg.exit_gate or cfg.zero_attention_target_weight > 0, exit_gate [C,B,T] (the
-    halting probabilities lambda_c, same masking) with cfg.exit_gate.
+    cycles_used [B,T] int32, cycle_logits [R,B,T,V] float32 when cfg.cycle_loss_weight > 0,
+    cfg.exit_gate or cfg.zero_attention_target_weight > 0 (the R cycles of readout_cycles: every one
+    unless cfg.cycle_loss_every > 1), exit_gate [C,B,T] (the halting probabilities lambda_c, same
+    masking) with cfg.exit_gate.
     """
     cfg: ModelConfig = self.cfg
     rule = self._rule(rule)
@@ -238,16 +247,19 @@ class ZTTModel(nn.Module):
       h_BxTxD = self.read_hidden(state.x_BxTxD)
       return (h_BxTxD, aux) if not readout else (self.embed.decode(h_BxTxD), aux)
     B, T, D = state.x_BxTxD.shape
-    if cfg.cycle_readout == "tail" or C == 1:
-      h_CxBxTxD = self._read_hidden_per_cycle(states_CxBxTxD)
+    rows = readout_cycles(cfg, C)
+    R = len(rows)
+    states_RxBxTxD = states_CxBxTxD if R == C else states_CxBxTxD[np.asarray(rows)]
+    if cfg.cycle_readout == "tail" or R == 1:
+      h_RxBxTxD = self._read_hidden_per_cycle(states_RxBxTxD)
     else:
-      h_CxBxTxD = jnp.concatenate([self.final_norm(states_CxBxTxD[:-1]), self.read_hidden(states_CxBxTxD[-1])[None]])
+      h_RxBxTxD = jnp.concatenate([self.final_norm(states_RxBxTxD[:-1]), self.read_hidden(states_RxBxTxD[-1])[None]])
     if not readout:
-      aux["cycle_hidden"] = h_CxBxTxD
-      return h_CxBxTxD[-1], aux
-    cyc_CxBxTxV = self.embed.decode(h_CxBxTxD.reshape(C * B, T, D)).reshape(C, B, T, -1)
-    aux["cycle_logits"] = cyc_CxBxTxV
-    return cyc_CxBxTxV[-1], aux
+      aux["cycle_hidden"] = h_RxBxTxD
+      return h_RxBxTxD[-1], aux
+    cyc_RxBxTxV = self.embed.decode(h_RxBxTxD.reshape(R * B, T, D)).reshape(R, B, T, -1)
+    aux["cycle_logits"] = cyc_RxBxTxV
+    return cyc_RxBxTxV[-1], aux
 
   def _read_hidden_per_cycle(self, states_CxBxTxD: Array) -> Array:
     """read_hidden of every cycle's state, one cycle at a time: the tail's working set (its MLP
