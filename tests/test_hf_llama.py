@@ -12,6 +12,7 @@ import transformers
 
 from ztt_jax import export
 from ztt_jax.convert import ConvertError, hf_llama
+from ztt_jax.model import ModelConfig
 from ztt_jax.model import ZTTModel
 
 V, L = 301, 5
@@ -89,3 +90,15 @@ def test_what_the_model_cannot_compute_is_one_line_naming_the_field(field, value
   with pytest.raises(ConvertError, match=match) as e:
     hf_llama.model_config_from_hf(json.loads(json.dumps(cfg)))
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(norm="layernorm"), "norm='layernorm'"),
+    (dict(variant="ztt", num_cycles=2), "variant='ztt'"),
+    (dict(token_shift=True), "token_shift=True"),
+])
+def test_export_refuses_what_llama_cannot_hold_naming_it(change, match):
+  form = dict(variant="vanilla", num_cycles=1, vocab_size=V, d_model=48, num_heads=6, num_kv_heads=2, mlp_dim=80)
+  cfg = ModelConfig(**{**form, **change}).validate()
+  with pytest.raises(ConvertError, match=f"Hugging Face Llama: {match}.*--config.model.variant=vanilla"):
+    hf_llama.to_hf(cfg, {})

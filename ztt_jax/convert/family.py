@@ -10,6 +10,9 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
+import jax
+import numpy as np
+
 from ztt_jax import export as export_lib
 from ztt_jax import storage as paths
 from ztt_jax.convert import ConvertError, fold, hf_io
@@ -65,6 +68,34 @@ def export_hf(family: Family, export_path: str, out: str, overwrite: bool = Fals
     return hf_cfg, tensors, paths.join(paths.absolute(export_path), "tokenizer.json")
 
   return hf_io.write(out, build, source=export_path, overwrite=overwrite)
+
+
+def check_form(cfg, family_name: str, form: dict, extra: dict) -> None:
+  """ConvertError unless `cfg` is a vanilla model of the family's form: `form` {field: value} of
+  ModelConfig, and `extra` {what the family lacks: whether cfg has it}, e.g. {"token_shift=True": ...}."""
+  fix = (f"Train or convert with --config.model.variant=vanilla, "
+         + ", ".join(f"{k}={v}" for k, v in form.items()) + ".")
+  problems = ([f"variant={cfg.variant!r}, zero_token={cfg.use_zero_token}"]
+              if cfg.canonical_variant != "vanilla" or cfg.use_zero_token else [])
+  problems += [f"{k}={getattr(cfg, k)!r}" for k, v in form.items() if getattr(cfg, k) != v]
+  problems += [what for what, present in extra.items() if present]
+  if problems:
+    raise ConvertError(f"only a vanilla {family_name}-form model exports to Hugging Face {family_name}: "
+                       f"{problems[0]}. {fix}")
+
+
+def vanilla_layers(params: dict) -> tuple[dict, int]:
+  """(every layer's params stacked in order, the layer count) of a vanilla model: head, middle, tail."""
+  stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]
+  layers = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *stacks)
+  return layers, jax.tree.leaves(layers)[0].shape[0]
+
+
+def refuse_leftovers(tensors: dict, family_name: str, layer_count_field: str) -> None:
+  if tensors:
+    raise ConvertError(f"the safetensors have tensors this {family_name} mapping does not know: "
+                       f"{sorted(tensors)[:8]}{' ...' if len(tensors) > 8 else ''}. Is config.json's "
+                       f"{layer_count_field} right?")
 
 
 def base_hf_config(base: Optional[dict]) -> dict:

@@ -124,9 +124,7 @@ def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
                 "wo_kernel": _take(tensors, p + "mlp.c_proj.weight", (F, D)),
                 "wo_bias": _take(tensors, p + "mlp.c_proj.bias", (D,))},
     })
-  if tensors:
-    raise ConvertError(f"model.safetensors has tensors this GPT-2 mapping does not know: {sorted(tensors)[:8]}"
-                       f"{' ...' if len(tensors) > 8 else ''}. Is config.json's n_layer right?")
+  family.refuse_leftovers(tensors, "GPT-2", "n_layer")
   return top, layers
 
 
@@ -134,23 +132,11 @@ def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
 
 def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None) -> tuple[dict, dict]:
   """(config.json dict, {HF tensor name: numpy array}) of a vanilla GPT-2-form model."""
-  def need(ok, what):
-    if not ok:
-      raise ConvertError(f"only a vanilla GPT-2-form model exports to Hugging Face GPT-2: {what}. Train or "
-                         "convert with --config.model.variant=vanilla, norm=layernorm, position=learned, "
-                         "mlp=gelu, use_bias=True.")
-  need(cfg.canonical_variant == "vanilla" and not cfg.use_zero_token,
-       f"variant={cfg.variant!r}, zero_token={cfg.use_zero_token}")
-  need(cfg.norm == "layernorm", f"norm={cfg.norm!r}")
-  need(cfg.position == "learned", f"position={cfg.position!r}")
-  need(cfg.mlp == "gelu", f"mlp={cfg.mlp!r}")
-  need(cfg.use_bias, "use_bias=False")
-  need(cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} (GPT-2 has one k/v head per query head)")
-  need(not cfg.token_shift, "token_shift=True (GPT-2 has no token shift)")
-  params = jax.tree.map(np.asarray, params)
-  stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]
-  layers = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *stacks)  # vanilla runs head, middle, tail
-  L = jax.tree.leaves(layers)[0].shape[0]
+  family.check_form(cfg, "GPT-2", dict(norm="layernorm", position="learned", mlp="gelu", use_bias=True),
+                    {f"num_kv_heads={cfg.num_kv_heads} (GPT-2 has one k/v head per query head)":
+                         cfg.kv_heads != cfg.num_heads,
+                     "token_shift=True (GPT-2 has no token shift)": cfg.token_shift})
+  layers, L = family.vanilla_layers(jax.tree.map(np.asarray, params))
   D = cfg.d_model
   t = {"transformer.wte.weight": params["embed"]["embedding"],
        "transformer.wpe.weight": params["embed"]["pos_embedding"],

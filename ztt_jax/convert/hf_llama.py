@@ -120,31 +120,17 @@ def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
         "mlp": {"wg_kernel": lin("mlp.gate_proj", F, D), "wi_kernel": lin("mlp.up_proj", F, D),
                 "wo_kernel": lin("mlp.down_proj", D, F)},
     })
-  if tensors:
-    raise ConvertError(f"the safetensors have tensors this Llama mapping does not know: {sorted(tensors)[:8]}"
-                       f"{' ...' if len(tensors) > 8 else ''}. Is config.json's num_hidden_layers right?")
+  family.refuse_leftovers(tensors, "Llama", "num_hidden_layers")
   return top, layers
 
 
 def to_hf(cfg: ModelConfig, params: dict, base_hf_config: Optional[dict] = None) -> tuple[dict, dict]:
   """(config.json dict, {HF tensor name: numpy array}) of a vanilla Llama-form model."""
-  def need(ok, what):
-    if not ok:
-      raise ConvertError(f"only a vanilla Llama-form model exports to Hugging Face Llama: {what}. Train or "
-                         "convert with --config.model.variant=vanilla, norm=rmsnorm, position=rope, "
-                         "mlp=swiglu, use_bias=False.")
-  need(cfg.canonical_variant == "vanilla" and not cfg.use_zero_token,
-       f"variant={cfg.variant!r}, zero_token={cfg.use_zero_token}")
-  need(cfg.norm == "rmsnorm", f"norm={cfg.norm!r}")
-  need(cfg.position == "rope", f"position={cfg.position!r}")
-  need(cfg.mlp == "swiglu", f"mlp={cfg.mlp!r}")
-  need(not cfg.use_bias, "use_bias=True")
-  need(not cfg.token_shift, "token_shift=True (Llama has no token shift)")
-  need(cfg.attention_window is None, f"attention_window={cfg.attention_window} (Llama has no sliding window)")
-  params = jax.tree.map(np.asarray, params)
-  stacks = [params[s]["layers"] for s in ("head", "middle", "tail") if s in params]
-  layers = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *stacks)  # vanilla runs head, middle, tail
-  L = jax.tree.leaves(layers)[0].shape[0]
+  family.check_form(cfg, "Llama", dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False),
+                    {"token_shift=True (Llama has no token shift)": cfg.token_shift,
+                     f"attention_window={cfg.attention_window} (Llama has no sliding window)":
+                         cfg.attention_window is not None})
+  layers, L = family.vanilla_layers(jax.tree.map(np.asarray, params))
   D, H, G, K = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
   t = {"model.embed_tokens.weight": params["embed"]["embedding"], "model.norm.weight": params["final_norm"]["scale"]}
   if not cfg.tie_embeddings:
