@@ -22,3 +22,29 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+
+import subprocess
+
+import pytest
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """small_disk(size) -> (folder, mounted): a tmpfs of `size` (e.g. "16m") where this machine lets
+  the tests mount one, so the disk really fills up; else a plain folder and False, and the test
+  injects the error the file layer raises on a full disk. Unmounted afterwards."""
+  mounts = []
+
+  def make(size):
+    disk = tmp_path / f"disk{len(mounts)}"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    if mounted:
+      mounts.append(disk)
+    return disk, mounted
+
+  yield make
+  for disk in mounts:
+    subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -112,3 +113,23 @@ def copy_run(src, dst, keep_up_to=None):
       if step > keep_up_to:
         shutil.rmtree(pathlib.Path(dst) / "checkpoints" / str(step))
   return pathlib.Path(dst)
+
+
+def tensorboard_scalars(event_files, tag):
+  """{step: value} of `tag` as TensorBoard shows it, from the bytes of each event file in the order
+  they were written (TFRecord framing: length, its CRC, the Event proto, its CRC). TensorBoard's rule
+  for a restarted run: a SessionLog START at step s hides every earlier event at a step >= s."""
+  from tensorboardX.proto import event_pb2
+  shown = {}
+  for data in event_files:
+    i = 0
+    while i < len(data):
+      n = struct.unpack("<Q", data[i:i + 8])[0]
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        shown = {s: v for s, v in shown.items() if s < event.step}
+      for value in event.summary.value:
+        if value.tag == tag:
+          shown[event.step] = value.simple_value
+  return shown

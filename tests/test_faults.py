@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import time
 
@@ -162,26 +161,6 @@ def test_nonfinite_skip_drops_the_updates_and_counts_them(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_12, params_16)
 
 
-def _tensorboard_scalars(logdir, tag):
-  """{step: value} of `tag` as TensorBoard shows it, read straight from the event files (TFRecord
-  framing: length, its CRC, the Event proto, its CRC). TensorBoard's rule for a restarted run: a
-  SessionLog START at step s hides every earlier event at a step >= s."""
-  from tensorboardX.proto import event_pb2
-  shown = {}
-  for path in sorted(p for p in logdir.iterdir() if ".tfevents." in p.name):
-    data, i = path.read_bytes(), 0
-    while i < len(data):
-      n = struct.unpack("<Q", data[i:i + 8])[0]
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-        shown = {s: v for s, v in shown.items() if s < event.step}
-      for value in event.summary.value:
-        if value.tag == tag:
-          shown[event.step] = value.simple_value
-  return shown
-
-
 def test_resume_after_a_crash_leaves_one_history_in_metrics_and_tensorboard(tmp_path):
   # A run killed at step 16 whose last finished checkpoint is 8: it logged steps 9..16 (and half
   # of 17's line) that the resumed run trains again.
@@ -199,7 +178,9 @@ def test_resume_after_a_crash_leaves_one_history_in_metrics_and_tensorboard(tmp_
   assert steps == list(range(1, runs.STEPS + 1))  # each step once: the crashed run's 9..16 are gone
   reference, got = runs.losses(runs.reference_run()), runs.losses(workdir)
   assert got == reference
-  shown = _tensorboard_scalars(workdir / "tensorboard", "train/loss")
+  logdir = workdir / "tensorboard"
+  shown = runs.tensorboard_scalars([p.read_bytes() for p in sorted(logdir.iterdir()) if ".tfevents." in p.name],
+                                   "train/loss")
   assert sorted(shown) == list(range(1, runs.STEPS + 1))
   assert [shown[s] for s in range(1, 9)] == [100.0 + s for s in range(1, 9)]  # before the checkpoint
   np.testing.assert_allclose([shown[s] for s in range(9, 17)], [reference[s] for s in range(9, 17)],
@@ -207,19 +188,6 @@ def test_resume_after_a_crash_leaves_one_history_in_metrics_and_tensorboard(tmp_
 
 
 # ------------------------------------------------------------------ a full disk
-
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 16 MiB tmpfs where this machine lets us mount one (then the disk really fills up), else a plain
-  folder and None: the tests then inject the error the file layer raises on a full disk."""
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
-                           capture_output=True).returncode == 0
-  yield disk, mounted
-  if mounted:
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
 
 def _fill(disk, leave_bytes):
   """Fills the tmpfs up to `leave_bytes` of free space; returns the filler file."""
@@ -234,7 +202,7 @@ _ORBAX_DISK_FULL = ("RESOURCE_EXHAUSTED: Error writing \"params\" in OCDBT datab
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(small_disk, monkeypatch):
-  disk, mounted = small_disk
+  disk, mounted = small_disk("16m")
   workdir = runs.copy_run(runs.reference_run(), disk / "run", keep_up_to=8)
   before = {p: p.read_bytes() for p in (workdir / "checkpoints" / "8").rglob("*") if p.is_file()}
   if mounted:

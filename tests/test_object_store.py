@@ -3,7 +3,6 @@ loopback (tests/gcs_emulator.py): one tiny train with checkpoints, metrics and T
 a resume that continues exactly, evaluate, export and generate from the bucket, text and ArrayRecord
 data read from it, and the lease refusing a second writer. One train, reused by every test."""
 import json
-import struct
 
 import jax
 import numpy as np
@@ -48,27 +47,11 @@ def test_train_writes_everything_to_the_bucket_and_a_resume_continues_exactly(tr
   steps = sorted(int(n) for n in storage.listdir(f"{workdir}/checkpoints") if n.isdigit())
   assert steps == [8, 12, 16]  # checkpoint.max_to_keep=3
   assert not storage.exists(f"{workdir}/{lease_lib.NAME}")  # released when training ended
-  shown = _tensorboard_scalars(f"{workdir}/tensorboard", "train/loss")
+  logdir = f"{workdir}/tensorboard"
+  shown = runs.tensorboard_scalars([storage.read_bytes(f"{logdir}/{n}") for n in sorted(storage.listdir(logdir))],
+                                   "train/loss")
   assert sorted(shown) == list(range(1, runs.STEPS + 1))
   np.testing.assert_allclose([shown[s] for s in sorted(shown)], [first[s] for s in sorted(shown)], rtol=1e-6)
-
-
-def _tensorboard_scalars(logdir, tag):
-  """{step: value} as TensorBoard shows it (a START session log hides earlier events at >= its step)."""
-  from tensorboardX.proto import event_pb2
-  shown = {}
-  for name in storage.listdir(logdir):
-    data, i = storage.read_bytes(f"{logdir}/{name}"), 0
-    while i < len(data):
-      n = struct.unpack("<Q", data[i:i + 8])[0]
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-      i += 12 + n + 4
-      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-        shown = {s: v for s, v in shown.items() if s < event.step}
-      for value in event.summary.value:
-        if value.tag == tag:
-          shown[event.step] = value.simple_value
-  return shown
 
 
 @pytest.fixture(scope="module")

@@ -112,19 +112,8 @@ def test_a_live_writers_temporary_directory_is_left_alone(tmp_path):
   assert live.is_dir()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                           capture_output=True).returncode == 0
-  yield disk, mounted
-  if mounted:
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 def test_an_export_onto_a_full_disk_is_one_line_and_keeps_the_old_export(small_disk, monkeypatch):
-  disk, mounted = small_disk
+  disk, mounted = small_disk("1m")
   small = ModelConfig(vocab_size=64, d_model=16, num_heads=2, mlp_dim=32, n_middle_layers=1, num_cycles=2,
                       max_seq_len=16).validate()
   big = small.replace(vocab_size=2048, d_model=64, mlp_dim=256)  # ~2 MiB: more than the disk holds
