@@ -27,7 +27,8 @@ RTOL = 1e-4     # another mesh and process count: same math, another reduction o
 
 def _launch(workdir, logdir):
   cmd = ["bash", "launch/multiprocess.sh", "2", "4", f"--workdir={workdir}", *runs.flags(mesh__shape=MESH)]
-  env = dict(runs.env(), ZTT_LOG_DIR=str(logdir))
+  # A survivor blocked in a collective is SIGKILLed this long after the launcher's SIGTERM.
+  env = dict(runs.env(), ZTT_LOG_DIR=str(logdir), ZTT_KILL_GRACE="5")
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, start_new_session=True)
 
