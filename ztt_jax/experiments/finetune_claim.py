@@ -53,7 +53,9 @@ ARMS = {"copy": dict(middle_init="copy", lora_rank=0),
         "average": dict(middle_init="average", lora_rank=0),
         "average+lora8": dict(middle_init="average", lora_rank=8),
         "average+lora32": dict(middle_init="average", lora_rank=32)}
-CONTROLS = ("vanilla-4", "ztt", "ztt+inject")
+# Cheapest first, then the strongest from-scratch rung of the text ladder: a run cut short still
+# has the two that bound the claim (equal unique parameters; the best looped recipe).
+CONTROLS = ("vanilla-4", "ztt+inject", "ztt")
 STAGES = ("teacher", "roundtrip", "convert", "finetune", "controls", "exits")
 ROUNDTRIP_TOL = 1e-4
 ROUNDTRIP_BATCHES = 4  # of nanoGPT's 12 held-out windows each
