@@ -91,6 +91,17 @@ def vanilla_layers(params: dict) -> tuple[dict, int]:
   return layers, jax.tree.leaves(layers)[0].shape[0]
 
 
+def take(tensors: dict, name: str, shape: tuple, *, architecture: str, prefix: str, fix: str = "") -> np.ndarray:
+  """Pops one HF tensor of the expected shape; ConvertError naming it (and `fix`) otherwise."""
+  if name not in tensors:
+    raise ConvertError(f"the safetensors have no tensor {name!r} (with or without the {prefix!r} prefix); "
+                       f"is it a {architecture} checkpoint?")
+  a = tensors.pop(name)
+  if a.shape != tuple(shape):
+    raise ConvertError(f"tensor {name!r} has shape {a.shape}, config.json implies {tuple(shape)}. {fix}".rstrip())
+  return a
+
+
 def refuse_leftovers(tensors: dict, family_name: str, layer_count_field: str) -> None:
   if tensors:
     raise ConvertError(f"the safetensors have tensors this {family_name} mapping does not know: "

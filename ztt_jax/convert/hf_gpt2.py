@@ -80,17 +80,10 @@ def model_config_from_hf(hf_cfg: dict, dtype: str = "float32") -> ModelConfig:
 
 
 def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
-  if name not in tensors:
-    raise ConvertError(f"model.safetensors has no tensor {name!r} (with or without the 'transformer.' "
-                       "prefix); is it a GPT2LMHeadModel checkpoint?")
-  a = tensors.pop(name)
-  if a.shape != tuple(shape):
-    hint = (" The vocabulary in config.json (vocab_size) and the embedding disagree; fix vocab_size."
-            if name in ("wte.weight", "lm_head.weight") else
-            " n_positions in config.json and the position table disagree; fix n_positions."
-            if name == "wpe.weight" else "")
-    raise ConvertError(f"tensor {name!r} has shape {a.shape}, config.json implies {tuple(shape)}.{hint}")
-  return a
+  fix = ("The vocabulary in config.json (vocab_size) and the embedding disagree; fix vocab_size."
+         if name in ("wte.weight", "lm_head.weight") else
+         "n_positions in config.json and the position table disagree; fix n_positions." if name == "wpe.weight" else "")
+  return family.take(tensors, name, shape, architecture="GPT2LMHeadModel", prefix="transformer.", fix=fix)
 
 
 def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:

@@ -86,14 +86,8 @@ def model_config_from_hf(hf_cfg: dict, dtype: str = "float32") -> ModelConfig:
 
 
 def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
-  if name not in tensors:
-    raise ConvertError(f"the safetensors have no tensor {name!r} (with or without the 'model.' prefix); "
-                       "is it a LlamaForCausalLM checkpoint?")
-  a = tensors.pop(name)
-  if a.shape != tuple(shape):
-    raise ConvertError(f"tensor {name!r} has shape {a.shape}, config.json implies {tuple(shape)}; fix "
-                       "config.json (vocab_size, hidden_size, intermediate_size or the head counts).")
-  return a
+  return family.take(tensors, name, shape, architecture="LlamaForCausalLM", prefix="model.",
+                     fix="Fix config.json (vocab_size, hidden_size, intermediate_size or the head counts).")
 
 
 def hf_layers(cfg: ModelConfig, tensors: dict) -> tuple[dict, list[dict]]:
