@@ -16,8 +16,7 @@ from typing import Optional
 
 from ztt_jax.errors import OutputError
 from ztt_jax.experiments import published
-from ztt_jax.experiments.finetune_claim import (ARMS, CONTROLS, GOAL_NATS, TEACHER, best_arm, read_json,
-                                                results)
+from ztt_jax.experiments.claim_plan import ARMS, CONTROLS, GOAL_NATS, TEACHER, best_arm, read_json, results
 from ztt_jax.experiments.report import fill, sweep_table
 from ztt_jax.experiments.summary import stats
 from ztt_jax.plots import plot_quality_vs_compute

@@ -43,23 +43,16 @@ import numpy as np
 
 from ztt_jax.config import Config, parse
 from ztt_jax.errors import ConfigError
+from ztt_jax.experiments.claim_plan import ARMS, CONTROLS, TEACHER, best_arm, read_json, results
+from ztt_jax.experiments.claim_report import write_report
 from ztt_jax.experiments.ladder import CYCLE_LOSS_WEIGHT, rung_config, run_name
 from ztt_jax.experiments.runs import RESULT, finished
 
 KV_HEADS = 2
-TEACHER = "vanilla-8"
 LAYOUT = dict(num_cycles=3, n_middle_layers=2)  # 1 + 2x3 + 1: the ztt rung's layout
-ARMS = {"copy": dict(middle_init="copy", lora_rank=0),
-        "average": dict(middle_init="average", lora_rank=0),
-        "average+lora8": dict(middle_init="average", lora_rank=8),
-        "average+lora32": dict(middle_init="average", lora_rank=32)}
-# Cheapest first, then the strongest from-scratch rung of the text ladder: a run cut short still
-# has the two that bound the claim (equal unique parameters; the best looped recipe).
-CONTROLS = ("vanilla-4", "ztt+inject", "ztt")
 STAGES = ("teacher", "roundtrip", "convert", "finetune", "controls", "exits")
 ROUNDTRIP_TOL = 1e-4
 ROUNDTRIP_BATCHES = 4  # of nanoGPT's 12 held-out windows each
-GOAL_NATS = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +146,6 @@ def param_counts(params) -> dict:
 def _config_counts(cfg: Config) -> dict:
   from ztt_jax import run as run_lib
   return param_counts(run_lib.build(cfg).abstract_state.params)
-
-
-def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def write_json(obj: dict, path: str) -> None:
@@ -308,22 +296,6 @@ def stage_controls(plan: Plan, log) -> bool:
   return True
 
 
-def results(directory: str) -> list[dict]:
-  """The result.json of every finished run under `directory`."""
-  if not os.path.isdir(directory):
-    return []
-  return [read_json(os.path.join(directory, n, RESULT)) for n in sorted(os.listdir(directory))
-          if finished(os.path.join(directory, n))]
-
-
-def best_arm(finetuned: list[dict]):
-  """The arm with the lowest mean fine-tuned loss over its finished seeds (None if none finished)."""
-  by = {}
-  for r in finetuned:
-    by.setdefault(r["arm"], []).append(r["nanogpt_eval_loss"])
-  return min(by, key=lambda a: sum(by[a]) / len(by[a])) if by else None
-
-
 def sweep_path(plan_out: str, arm: str, seed: int) -> str:
   return os.path.join(plan_out, "exits", f"sweep_{arm}_s{seed}.json")
 
@@ -370,7 +342,6 @@ def main(argv):
     raise app.UsageError(f"unexpected argument(s) {argv[1:]}; every option is a --flag (--helpshort lists them)")
   f = flags.FLAGS
   if f.report:
-    from ztt_jax.experiments.claim_report import write_report
     write_report(f.out, f.docs, overwrite=f.overwrite, log=lambda s: print(s, flush=True))
     return
   if not f.data:
