@@ -110,7 +110,7 @@ def test_cached_decoding_with_a_delta_signal_equals_full_forward():
 
 
 def test_zero_attention_target_loss_is_the_bce_and_trains_the_zero_keys():
-  cfg = tiny_cfg(zero_attention_target_weight=0.7, remat_policy="none")
+  cfg = tiny_cfg(zero_attention_target_weight=0.7, zero_attention_target_smoothing=0.25, remat_policy="none")
   model, params = init_params(cfg, 2, 8)
   toks = tokens(cfg, 2, 8)
   p = ref.to_np(params)
@@ -124,7 +124,8 @@ def test_zero_attention_target_loss_is_the_bce_and_trains_the_zero_keys():
   right = (cyc.argmax(-1) == targets[None]).astype(np.float64)
   assert 0 < right.mean() < 1
   a = 1e-6 + (1 - 2e-6) * za
-  bce = -(right * np.log(a) + (1 - right) * np.log(1 - a))
+  label = np.where(right == 1, 0.75, 0.25)  # smoothing 0.25
+  bce = -(label * np.log(a) + (1 - label) * np.log(1 - a))
   want = np.mean(np.sum(bce * w, axis=(1, 2)))
 
   def target_sum(pr):
@@ -143,6 +144,8 @@ def test_signal_config_errors_name_the_fix():
     tiny_cfg(variant="htc", zero_attention_target_weight=0.5)
   with pytest.raises(ConfigError, match=">= 0"):
     tiny_cfg(zero_attention_target_weight=-1.0)
+  with pytest.raises(ConfigError, match=r"zero_attention_target_smoothing.*\[0, 0.5\)"):
+    tiny_cfg(zero_attention_target_weight=1.0, zero_attention_target_smoothing=0.5)
   with pytest.raises(ConfigError, match="exit_threshold=none"):
     tiny_cfg(variant="htc", exit_signal="zero_attention_last", exit_threshold=0.5)
   tiny_cfg(variant="htc", exit_signal="state_delta", exit_threshold=0.5)  # needs no zero token

@@ -58,6 +58,7 @@ class Checkpointer:
                     "during it).", self.directory, leftover)
     self._in_flight: Optional[tuple[int, int]] = None  # (step, bytes) of the save not yet finished
     _quiet_disk_full_logs()
+    _split_only_large_arrays(cfg.replica_parallel_min_bytes)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -316,3 +317,23 @@ def _jsonable(x):
   if hasattr(x, "item"):
     return x.item()
   return str(x)
+
+
+def _split_only_large_arrays(min_bytes: int) -> None:
+  """Orbax's StandardSave reads its array handler from a process-wide registry; this one splits a
+  replicated array across its replicas only where each slice holds min_bytes
+  (checkpoint.replica_parallel_min_bytes)."""
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == min_bytes:
+    return
+  # Orbax's default handler carries a store of per-array metadata, not public API: keep it.
+  store = getattr(current, "_array_metadata_store", None)
+  handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=min_bytes,
+                                           array_metadata_store=store)
+  absl_log = logging.getLogger("absl")  # the override is intended: no "overriding" warning per run
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_log.setLevel(level)

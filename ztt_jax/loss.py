@@ -67,6 +67,10 @@ def token_losses(h_xBxTxD: Array, head: LMHead, targets_BxT: Array, block_tokens
     raise ValueError(f"targets {targets_BxT.shape} do not match the hidden states' [B, T] = {(B, T)}")
   h_LxBxTxD = h_xBxTxD.reshape((math.prod(lead), B, T, D))
   targets_BxT = targets_BxT.astype(jnp.int32)
+  L = h_LxBxTxD.shape[0]
+  if block_tokens == 0 and L * B * T * head.vocab_size <= AUTO_BLOCK_ELEMENTS:
+    ce, hit = _whole(h_LxBxTxD, head, targets_BxT)
+    return ce.reshape(lead + (B, T)), hit.reshape(lead + (B, T))
   tb = positions_per_block(B, T, head.vocab_size, block_tokens)
   pad = -T % tb
   if pad:
@@ -74,6 +78,16 @@ def token_losses(h_xBxTxD: Array, head: LMHead, targets_BxT: Array, block_tokens
     targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
   ce, hit = _blockwise(h_LxBxTxD, head.kernel, targets_BxT, tb, head.vocab_axis)
   return ce[..., :T].reshape(lead + (B, T)), hit[..., :T].reshape(lead + (B, T))
+
+
+def _whole(h_LxBxTxD: Array, head: LMHead, targets_BxT: Array) -> tuple[Array, Array]:
+  """All logits at once, differentiated by JAX: where they fit in one automatic block (small
+  vocabularies, the embedded tasks) the scans and the custom VJP would only cost compile time."""
+  L, B, T, D = h_LxBxTxD.shape
+  logits = head_logits(h_LxBxTxD.reshape(L * B, T, D), head).reshape(L, B, T, -1)
+  picked = jnp.take_along_axis(logits, targets_BxT[None, ..., None], axis=-1)[..., 0]
+  hit = jnp.argmax(logits, axis=-1) == targets_BxT[None]
+  return jax.nn.logsumexp(logits, axis=-1) - picked, hit
 
 
 def _blocks(h_LxBxTxD: Array, tb: int) -> tuple[int, Array, Array]:

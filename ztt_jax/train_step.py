@@ -77,7 +77,7 @@ def weighted_loss_sums(model: nn.Module, params, batch, cycle_loss_weight: float
     if model.cfg.zero_attention_target_weight > 0:
       # The read-out cycles' a0 (model.cycle_loss_every): the BCE needs each one's hit.
       za_RxBxT = aux["zero_attention"][np.asarray(readout_cycles(model.cfg, aux["zero_attention"].shape[0]))]
-      bce_RxBxT = zero_attention_target_loss(za_RxBxT, aux["cycle_hit"])
+      bce_RxBxT = zero_attention_target_loss(za_RxBxT, aux["cycle_hit"], model.cfg.zero_attention_target_smoothing)
       target_sum = jnp.mean(jnp.sum(bce_RxBxT * w_BxT, axis=(1, 2)))
       loss_sum = loss_sum + model.cfg.zero_attention_target_weight * target_sum
       stats["zero_attention_target_sum"] = target_sum

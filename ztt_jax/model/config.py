@@ -229,6 +229,13 @@ class ModelConfig:
   difficulty. a0 enters the BCE as eps + (1 - 2 eps) a0 (eps 1e-6), which keeps the log finite
   without a clip's dead gradient. Needs the zero token; makes apply() return aux['cycle_logits'];
   the trainer logs train/zero_attention_target_loss."""
+  zero_attention_target_smoothing: float = 0.1
+  """The a0 target's labels are s and 1 - s instead of 0 and 1 (zero_attention_target_weight > 0).
+  With hard labels the BCE keeps pushing the zero key's logits apart for as long as training lasts;
+  the attention sharpens until a tiny update flips predictions: on the default task the train loss
+  spiked from 0.0002 to 0.01-0.1 every 100-200 steps (none with the target off, none at s = 0.1),
+  and a spike in the last steps left the run at 99.2% (docs/results.md, "Loss spikes from the a0
+  target"). An exit threshold between s and 1 - s still separates right from wrong."""
 
   # ---------------------------------------------------------------- construction
 
@@ -408,6 +415,8 @@ class ModelConfig:
       fail("exit_signal", "the gate signal needs the learned gate; add --config.model.exit_gate=True")
     if not self.zero_attention_target_weight >= 0:
       fail("zero_attention_target_weight", "must be >= 0 (0 turns the a0 target loss off)")
+    if not 0 <= self.zero_attention_target_smoothing < 0.5:
+      fail("zero_attention_target_smoothing", "must be in [0, 0.5): the labels are s and 1 - s")
     if self.zero_attention_target_weight > 0 and not self.use_zero_token:
       fail("zero_attention_target_weight", f"variant={self.variant!r} has no zero token to train; set it to 0 "
            "or use variant=ztt")

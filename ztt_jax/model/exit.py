@@ -47,17 +47,19 @@ def state_delta(x_prev_BxTxD: Array, x_BxTxD: Array, eps: float = 1e-6) -> Array
 ZERO_ATTENTION_TARGET_EPS = 1e-6
 
 
-def zero_attention_target_loss(za_CxBxT: Array, right_CxBxT: Array) -> Array:
+def zero_attention_target_loss(za_CxBxT: Array, right_CxBxT: Array, smoothing: float = 0.0) -> Array:
   """Per cycle and token, the binary cross-entropy of mean a0 as a prediction that the cycle's
-  read-out is already right: target right_CxBxT = [argmax(logits_c) == target] (a constant; from
-  ztt_jax/loss.py, which never holds the logits), prediction eps + (1 - 2 eps) a0_c. float32 [C,B,T]
-  (model.zero_attention_target_weight)."""
+  read-out is already right: right_CxBxT = [argmax(logits_c) == target] (a constant; from
+  ztt_jax/loss.py, which never holds the logits) as the label s + (1 - 2 s) right with s =
+  smoothing (model.zero_attention_target_smoothing), prediction eps + (1 - 2 eps) a0_c. float32
+  [C,B,T] (model.zero_attention_target_weight)."""
   right_CxBxT = jax.lax.stop_gradient(right_CxBxT.astype(jnp.float32))
+  label_CxBxT = smoothing + (1.0 - 2.0 * smoothing) * right_CxBxT
   eps = ZERO_ATTENTION_TARGET_EPS
   # The affine squash, not a clip, keeps the log finite: a clip would stop the gradient exactly where
   # a0 has collapsed and most needs to move.
   a_CxBxT = eps + (1.0 - 2.0 * eps) * za_CxBxT.astype(jnp.float32)
-  return -(right_CxBxT * jnp.log(a_CxBxT) + (1.0 - right_CxBxT) * jnp.log1p(-a_CxBxT))
+  return -(label_CxBxT * jnp.log(a_CxBxT) + (1.0 - label_CxBxT) * jnp.log1p(-a_CxBxT))
 
 
 def halting_distribution(lam_CxBxT: Array) -> Array:
