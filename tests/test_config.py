@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ztt_jax import config as config_lib
@@ -188,3 +190,18 @@ def test_non_finite_learning_rate_from_the_command_line_is_refused_before_traini
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "train.learning_rate=nan: must be a finite number" in proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset, layers_applied, unique_layers", [("1b", 18, 6), ("8b", 34, 10)])
+def test_scale_presets_are_the_llama_widths_they_name(preset, layers_applied, unique_layers):
+  """configs/scale.py (the pod scale table): the model's params, from an abstract init, against the
+  Llama formula (untied 128k head, grouped-query attention, SwiGLU, two RMSNorms per layer)."""
+  from ztt_jax.model import ZTTModel
+  m = config_lib.parse(load_config("scale", preset)).model
+  shapes = jax.eval_shape(lambda r: ZTTModel(m).init(r, jnp.zeros((1, 16), jnp.int32)), jax.random.key(0))
+  got = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
+  D, H, K, KV, F, V = m.d_model, m.num_heads, m.d_model // m.num_heads, m.num_kv_heads, m.mlp_dim, m.vocab_size
+  layer = 2 * D * H * K + 2 * D * KV * K + 3 * D * F + 2 * D
+  pool = m.num_cycles * m.n_middle_layers * H * K
+  assert got == 2 * V * D + unique_layers * layer + D + pool
+  assert m.effective_depth == layers_applied and V == 128256 and not m.tie_embeddings
