@@ -19,7 +19,7 @@ width) and differ in how they reuse them:
   htc      1 head + 2 shared middle x 4 cycles + 1 tail  effective depth 10
   ztt      htc + zero-token pool + early exit            effective depth 10  (the default)
 """
-from ztt_jax.config import base_config
+from ztt_jax.config import base_config, preset
 
 PRESETS = {
     "vanilla": dict(variant="vanilla", num_cycles=1, exit_threshold=None, min_cycles=1, cycle_loss_weight=0.0,
@@ -33,11 +33,8 @@ PRESETS = {
 WINDOW = 4
 
 
-def get_config(preset="ztt"):
-  preset = preset or "ztt"
-  if preset not in PRESETS:
-    raise ValueError(f"Unknown preset {preset!r} for configs/default.py; choose one of {sorted(PRESETS)}, "
-                     "e.g. --config=configs/default.py:vanilla")
+def get_config(name="ztt"):
+  overrides = preset(PRESETS, name, "ztt", "configs/default.py")
   cfg = base_config()
   cfg.model.variant = "ztt"
   cfg.model.d_model = 64
@@ -57,7 +54,7 @@ def get_config(preset="ztt"):
   cfg.model.zero_attention_target_weight = 1.0
   cfg.model.exit_signal = "zero_attention"
   cfg.model.exit_threshold = 0.5
-  cfg.model.update(PRESETS[preset])
+  cfg.model.update(overrides)
   cfg.data.kind = "propagation"
   cfg.data.window = WINDOW
   cfg.data.max_difficulty = 10

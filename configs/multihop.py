@@ -12,7 +12,7 @@ statements in a random order that assigns every variable before its use (default
 `--config.data.label_statements=True` also scores every statement in training, its value byte's
 target being the variable's resolved digit (default: False, the queries alone).
 """
-from ztt_jax.config import base_config
+from ztt_jax.config import base_config, preset
 
 PRESETS = {
     "vanilla": dict(variant="vanilla", num_cycles=1, exit_threshold=None, min_cycles=1, cycle_loss_weight=0.0),
@@ -22,11 +22,8 @@ PRESETS = {
 }
 
 
-def get_config(preset="ztt"):
-  preset = preset or "ztt"
-  if preset not in PRESETS:
-    raise ValueError(f"Unknown preset {preset!r} for configs/multihop.py; choose one of {sorted(PRESETS)}, "
-                     "e.g. --config=configs/multihop.py:vanilla")
+def get_config(name="ztt"):
+  overrides = preset(PRESETS, name, "ztt", "configs/multihop.py")
   cfg = base_config()
   cfg.model.variant = "ztt"
   cfg.model.d_model = 64
@@ -42,7 +39,7 @@ def get_config(preset="ztt"):
   # Measured (docs/results/multihop_design.md): without the shift a 4-layer vanilla stays at chance
   # on one-hop queries after 400 steps (32%); with it, 100%.
   cfg.model.token_shift = True
-  cfg.model.update(PRESETS[preset])
+  cfg.model.update(overrides)
   cfg.data.kind = "multihop"
   # docs/results/multihop_design.md: 3 queries and 2 distractors per example (the longest example
   # is exactly 61 tokens); a slow curriculum (one more hop every 250 steps, all six from step 1250),

@@ -11,7 +11,7 @@ layer, the chunked (flash-style) attention, the blockwise loss and deep supervis
 data section is a stand-in: compile_check reads no data, so the token file named here need not
 exist; train on real data with --config.data.path=... and the tokenizer whose vocabulary it has.
 """
-from ztt_jax.config import base_config
+from ztt_jax.config import base_config, preset
 
 PRESETS = {
     "1b": dict(d_model=2048, num_heads=32, num_kv_heads=8, mlp_dim=8192, n_middle_layers=4),
@@ -21,15 +21,12 @@ VOCAB = 128256  # Llama 3's
 SEQ_LEN = 8192
 
 
-def get_config(preset="1b"):
-  preset = preset or "1b"
-  if preset not in PRESETS:
-    raise ValueError(f"Unknown preset {preset!r} for configs/scale.py; choose one of {sorted(PRESETS)}, "
-                     "e.g. --config=configs/scale.py:8b")
+def get_config(name="1b"):
+  overrides = preset(PRESETS, name, "1b", "configs/scale.py")
   cfg = base_config()
   m = cfg.model
   m.variant = "ztt"
-  m.update(PRESETS[preset])
+  m.update(overrides)
   m.vocab_size = VOCAB
   m.n_head_layers = 1
   m.n_tail_layers = 1

@@ -6,7 +6,7 @@ Presets (`vanilla`, `bc`, `htc`, `ztt`) have the same unique parameters: 4 layer
   htc      1 head + 2 shared middle x 3 cycles + 1 tail  effective depth 8
   ztt      htc + zero-token pool + zero-attention exit   effective depth 8
 """
-from ztt_jax.config import base_config
+from ztt_jax.config import base_config, preset
 
 PRESETS = {
     "vanilla": dict(variant="vanilla", num_cycles=1),
@@ -16,13 +16,10 @@ PRESETS = {
 }
 
 
-def get_config(preset="ztt"):
-  preset = preset or "ztt"
-  if preset not in PRESETS:
-    raise ValueError(f"Unknown preset {preset!r} for configs/text.py; choose one of {sorted(PRESETS)}, "
-                     "e.g. --config=configs/text.py:ztt")
+def get_config(name="ztt"):
+  overrides = preset(PRESETS, name, "ztt", "configs/text.py")
   cfg = base_config()
-  cfg.model.update(PRESETS[preset])
+  cfg.model.update(overrides)
   cfg.model.d_model = 128
   cfg.model.num_heads = 4
   cfg.model.mlp_dim = 384

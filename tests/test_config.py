@@ -205,3 +205,21 @@ def test_scale_presets_are_the_llama_widths_they_name(preset, layers_applied, un
   pool = m.num_cycles * m.n_middle_layers * H * K
   assert got == 2 * V * D + unique_layers * layer + D + pool
   assert m.effective_depth == layers_applied and V == 128256 and not m.tie_embeddings
+
+
+@pytest.mark.parametrize("config_file, default", [("default", "ztt"), ("multihop", "ztt"), ("text", "ztt"),
+                                                  ("scale", "1b")])
+def test_an_unknown_preset_names_the_choices(config_file, default):
+  with pytest.raises(ValueError, match=rf"^Unknown preset 'nope' for configs/{config_file}\.py; choose one of "
+                                        rf"\[.*'{default}'.*\], e.g. --config=configs/{config_file}\.py:\w+$"):
+    load_config(config_file, "nope")
+  assert load_config(config_file, "").to_dict() == load_config(config_file, default).to_dict()
+
+
+def test_an_unknown_preset_on_the_command_line_is_one_line_and_writes_nothing(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "ztt_jax.train", "--config=configs/default.py:nope",
+                         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "Unknown preset 'nope' for configs/default.py" in last and "--config=configs/default.py:" in last, proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()

@@ -275,6 +275,17 @@ def _section_to_configdict(section) -> ml_collections.ConfigDict:
   return cd
 
 
+def preset(presets: dict, name, default: str, config_file: str) -> dict:
+  """The overrides of preset `name` (the part after ':' in --config=FILE:NAME; empty: `default`) of a
+  config file's PRESETS, or one ValueError naming the choices."""
+  name = name or default
+  if name not in presets:
+    other = next((p for p in sorted(presets) if p != default), default)
+    raise ValueError(f"Unknown preset {name!r} for {config_file}; choose one of {sorted(presets)}, "
+                     f"e.g. --config={config_file}:{other}")
+  return presets[name]
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults; config files start here and change what they need."""
   cfg = ml_collections.ConfigDict()
