@@ -23,7 +23,7 @@ def test_ladder_layouts():
     depth = {r: ladder.rung_config(task, r, 0).model.effective_depth for r in ladder.RUNGS}
     assert depth == {"vanilla-4": 4, "bc": 8, "htc": cycled, "ztt": cycled, "vanilla-8": 8, "ztt+inject": cycled,
                      "ztt+gate": cycled, "ztt+random": cycled, "ztt+truncated": cycled,
-                     "ztt+a0target": cycled}, task
+                     "ztt+a0target": cycled, "ztt+direct": cycled, "ztt+every2": cycled}, task
   rand = ladder.rung_config("propagation", "ztt+random", 2)
   assert (rand.train.cycles_mean, rand.train.cycles_max, rand.data.seed) == (4.0, 6, 2)
   cfg = ladder.rung_config("text", "ztt", 1, data_path="/x.txt", steps=7)

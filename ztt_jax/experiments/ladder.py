@@ -26,6 +26,11 @@ RUNGS = {
     "ztt+truncated": dict(model=dict(_ZTT, backprop_cycles=2)),
     # the paper's zero-attention exit, with each cycle's a0 trained to predict that its read-out is right
     "ztt+a0target": dict(model=dict(_ZTT, zero_attention_target_weight=1.0)),
+    # cheaper deep supervision: each cycle before the last read out through the final norm only, not
+    # the tail (text; the propagation task reads out so on every rung); or only every 2nd cycle and
+    # the last read out
+    "ztt+direct": dict(model=dict(_ZTT, cycle_readout="direct")),
+    "ztt+every2": dict(model=dict(_ZTT, cycle_loss_every=2)),
 }
 BASE_RUNGS = ("vanilla-4", "bc", "htc", "ztt", "vanilla-8")
 TASKS = ("text", "multihop", "propagation")
