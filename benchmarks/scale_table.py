@@ -1,7 +1,7 @@
 """The pod scale table (docs/scaling.md): ahead-of-time compiles of configs/scale.py's 1B- and 8B-class
 ZTTs for TPU v5e and v5p topologies, through `ztt_jax.compile_check` with libtpu.
 
-  PYTHONPATH=/tmp/libtpu_site python benchmarks/scale_table.py --out=runs/scale_table [--rows=0,3]
+  PYTHONPATH=/tmp/libtpu_site python benchmarks/scale_table.py --out=runs/scale_table [--rows=0,3] [--cpu]
 
 Each row compiles the real sharded train step twice, at 1 and 2 sequences per data-parallel shard,
 and reads XLA's TPU memory analysis. Memory is taken as linear in the batch between the two (the
@@ -10,6 +10,10 @@ fits the chip's HBM; that figure is an extrapolation, the two compiled points ar
 step are ztt_jax.flops' model FLOPs (6N per token plus attention, every cycle counted): XLA's cost
 analysis counts a loop body once, so it undercounts scanned layers and cycles, and is shown beside.
 Finished rows are kept in --out/<row>.json and not compiled again.
+
+--cpu also compiles each row's 1-sequence point for as many fake CPU devices (`--topology=cpu:N`,
+rows of at most --cpu_max_devices chips) and shows XLA:CPU's peak estimate beside the TPU compile's:
+the estimate a user without libtpu would get, and how far it is from the TPU's.
 """
 from __future__ import annotations
 
@@ -42,33 +46,44 @@ ROWS = [
 
 _OUT = flags.DEFINE_string("out", "runs/scale_table", "Folder for each row's compile reports.")
 _ROWS = flags.DEFINE_list("rows", None, "Row indices to run (default: all).")
+_CPU = flags.DEFINE_bool("cpu", False, "Also compile each row's 1-sequence point for N fake CPU devices.")
+_CPU_MAX = flags.DEFINE_integer("cpu_max_devices", 16, "--cpu: only rows of at most this many chips.")
 
 
-def command(preset: str, version: str, topo: str, mesh: tuple, per_shard: int, json_path: str) -> list[str]:
+def command(preset: str, version: str, topo: str, mesh: tuple, per_shard: int, json_path: str,
+            topology: str = "") -> list[str]:
   global_batch = per_shard * mesh[0] * mesh[1]
   return [sys.executable, "-m", "ztt_jax.compile_check", f"--config=configs/scale.py:{preset}",
-          f"--topology=tpu:{version}:{topo}", f"--config.mesh.shape=({','.join(map(str, mesh))})",
+          f"--topology={topology or f'tpu:{version}:{topo}'}", f"--config.mesh.shape=({','.join(map(str, mesh))})",
           f"--config.train.global_batch_size={global_batch}", f"--json={json_path}"]
 
 
-def compile_row(i: int, out: pathlib.Path) -> dict:
+def _compiled(i: int, cmd: list[str], path: pathlib.Path) -> dict:
+  if not path.exists():
+    print("$", " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if not path.exists():
+      raise SystemExit(f"row {i} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+  return json.loads(path.read_text())
+
+
+def compile_row(i: int, out: pathlib.Path, cpu: bool = False, cpu_max_devices: int = 16) -> dict:
   preset, version, topo, mesh = ROWS[i]
   done = out / f"row{i}.json"
   if done.exists():
-    return json.loads(done.read_text())
-  points = []
-  for per_shard in (1, 2):
-    path = out / f"row{i}_b{per_shard}.json"
-    if not path.exists():
-      cmd = command(preset, version, topo, mesh, per_shard, str(path))
-      print("$", " ".join(cmd[1:]), flush=True)
-      proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-      if not path.exists():
-        raise SystemExit(f"row {i} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    points.append(json.loads(path.read_text()))
-  row = {"row": i, "preset": preset, "topology": f"{version}:{topo}", "mesh": mesh, "points": points,
-         "command": " ".join(["python"] + command(preset, version, topo, mesh, 1, "r.json")[1:-1])}
-  done.write_text(json.dumps(row, indent=1))
+    row = json.loads(done.read_text())
+  else:
+    points = [_compiled(i, command(preset, version, topo, mesh, per_shard, str(out / f"row{i}_b{per_shard}.json")),
+                        out / f"row{i}_b{per_shard}.json") for per_shard in (1, 2)]
+    row = {"row": i, "preset": preset, "topology": f"{version}:{topo}", "mesh": mesh, "points": points,
+           "command": " ".join(["python"] + command(preset, version, topo, mesh, 1, "r.json")[1:-1])}
+    done.write_text(json.dumps(row, indent=1))
+  devices = math.prod(mesh)
+  if cpu and devices <= cpu_max_devices:
+    path = out / f"row{i}_cpu.json"
+    cmd = command(preset, version, topo, mesh, 1, str(path), topology=f"cpu:{devices}")
+    row["cpu_point"] = _compiled(i, cmd, path)
+    row["cpu_command"] = " ".join(["python"] + cmd[1:-1])
   return row
 
 
@@ -99,6 +114,8 @@ def summarise(row: dict) -> dict:
       "model_tflops_per_seq": train_flops_per_token(cfg.model, tokens) * tokens / 1e12,
       "xla_tflops_per_device_b1": (row["points"][0].get("flops") or 0) / 1e12,
       "command": row["command"],
+      "cpu_peak_gib_1": row["cpu_point"]["memory"].get("peak_estimate", math.nan) / 2**30 if "cpu_point" in row else None,
+      "cpu_command": row.get("cpu_command"),
   }
 
 
@@ -127,11 +144,14 @@ def main(argv):
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   indices = [int(i) for i in _ROWS.value] if _ROWS.value else range(len(ROWS))
-  rows = [summarise(compile_row(i, out)) for i in indices]
+  rows = [summarise(compile_row(i, out, _CPU.value, _CPU_MAX.value)) for i in indices]
   (out / "table.json").write_text(json.dumps(rows, indent=1))
   print(table(rows))
   for r in rows:
     print(f"row {r['preset']} {r['topology']} {r['mesh']}: {r['command']}")
+    if r["cpu_peak_gib_1"] is not None:
+      print(f"  XLA:CPU's estimate at 1 seq per shard: {r['cpu_peak_gib_1']:.2f} GiB per device against the TPU "
+            f"compile's {r['peak_gib_1']:.2f} GiB ({r['cpu_command']})")
 
 
 if __name__ == "__main__":
