@@ -24,14 +24,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
 from hlo_stats import hlo_stats  # noqa: E402
-from ztt_step import ZttStep, token_batches  # noqa: E402
+from ztt_step import ZttStep, alternating_windows, token_batches  # noqa: E402
 from ztt_jax.config import parse, to_dict  # noqa: E402
 from ztt_jax.experiments.ladder import rung_config  # noqa: E402
 from ztt_jax.flops import train_flops_per_token  # noqa: E402
@@ -52,31 +51,6 @@ def arm_config(arm: str, data_path: str):
   rung, over = ARMS[arm]
   cfg = rung_config("text", rung, 0, data_path=data_path or "<batches fed by the benchmark>", steps=10_000)
   return parse(dict(to_dict(cfg), model={**to_dict(cfg)["model"], **over}))
-
-
-def alternating_windows(steps: dict, batches: list, tokens: int, rounds: int, window_s: float) -> dict:
-  """tokens/s per arm per window; windows alternate in order and reverse order, so drift hits all."""
-  for st in steps.values():
-    for b in batches[:3]:
-      st.step(b)
-    st.sync()
-  per = {}
-  for k, st in steps.items():
-    t0 = time.perf_counter()
-    st.step(batches[0])
-    st.sync()
-    per[k] = time.perf_counter() - t0
-  n = {k: max(3, int(window_s / p)) for k, p in per.items()}
-  windows = {k: [] for k in steps}
-  names = list(steps)
-  for r in range(rounds):
-    for k in (names if r % 2 == 0 else names[::-1]):
-      t0 = time.perf_counter()
-      for i in range(n[k]):
-        steps[k].step(batches[i % len(batches)])
-      steps[k].sync()
-      windows[k].append(n[k] * tokens / (time.perf_counter() - t0))
-  return windows
 
 
 def main(argv=None):

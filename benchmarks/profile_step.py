@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hlo_stats import hlo_stats  # noqa: E402
-from ztt_step import ZttStep, make_config, token_batches  # noqa: E402
+from ztt_step import ZttStep, alternating_windows, make_config, token_batches  # noqa: E402
 from vs_torch import GPT2_FORM, ROWS, SHAPES, VOCAB, ZTT_LAYOUT  # noqa: E402
 from ztt_jax.flops import train_flops_per_token  # noqa: E402
 
@@ -289,26 +289,7 @@ def main(argv=None):
             f"{r['copy_transpose_bytes_top_level'] / 2**20:5.1f} MiB alone | temp {r['temp_bytes'] / 2**20:6.1f} MiB "
             f"| compile {compile_s:.1f}s", flush=True)
     if args.time and steps:
-      for st in steps.values():
-        for b in batches[:2]:
-          st.step(b)
-        st.sync()
-      per = {}
-      for k, st in steps.items():
-        t0 = time.perf_counter()
-        st.step(batches[0])
-        st.sync()
-        per[k] = time.perf_counter() - t0
-      n = max(2, int(args.window_s / max(per.values())))
-      windows = {k: [] for k in steps}
-      names = list(steps)
-      for r in range(args.rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-          t0 = time.perf_counter()
-          for i in range(n):
-            steps[k].step(batches[i % len(batches)])
-          steps[k].sync()
-          windows[k].append(n * tokens / (time.perf_counter() - t0))
+      windows = alternating_windows(steps, batches, tokens, args.rounds, args.window_s)
       for k in steps:
         res[k]["tokens_per_sec"] = statistics.median(windows[k])
         res[k]["tokens_per_sec_windows"] = windows[k]

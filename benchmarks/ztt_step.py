@@ -118,3 +118,30 @@ def token_batches(n: int, batch: int, seq_len: int, vocab: int, *, data_path=Non
       toks = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
     out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq_len), np.float32)})
   return out
+
+
+def alternating_windows(steps: dict, batches: list, tokens: int, rounds: int, window_s: float) -> dict:
+  """tokens/s of each ZttStep per timed window (about window_s each, at least 3 steps), after a
+  warm-up; the windows alternate between the steps, in order then in reverse, so drift in the
+  machine's speed hits every step alike. `tokens`: tokens per step."""
+  for st in steps.values():
+    for b in batches[:3]:
+      st.step(b)
+    st.sync()
+  per = {}
+  for k, st in steps.items():
+    t0 = time.perf_counter()
+    st.step(batches[0])
+    st.sync()
+    per[k] = time.perf_counter() - t0
+  n = {k: max(3, int(window_s / p)) for k, p in per.items()}
+  windows = {k: [] for k in steps}
+  names = list(steps)
+  for r in range(rounds):
+    for k in (names if r % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      for i in range(n[k]):
+        steps[k].step(batches[i % len(batches)])
+      steps[k].sync()
+      windows[k].append(n[k] * tokens / (time.perf_counter() - t0))
+  return windows
