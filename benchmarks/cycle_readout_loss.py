@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ztt_jax import evaluator, restore  # noqa: E402
+from ztt_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from ztt_jax.model import ZTTModel  # noqa: E402
 from ztt_jax.train_step import token_losses  # noqa: E402
 
@@ -53,7 +54,10 @@ def main(argv=None):
   ap.add_argument("--batches", type=int, default=16)
   args = ap.parse_args(argv)
   for workdir in args.workdirs:
-    readout, losses = cycle_losses(workdir, args.batches)
+    try:
+      readout, losses = cycle_losses(workdir, args.batches)
+    except (CheckpointError, ConfigError) as e:  # one line naming the fix, as the package's CLIs do
+      raise SystemExit(str(e)) from None
     print(f"{workdir}: read-out {readout!r} per cycle: "
           + ", ".join(f"{x:.4f}" for x in losses), flush=True)
 

@@ -69,18 +69,18 @@ def main(argv=None):
     arms.insert(0, BASELINE)
   load_before = os.getloadavg()
   device = jax.devices("cpu")[0]
+  # Every arm is a rung of the same ladder: one shape, one batch list, FLOPs relative to the baseline's.
+  base_cfg = arm_config(BASELINE, args.data)
+  T, B = base_cfg.data.seq_len, base_cfg.train.global_batch_size
+  batches = token_batches(4, B, T, base_cfg.model.vocab_size, data_path=args.data)
+  base_model_flops = train_flops_per_token(base_cfg.model, T) * B * T
   steps, res = {}, {}
   for arm in arms:
     cfg = arm_config(arm, args.data)
-    T, B = cfg.data.seq_len, cfg.train.global_batch_size
-    if not steps:
-      batches = token_batches(4, B, T, cfg.model.vocab_size, data_path=args.data)
-      base_model_flops = None
     st = ZttStep(cfg, device)
     compile_s = st.compile(batches[0])
     stats = hlo_stats(st.compiled.as_text())
     model_flops = train_flops_per_token(cfg.model, T) * B * T
-    base_model_flops = base_model_flops or model_flops
     steps[arm] = st
     res[arm] = {"model_flops": model_flops, "dot_flops": stats.get("dot_flops", 0),
                 "top_level_ops": stats.get("top_level_ops", 0), "while_loops": stats.get("while_loops", 0),
