@@ -92,24 +92,22 @@ def xla_attention():
     attention.zero_slot_attention = saved
 
 
+# Variants that only change the config: their model overrides.
+CONFIG_VARIANTS = {
+    "default": {}, "reference": {"attention_impl": "reference"}, "chunked": {"attention_impl": "chunked"},
+    "remat_none": {"remat_policy": "none"}, "remat_nothing": {"remat_policy": "nothing_saveable"},
+    "bf16": {"dtype": "bfloat16"},
+}
+
+
 def variant_setup(variant: str, layout: str):
   """(model overrides, patch context) of a variant, or None where it does not apply."""
-  if variant == "default":
-    return {}, contextlib.nullcontext()
-  if variant in ("reference", "chunked"):
-    return {"attention_impl": variant}, contextlib.nullcontext()
-  if variant == "remat_none":
-    return {"remat_policy": "none"}, contextlib.nullcontext()
-  if variant == "remat_nothing":
-    return {"remat_policy": "nothing_saveable"}, contextlib.nullcontext()
-  if variant == "unrolled":
-    return {}, unrolled_layer_scan()
-  if variant == "unrolled_none":
-    return {"remat_policy": "none"}, unrolled_layer_scan()
+  if variant in CONFIG_VARIANTS:
+    return CONFIG_VARIANTS[variant], contextlib.nullcontext()
+  if variant in ("unrolled", "unrolled_none"):
+    return CONFIG_VARIANTS["remat_none" if variant == "unrolled_none" else "default"], unrolled_layer_scan()
   if variant == "xla_attention":
     return ({}, xla_attention()) if layout == "vanilla" else None
-  if variant == "bf16":
-    return {"dtype": "bfloat16"}, contextlib.nullcontext()
   raise SystemExit(f"unknown variant {variant!r}; use {', '.join(VARIANTS)}")
 
 

@@ -40,9 +40,11 @@ stop_all() {
 forwarded=0
 trap 'forwarded=1; signal_all TERM' TERM INT
 
+# Each process gets its own device count; any other XLA flag of the caller's is kept.
+OTHER_XLA_FLAGS=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
 for ((i = 0; i < N; i++)); do
   out=/dev/stdout; [ -n "$LOGDIR" ] && { mkdir -p "$LOGDIR"; out="$LOGDIR/process_$i.log"; }
-  XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="$OTHER_XLA_FLAGS --xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu \
     "$PY" -m ztt_jax.train --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" \
       --process_id="$i" "$@" >"$out" 2>&1 &
   pids+=($!)

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 import sys
@@ -51,8 +52,14 @@ def flags(**overrides):
   return out
 
 
-def env(devices=8):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+def env(devices=8, optimized=False):
+  """The environment of a training subprocess on `devices` fake CPU devices, with the suite's other
+  XLA flags (conftest.py); `optimized`: without the suite's -O0, for a test whose time is running
+  many steps rather than compiling them."""
+  others = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  if optimized:
+    others = others.replace("--xla_backend_optimization_level=0", "")
+  return dict(os.environ, XLA_FLAGS=f"{others} --xla_force_host_platform_device_count={devices}".strip(),
               JAX_PLATFORMS="cpu")
 
 

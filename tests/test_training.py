@@ -20,6 +20,7 @@ from ztt_jax import run as run_lib
 from ztt_jax import trainer
 from ztt_jax.checkpointing import Checkpointer
 from ztt_jax.metrics import read_metrics
+import runs
 from runs import losses
 from test_config import load_config
 
@@ -95,7 +96,7 @@ def _train_cmd(workdir, *flags):
 def test_exact_resume_after_sigkill(tmp_path):
   flags = ["--config.train.steps=40", "--config.checkpoint.every_steps=10",
            "--config.eval.every_steps=1000", "--config.log.tensorboard=False"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = runs.env()
   straight = tmp_path / "straight"
   subprocess.run(_train_cmd(straight, *flags), cwd=ROOT, env=env, check=True, capture_output=True)
 
@@ -126,13 +127,14 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_default_config_learns(tmp_path):
-  cfg = config_lib.parse(load_config("default"))
   # Logged every 10 steps: the default config logs every 100, which would make step 200 one of the
-  # two "first" losses below.
-  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=120),
-                            log=dataclasses.replace(cfg.log, every_steps=10),
-                            eval=dataclasses.replace(cfg.eval, every_steps=1000, max_batches=2))
-  trainer.train(cfg, str(tmp_path))
+  # two "first" losses below. A subprocess with XLA's optimising backend: 120 steps cost more to run
+  # than to compile.
+  flags = ["--config=configs/default.py", "--config.train.steps=120", "--config.log.every_steps=10",
+           "--config.eval.every_steps=1000", "--config.eval.max_batches=2"]
+  r = subprocess.run(runs.train_cmd(tmp_path, *flags), cwd=ROOT, env=runs.env(optimized=True),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
   curve = losses(tmp_path)
   first, last = np.mean([curve[s] for s in sorted(curve)[:2]]), curve[120]
   assert last < 0.6 * first, (first, last)
