@@ -51,10 +51,15 @@ def build(cfg: Config, devices=None) -> Run:
   # Made outside the mesh context: under it, an eager op would run on the mesh's devices, which
   # for ztt_jax.compile_check's TPU topologies exist only to compile for.
   key = jax.random.key(0)
+  # The model's init is traced once here and once by the jit below: each trace of a looped model
+  # costs about a second, paid by every run, restore and export.
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     boxed = jax.eval_shape(init_boxed, key)
     p_shardings = partitioning.param_shardings(boxed, mesh, axis_rules)
-    abstract_params = jax.eval_shape(lambda r: nn.unbox(init_boxed(r)), key)
+  # Unboxed outside the mesh, where Flax adds no sharding constraint (which shapes alone cannot take).
+  abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 nn.unbox(boxed), p_shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
   o_shardings = partitioning.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)  # runs eager ops
   repl = partitioning.replicated(mesh)
@@ -65,8 +70,8 @@ def build(cfg: Config, devices=None) -> Run:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       skipped_steps=jnp.zeros((), jnp.int32))
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    abstract = jax.eval_shape(init_state, key)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt, skipped_steps=scalar)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
   init = jax.jit(init_state, out_shardings=state_shardings)
