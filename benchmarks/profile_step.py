@@ -22,6 +22,7 @@ proposal before anyone edits the file):
   xla_attention vanilla only: jax.nn.dot_product_attention (implementation='xla') in place of
                 zero_slot_attention (patch)
   bf16          model.dtype=bfloat16
+  block64/256   model.attention_block_size=64 / 256 (chunked's query and key block; CPU default 128)
   grain         not an HLO variant: the CPU time the trainer's Grain pipeline spends per batch
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from vs_torch import GPT2_FORM, ROWS, SHAPES, VOCAB, ZTT_LAYOUT  # noqa: E402
 from ztt_jax.flops import train_flops_per_token  # noqa: E402
 
 VARIANTS = ("default", "reference", "chunked", "remat_none", "remat_nothing", "unrolled", "unrolled_none",
-            "xla_attention", "bf16")
+            "xla_attention", "bf16", "block64", "block256")
 
 
 @contextlib.contextmanager
@@ -96,7 +97,8 @@ def xla_attention():
 CONFIG_VARIANTS = {
     "default": {}, "reference": {"attention_impl": "reference"}, "chunked": {"attention_impl": "chunked"},
     "remat_none": {"remat_policy": "none"}, "remat_nothing": {"remat_policy": "nothing_saveable"},
-    "bf16": {"dtype": "bfloat16"},
+    "bf16": {"dtype": "bfloat16"}, "block64": {"attention_block_size": 64},
+    "block256": {"attention_block_size": 256},
 }
 
 
