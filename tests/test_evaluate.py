@@ -92,7 +92,7 @@ def test_no_exit_fields(trained, no_exit):
 
 def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   cfg, run = trained.cfg, trained.run
-  signals = evaluator.signal_values(trained, batches)["zero_attention"]
+  signals = evaluator.signal_values(trained, batches, "zero_attention")
   tau = float(np.median(signals))
   r = evaluator.evaluate(trained, ExitRule.from_config(cfg.model, threshold=tau), batches=batches)
   # Directly: the model on the same batches, per-query answers and cycles in numpy (multi-hop
@@ -108,6 +108,9 @@ def test_exit_metrics_match_a_direct_computation(trained, batches, no_exit):
   correct = (logits.argmax(-1) == b["targets"])[scored]
   cycles = np.asarray(aux["cycles_used"])[scored]
   difficulty = b["difficulty"][scored]
+  # The sweep's values are the first cycle's mean a0 (of 2; the cycle every token runs) on the
+  # scored tokens, as the model's own aux gives it.
+  np.testing.assert_allclose(np.sort(signals), np.sort(np.asarray(aux["zero_attention"])[0][scored]), atol=1e-6)
   np.testing.assert_allclose(r["loss"], (ce * w).sum() / w.sum(), rtol=1e-5)
   np.testing.assert_allclose(r["accuracy"], correct.mean())
   np.testing.assert_allclose(r["mean_cycles"], (np.asarray(aux["cycles_used"]) * w).sum() / w.sum(), rtol=1e-6)

@@ -58,17 +58,20 @@ class Evaluator:
   model.apply (`sweep` uses it for the fixed-cut baseline).
   Returns {"eval/loss", "eval/mean_cycles"} and, for data with a `difficulty` label (the embedded
   tasks), "eval/accuracy" and "eval/per_difficulty": {difficulty: {"accuracy", "mean_cycles"}} (flat
-  names only in ztt_jax.metrics). With per-token `difficulty` [B, T] (0 where unscored) these are per
+  names only in ztt_jax.metrics). with_signals: also "signals": {"zero_attention", "exit_signal"},
+  each [C, N] over the N loss-weighted tokens (the model's aux, cycles a token did not run at 0). With per-token `difficulty` [B, T] (0 where unscored) these are per
   scored token; with `difficulty` [B], per example. For the multi-hop task the difficulty is the
   query's hop count; for propagation, the windows between a position and its marker.
   """
 
   def __init__(self, run: Run, batches: list, rule: Optional[ExitRule] = None, *,
-               num_cycles: Optional[int] = None):
+               num_cycles: Optional[int] = None, with_signals: bool = False):
     self.run = run
     self.batches = batches
     self.rule = ExitRule.from_config(run.cfg.model) if rule is None else rule
-    step = make_eval_step(run.model, num_cycles=num_cycles, block_tokens=run.cfg.train.loss_block_tokens)
+    self.with_signals = with_signals
+    step = make_eval_step(run.model, num_cycles=num_cycles, block_tokens=run.cfg.train.loss_block_tokens,
+                          with_signals=with_signals)
     repl = partitioning.replicated(run.mesh)
     self._fn = compile_synced(jax.jit(lambda p, b, rule: (step(p, b, rule), b.get("difficulty")),
                                       in_shardings=(run.param_shardings, None, None), out_shardings=repl))
@@ -79,10 +82,14 @@ class Evaluator:
     rule = self.rule if rule is None else rule
     sums = {"ce": 0.0, "w": 0.0, "cycles": 0.0}
     per_difficulty: dict[int, np.ndarray] = {}  # d -> [scored rows, correct, cycles] summed
+    signals: dict[str, list] = {"zero_attention": [], "exit_signal": []}
     with jax.set_mesh(self.run.mesh), nn.logical_axis_rules(self.run.axis_rules):
       for local in self.batches:
         out, difficulty = jax.device_get(self._fn(params, to_global(local, self.run.mesh), rule))
         valid = out["weight_B"] > 0
+        if self.with_signals:
+          for name in signals:
+            signals[name].append(np.asarray(out[f"{name}_CxBxT"])[:, out["weighted_BxT"]])
         sums["ce"] += float(out["ce_sum_B"].sum())
         sums["w"] += float(out["weight_B"].sum())
         sums["cycles"] += float(out["cycles_sum_B"].sum())
@@ -100,6 +107,8 @@ class Evaluator:
           per_difficulty[int(d)] += (at_d.sum(), ok_N[at_d].sum(), cycles_N[at_d].sum())
     result = {"eval/loss": sums["ce"] / max(sums["w"], 1.0),
               "eval/mean_cycles": sums["cycles"] / max(sums["w"], 1.0)}
+    if self.with_signals:
+      result["signals"] = {name: np.concatenate(v, axis=1) for name, v in signals.items()}
     if per_difficulty:
       n, correct, _ = np.sum(list(per_difficulty.values()), axis=0)
       result["eval/accuracy"] = float(correct / n)
@@ -203,27 +212,22 @@ def sweep_signals(model_cfg) -> list[str]:
   return ["confidence", *a0, "state_delta"] + (["gate"] if model_cfg.exit_gate else [])
 
 
-def signal_values(trained, batches: list) -> dict:
-  """Per-cycle exit signals of the loss-weighted tokens with every cycle run: {signal: [n]} for
-  'zero_attention' and every signal of sweep_signals (cycles before the last, where exiting saves
-  something; zero_attention_delta from the second on, its first cycle being 0 by definition)."""
-  run = trained.run
-  C = trained.cfg.model.cycles
-  signals = [s for s in sweep_signals(trained.cfg.model) if s != "zero_attention"]  # read off every run
-  fn = jax.jit(lambda p, x, rule: run.model.apply({"params": p}, x, rule)[1],
-               in_shardings=(run.param_shardings, None, None))
-  values = {s: [] for s in ["zero_attention", *signals]}
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.axis_rules):
-    for local in batches:
-      b = to_global(local, run.mesh)
-      w = np.asarray(jax.device_get(b["weights"])) > 0
-      for signal in signals:
-        aux = jax.device_get(fn(trained.params, b["inputs"], ExitRule(signal=signal)))
-        lo = 1 if signal == "zero_attention_delta" and C > 2 else 0
-        values[signal].append(np.asarray(aux["exit_signal"])[lo: max(C - 1, lo + 1), w].ravel())
-        if signal == "confidence":
-          values["zero_attention"].append(np.asarray(aux["zero_attention"])[: max(C - 1, 1), w].ravel())
-  return {s: np.concatenate(v) for s, v in values.items()}
+def signal_range(signals: dict, signal: str, num_cycles: int) -> np.ndarray:
+  """The values of `signal` that a threshold on it can act on, from an Evaluator's "signals" with
+  every cycle run: the cycles before the last, where exiting saves something (zero_attention_delta
+  from the second on, its first cycle being 0 by definition). 'zero_attention' is read off any run."""
+  C = num_cycles
+  if signal == "zero_attention":
+    return signals["zero_attention"][: max(C - 1, 1)].ravel()
+  lo = 1 if signal == "zero_attention_delta" and C > 2 else 0
+  return signals["exit_signal"][lo: max(C - 1, lo + 1)].ravel()
+
+
+def signal_values(trained, batches: list, signal: str) -> np.ndarray:
+  """`signal`'s values on the loss-weighted tokens with every cycle run (see `signal_range`)."""
+  ev = Evaluator(trained.run, batches, ExitRule(signal=signal), with_signals=True)
+  never = ev(trained.params, ExitRule(signal=signal, threshold=NEVER_EXIT))
+  return signal_range(never["signals"], signal, trained.cfg.model.cycles)
 
 
 NEVER_EXIT = 1.001
@@ -257,13 +261,18 @@ def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] =
   for c in range(1, C + 1):
     ev = Evaluator(trained.run, batches, base.replace(threshold=None), num_cycles=c)
     points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
-  signals = signal_values(trained, batches)
   for signal in sweep_signals(cfg.model):
-    grid = list(thresholds) if thresholds is not None else threshold_grid(signals[signal], num_thresholds)
-    ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0))
+    # One program per signal: its no-exit end (NEVER_EXIT) also gives the values the grid is drawn from.
+    ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0), with_signals=thresholds is None)
+    done = {}
+    if thresholds is None:
+      done[NEVER_EXIT] = ev(trained.params, ev.rule.replace(threshold=NEVER_EXIT))
+      grid = threshold_grid(signal_range(done[NEVER_EXIT]["signals"], signal, C), num_thresholds)
+    else:
+      grid = list(thresholds)
     for tau in grid:
-      points.append(summarize(ev(trained.params, ev.rule.replace(threshold=float(tau))), cfg, rule=signal,
-                              parameter=float(tau)))
+      metrics = done.get(tau) or ev(trained.params, ev.rule.replace(threshold=float(tau)))
+      points.append(summarize(metrics, cfg, rule=signal, parameter=float(tau)))
   return {"step": trained.step, "metric": metric, "num_cycles": C, "frozen_kv": base.frozen_kv,
           "num_batches": len(batches), "data_kind": cfg.data.kind, "points": points}
 

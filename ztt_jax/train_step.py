@@ -210,14 +210,15 @@ def _recipe_metrics(stats: dict, weight_total, num_cycles: Optional[int]) -> dic
 
 
 def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cycles: Optional[int] = None,
-                   block_tokens: int = 0):
+                   block_tokens: int = 0, with_signals: bool = False):
   """Per-example sums, and per-token hits and cycles, so the host can aggregate over batches and by
   difficulty (per example when `difficulty` is [B], per scored token when it is [B, T]).
 
   rule: the exit rule (None: no exit); the step's optional third argument replaces it. Passed
   through jit a rule's threshold is traced, so one compile serves a whole threshold sweep.
   num_cycles: static, see ZTTModel.__call__. block_tokens: train.loss_block_tokens (the per-token
-  metrics come from ztt_jax/loss.py, which never holds the logits).
+  metrics come from ztt_jax/loss.py, which never holds the logits). with_signals: also return the
+  model's zero_attention_CxBxT and exit_signal_CxBxT (the exit sweep's threshold grids).
   """
 
   def eval_step(params, batch, rule: Optional[ExitRule] = rule):
@@ -225,7 +226,9 @@ def make_eval_step(model: nn.Module, rule: Optional[ExitRule] = None, *, num_cyc
                                         per_cycle=False)
     w_BxT = batch["weights"]
     hit_BxT = hit_BxT | (w_BxT == 0)
-    return {
+    signals = ({"zero_attention_CxBxT": aux["zero_attention"], "exit_signal_CxBxT": aux["exit_signal"],
+                "weighted_BxT": w_BxT > 0} if with_signals else {})
+    return {**signals,
         "ce_sum_B": jnp.sum(ce_BxT * w_BxT, axis=1),
         "weight_B": jnp.sum(w_BxT, axis=1),
         "correct_B": jnp.all(hit_BxT, axis=1) & (jnp.sum(w_BxT, axis=1) > 0),
