@@ -53,3 +53,14 @@ def small_disk(tmp_path):
   yield make
   for disk in mounts:
     subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# pytest-xdist (--dist loadfile) hands out whole files in collection order, a few per worker at
+# first and then one per free worker. The files that start real training processes go first, so the
+# run does not end with one worker alone on a long file while the other idles (longest first).
+LONGEST_FIRST = ("test_multihost.py", "test_training.py", "test_recipes.py", "test_faults.py", "test_safety.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
