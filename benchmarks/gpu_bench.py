@@ -6,8 +6,9 @@ decoding speed. One JSON and one table; every figure is measured in this run, no
 1. numerics   benchmarks/attention_check.py (check_against_reference) for what attention_impl=auto
               resolves to on this device (cudnn on an H100/H200 in bf16) and for chunked, against
               the float32 reference: max |diff| of out, a0 and every gradient.
-2. train      a ZTT of ~1.1B unique params (d_model 2048, 16 heads of 128, SwiGLU 5632, RMSNorm,
-              RoPE, 2 head + 16 cycled middle + 2 tail layers, vocab 32768, tied embeddings), bf16
+2. train      a ZTT of ~1.0B unique params (d_model 2048, 16 query heads of 128 over 4 kv heads
+              as in Llama 3, SwiGLU 5632, RMSNorm, RoPE, 2 head + 16 cycled middle + 2 tail
+              layers, vocab 32768, tied embeddings; the loss blockwise, never the logits), bf16
               compute with float32 params and AdamW state, attention_impl=auto, remat default, at
               seq 2048 and 8192 with C=1 and C=4 cycles of the middle stack (effective depth 20
               and 68), ~16k tokens per step. The step is ztt_jax's own jitted train step (the
@@ -45,13 +46,14 @@ import numpy as np  # noqa: E402
 from ztt_step import ZttStep, make_config, token_batches  # noqa: E402
 from ztt_jax.flops import datasheet_peak, peak_flops_info, train_flops_per_token  # noqa: E402
 
-# ~1.1B unique params: 20 layers x 51.4M (attention 4 D^2 + SwiGLU 3 D F) + 67M tied embedding.
-MODEL_1B = dict(variant="ztt", d_model=2048, num_heads=16, mlp_dim=5632, vocab_size=32768,
+# ~1.0B unique params: 20 layers x 45.1M (attention 2.5 D^2 with 4 kv heads + SwiGLU 3 D F) + 67M
+# tied embedding.
+MODEL_1B = dict(variant="ztt", d_model=2048, num_heads=16, num_kv_heads=4, mlp_dim=5632, vocab_size=32768,
                 n_head_layers=2, n_middle_layers=16, n_tail_layers=2, norm="rmsnorm", position="rope",
                 mlp="swiglu", use_bias=False, tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
                 attention_impl="auto")
 TOKENS_PER_STEP = 16384
-MODEL_TINY = dict(MODEL_1B, d_model=64, num_heads=4, mlp_dim=128, vocab_size=256, n_head_layers=1,
+MODEL_TINY = dict(MODEL_1B, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=128, vocab_size=256, n_head_layers=1,
                   n_middle_layers=2, n_tail_layers=1)
 
 
