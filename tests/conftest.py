@@ -4,7 +4,7 @@ import os
 # The suite's time is XLA:CPU compiling tiny programs, not running them: LLVM at -O0 compiles the
 # train step in about 60% of the time (the same IEEE arithmetic; no fast-math either way).
 # ZTT_TEST_XLA_FLAGS="" runs the suite with XLA's optimising backend, as the framework runs.
-TEST_XLA_FLAGS = os.environ.get("ZTT_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+TEST_XLA_FLAGS = os.environ.setdefault("ZTT_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import pathlib
-import re
 import shutil
 import struct
 import sys
@@ -56,10 +55,10 @@ def env(devices=8, optimized=False):
   """The environment of a training subprocess on `devices` fake CPU devices, with the suite's other
   XLA flags (conftest.py); `optimized`: without the suite's -O0, for a test whose time is running
   many steps rather than compiling them."""
-  others = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-  if optimized:
-    others = others.replace("--xla_backend_optimization_level=0", "")
-  return dict(os.environ, XLA_FLAGS=f"{others} --xla_force_host_platform_device_count={devices}".strip(),
+  drop = set(os.environ.get("ZTT_TEST_XLA_FLAGS", "").split()) if optimized else set()
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if f not in drop and not f.startswith("--xla_force_host_platform_device_count=")]
+  return dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
               JAX_PLATFORMS="cpu")
 
 

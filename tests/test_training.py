@@ -1,5 +1,4 @@
 """The training system end to end: sharding, exact resume, restore on another mesh, learning."""
-import dataclasses
 import json
 import os
 import pathlib

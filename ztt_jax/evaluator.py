@@ -58,10 +58,11 @@ class Evaluator:
   model.apply (`sweep` uses it for the fixed-cut baseline).
   Returns {"eval/loss", "eval/mean_cycles"} and, for data with a `difficulty` label (the embedded
   tasks), "eval/accuracy" and "eval/per_difficulty": {difficulty: {"accuracy", "mean_cycles"}} (flat
-  names only in ztt_jax.metrics). with_signals: also "signals": {"zero_attention", "exit_signal"},
-  each [C, N] over the N loss-weighted tokens (the model's aux, cycles a token did not run at 0). With per-token `difficulty` [B, T] (0 where unscored) these are per
+  names only in ztt_jax.metrics). With per-token `difficulty` [B, T] (0 where unscored) these are per
   scored token; with `difficulty` [B], per example. For the multi-hop task the difficulty is the
   query's hop count; for propagation, the windows between a position and its marker.
+  with_signals: the result also holds "signals": {"zero_attention", "exit_signal"}, each [C, N] over
+  the N loss-weighted tokens (the model's aux; cycles a token did not run are 0).
   """
 
   def __init__(self, run: Run, batches: list, rule: Optional[ExitRule] = None, *,
@@ -263,7 +264,8 @@ def sweep(trained, rule: Optional[ExitRule] = None, *, batches: Optional[list] =
     points.append(summarize(ev(trained.params), cfg, rule="fixed", parameter=c))
   for signal in sweep_signals(cfg.model):
     # One program per signal: its no-exit end (NEVER_EXIT) also gives the values the grid is drawn from.
-    ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0), with_signals=thresholds is None)
+    ev = Evaluator(trained.run, batches, base.replace(signal=signal, threshold=0.0),
+                   with_signals=thresholds is None)
     done = {}
     if thresholds is None:
       done[NEVER_EXIT] = ev(trained.params, ev.rule.replace(threshold=NEVER_EXIT))
